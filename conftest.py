@@ -1,0 +1,1 @@
+# Repository root marker for pytest (rootdir); tests import shared helpers from tests/.

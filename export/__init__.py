@@ -1,0 +1,1 @@
+"""ONNX QDQ export and onnxruntime validation for hdrq-plugin models."""

@@ -1,0 +1,20 @@
+"""Errors of the exporter and of the onnxruntime validation.
+
+Bad arguments (a non-Brevitas model, a wrong example-input shape, an existing output path)
+raise the built-in ``TypeError``/``ValueError``/``FileExistsError``; the classes below are for
+what goes wrong with a well-formed request.
+"""
+
+from __future__ import annotations
+
+
+class ExportError(RuntimeError):
+    """The model cannot be written as a faithful integer ONNX file (unsupported op, float layer)."""
+
+
+class ValidationError(RuntimeError):
+    """An exported file failed validation; the message lists every failed check."""
+
+
+class NotAnHdrqExportError(ValidationError, ValueError):
+    """The ONNX file was not written by ``hdrq_plugin.export`` (it carries no hdrq metadata)."""

@@ -1,0 +1,297 @@
+"""Float CNN → Brevitas model, the Brevitas way (``preprocess_for_quantize`` + ``quantize``).
+
+Every method in this project starts from the same conversion so that the quantized models of
+different targets share one architecture, one set of module names and one quantizer layout —
+the precondition for merging them. BatchNorm is folded by Brevitas' ``MergeBatchNorm`` pass;
+cross-layer equalisation is *off*, because it rescales each model's channels differently and
+would break the alignment that weight averaging relies on.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .bitspec import BitSpec
+from .data import iterate_inputs
+
+with warnings.catch_warnings():
+    # Brevitas warns at import when an optional CUDA Hadamard kernel is missing; irrelevant here.
+    warnings.simplefilter("ignore", UserWarning)
+    import brevitas.nn as qnn
+    from brevitas.core.scaling import ScalingImplType
+    from brevitas.graph.calibrate import calibration_mode
+    from brevitas import config as brevitas_config
+    from brevitas.graph.quantize import (
+        COMPUTE_LAYER_MAP,
+        QUANT_ACT_MAP,
+        UNSIGNED_ACT_TUPLE,
+        preprocess_for_quantize,
+    )
+    from brevitas.graph.quantize_impl import (
+        act_handler,
+        add_output_quant_handler,
+        inp_placeholder_handler,
+        layer_handler,
+    )
+    from brevitas.graph.standardize import DisableLastReturnQuantTensor
+    from brevitas.quant_tensor import QuantTensor
+    from brevitas.quant import (
+        Int8ActPerTensorFloat,
+        Int8WeightPerChannelFloat,
+        Int8WeightPerTensorFloat,
+        Int32Bias,
+        Uint8ActPerTensorFloat,
+    )
+
+#: Leaf module types the conversion knows how to handle (compute layers, folded BN, activations
+#: Brevitas quantizes, and shape/pooling ops that keep the integer grid).
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Linear,
+    nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.ReLU, nn.ReLU6,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.Flatten, nn.Identity, nn.Dropout,
+)
+COMPUTE_LAYERS = (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantLinear)
+
+#: Default weight quantizers: Brevitas' per-tensor / per-channel float-scale quantizers with the
+#: scale turned into a learnable parameter initialised from max-abs statistics, so merges and
+#: reconstruction can read and set it; full signed range [-2^(b-1), 2^(b-1)-1] (hdrq.md §3).
+RTNWeightPerTensor = Int8WeightPerTensorFloat.let(
+    scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS, narrow_range=False)
+RTNWeightPerChannel = Int8WeightPerChannelFloat.let(
+    scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS, narrow_range=False)
+
+
+class UnsupportedLayerError(TypeError):
+    """The float model contains a layer the conversion cannot quantize."""
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` naming the first unsupported leaf layer."""
+    for name, module in model.named_modules():
+        if list(module.children()):
+            continue
+        if not isinstance(module, SUPPORTED_LAYERS):
+            supported = ", ".join(sorted(t.__name__ for t in SUPPORTED_LAYERS))
+            raise UnsupportedLayerError(
+                f"layer {name!r} of type {type(module).__name__} is not supported by the "
+                f"conversion; supported layers: {supported} (plus residual adds, flatten and "
+                "torch.relu in forward)")
+
+
+def _with_bits(quant, bits: int):
+    return quant.let(bit_width=bits)
+
+
+def convert_to_brevitas(
+    model: nn.Module,
+    bits: str | BitSpec,
+    *,
+    weight_quant=None,
+    act_quant=None,
+    signed_act_quant=None,
+    input_bits: int = 8,
+) -> torch.fx.GraphModule:
+    """Return a Brevitas copy of a float CNN: BN folded, weights and activations quantized.
+
+    ``bits`` is a :class:`BitSpec` or a spec string (``"w4a8"``, ``"w4a4-per-channel"``).
+    ``weight_quant`` / ``act_quant`` (unsigned, after ReLU) / ``signed_act_quant`` (network
+    input, residual adds) are Brevitas quantizer classes; their bit width is set from ``bits``.
+    The first conv and the last linear layer get ``bits.edge_weight_bits`` weight bits and the
+    network input ``input_bits`` (image pixels are 8-bit data), the reference policy of
+    BRECQ/QDrop/HDRQ. Biases use ``Int32Bias`` so onnxruntime reproduces the model exactly.
+    The float model is not modified. Activation scales still need calibration
+    (:func:`calibrate_activations`).
+    """
+    spec = BitSpec.parse(bits)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, COMPUTE_LAYERS) for m in model.modules()):
+        raise TypeError("the model already contains Brevitas quantized layers; convert the float model")
+    check_supported(model)
+
+    if weight_quant is None:
+        weight_quant = RTNWeightPerChannel if spec.per_channel else RTNWeightPerTensor
+    elif spec.per_channel:
+        weight_quant = weight_quant.let(scaling_per_output_channel=True)
+    act_quant = act_quant or Uint8ActPerTensorFloat
+    signed_act_quant = signed_act_quant or Int8ActPerTensorFloat
+
+    float_copy = _deepcopy_eval(model)
+    try:
+        graph_model = preprocess_for_quantize(float_copy, equalize_iters=0, merge_bn=True)
+    except Exception as err:  # FX tracing errors are long; say what is needed first
+        raise TypeError(
+            f"could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
+            "the conversion needs an FX-traceable model (no data-dependent control flow)") from err
+
+    layer_kwargs = {"weight_quant": _with_bits(weight_quant, spec.weight_bits),
+                    "bias_quant": Int32Bias}
+    compute_map = dict(COMPUTE_LAYER_MAP)
+    compute_map[nn.Conv1d] = (qnn.QuantConv1d, {**layer_kwargs, "return_quant_tensor": True})
+    compute_map[nn.Conv2d] = (qnn.QuantConv2d, {**layer_kwargs, "return_quant_tensor": True})
+    unsigned = _with_bits(act_quant, spec.act_bits)
+    signed = _with_bits(signed_act_quant, spec.act_bits)
+    # A Linear usually follows pooling/flatten, whose output is off the activation grid, so it
+    # owns a (signed: the conversion cannot know the sign) input quantizer, as in Brevitas' map.
+    compute_map[nn.Linear] = (qnn.QuantLinear, {
+        **layer_kwargs, "input_quant": signed, "return_quant_tensor": False})
+    act_map = dict(QUANT_ACT_MAP)
+    act_map[nn.ReLU] = (qnn.QuantReLU, {"act_quant": unsigned, "return_quant_tensor": True})
+    identity_map = {
+        "signed": (qnn.QuantIdentity, {"act_quant": signed, "return_quant_tensor": True}),
+        "unsigned": (qnn.QuantIdentity, {"act_quant": unsigned, "return_quant_tensor": True}),
+    }
+    # requantize_layer_handler_output=False: the logits stay float (as in BRECQ/QDrop/HDRQ);
+    # every other layer output already meets a quantized activation or residual quantizer.
+    qmodel = _quantize_graph(graph_model, identity_map, compute_map, act_map)
+
+    layers = compute_layers(qmodel)
+    if not layers:
+        raise UnsupportedLayerError("the model has no Conv or Linear layer to quantize")
+    if spec.edge_weight_bits is not None:
+        for _, layer in (layers[0], layers[-1]):
+            set_weight_bit_width(layer, spec.edge_weight_bits)
+        # the classifier's own input quantizer follows the same 8-bit edge policy
+        if getattr(layers[-1][1], "input_quant", None) is not None and layers[-1][1].input_quant.is_quant_enabled:
+            _set_proxy_bits(layers[-1][1].input_quant, spec.edge_weight_bits)
+    _set_input_bits(qmodel, input_bits)
+    qmodel.eval()
+    with torch.no_grad():  # materialise the learnable weight scales from the float weights now
+        for _, layer in layers:
+            layer.quant_weight()
+    return qmodel
+
+
+def _quantize_graph(graph_model, identity_map, compute_map, act_map) -> torch.fx.GraphModule:
+    """Brevitas' ``quantize()`` pipeline without its residual-alignment pass.
+
+    ``residual_handler`` makes both inputs of every residual add share ONE quantizer (needed by
+    fixed-point dataflow back-ends, not by onnxruntime, whose QDQ adds take any scales). That
+    shared quantizer is called twice per forward, so calibration averages the ranges of the
+    residual branch and the shortcut and clips the larger one: measured on a small ResNet,
+    W8A8 logits were 16 % off the float model with it. Without it every compute layer output is
+    requantized by its own quantizer (so onnxruntime still fuses it into QLinearConv), and the
+    logits, which feed no quantizer, stay float as in BRECQ/QDrop/HDRQ.
+    """
+    prev = brevitas_config.IGNORE_MISSING_KEYS
+    brevitas_config.IGNORE_MISSING_KEYS = True
+    try:
+        graph_model.eval()
+        graph_model = inp_placeholder_handler(graph_model, input_quantizer=identity_map["signed"])
+        graph_model = act_handler(graph_model, layer_map=act_map)
+        graph_model = add_output_quant_handler(graph_model, identity_map, act_map, UNSIGNED_ACT_TUPLE)
+        graph_model = layer_handler(graph_model, layer_map=compute_map, requantize_output=True,
+                                    quant_identity_map=identity_map, quant_act_map=act_map,
+                                    unsigned_act_tuple=UNSIGNED_ACT_TUPLE)
+        _drop_output_quantizers(graph_model)
+        _dequantize_add_inputs(graph_model)
+        graph_model = DisableLastReturnQuantTensor().apply(graph_model)
+    finally:
+        brevitas_config.IGNORE_MISSING_KEYS = prev
+    return graph_model
+
+
+def _drop_output_quantizers(graph_model: torch.fx.GraphModule) -> None:
+    """Remove requantizers whose only user is the graph output (keep the logits in float)."""
+    output = next(n for n in graph_model.graph.nodes if n.op == "output")
+    for node in list(output.all_input_nodes):
+        if node.op == "call_module" and isinstance(graph_model.get_submodule(node.target), qnn.QuantIdentity) \
+                and len(node.users) == 1:
+            node.replace_all_uses_with(node.all_input_nodes[0])
+            graph_model.graph.erase_node(node)
+            graph_model.delete_submodule(node.target)
+    graph_model.graph.lint()
+    graph_model.recompile()
+
+
+def dequantized(x):
+    """The float value of a QuantTensor (identity for plain tensors); FX-wrapped below."""
+    return x.value if isinstance(x, QuantTensor) else x
+
+
+_ADD_TARGETS = (operator.add, torch.add, operator.iadd)
+
+
+def _dequantize_add_inputs(graph_model: torch.fx.GraphModule) -> None:
+    """Feed residual adds with float values: their inputs carry independent scales.
+
+    Brevitas' QuantTensor addition demands equal scales; onnxruntime does not (a QDQ Add).
+    """
+    for node in list(graph_model.graph.nodes):
+        if node.op == "call_function" and node.target in _ADD_TARGETS:
+            new_args = []
+            for arg in node.args:
+                if isinstance(arg, type(node)):  # Brevitas traces with its backported FX Node
+                    with graph_model.graph.inserting_before(node):
+                        arg = graph_model.graph.call_function(dequantized, (arg,))
+                new_args.append(arg)
+            node.args = tuple(new_args)
+    graph_model.graph.lint()
+    graph_model.recompile()
+
+
+def _deepcopy_eval(model: nn.Module) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.eval()
+    return clone
+
+
+def compute_layers(qmodel: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Quantized Conv/Linear layers in forward (graph) order, with their qualified names."""
+    if isinstance(qmodel, torch.fx.GraphModule):
+        seen, ordered = set(), []
+        for node in qmodel.graph.nodes:
+            if node.op == "call_module" and node.target not in seen:
+                module = qmodel.get_submodule(node.target)
+                if isinstance(module, COMPUTE_LAYERS):
+                    seen.add(node.target)
+                    ordered.append((node.target, module))
+        return ordered
+    return [(n, m) for n, m in qmodel.named_modules() if isinstance(m, COMPUTE_LAYERS)]
+
+
+def set_weight_bit_width(layer: nn.Module, bit_width: int) -> None:
+    """Re-inject ``layer``'s weight quantizer with another bit width, keeping its state."""
+    _set_proxy_bits(layer.weight_quant, bit_width)
+
+
+def _set_proxy_bits(proxy: nn.Module, bit_width: int) -> None:
+    proxy.quant_injector = proxy.quant_injector.let(bit_width=bit_width)
+    proxy.init_tensor_quant()
+
+
+def _set_input_bits(qmodel: torch.fx.GraphModule, bit_width: int) -> None:
+    for node in qmodel.graph.nodes:
+        if node.op == "placeholder":
+            for user in node.users:
+                if user.op == "call_module":
+                    quant = qmodel.get_submodule(user.target)
+                    if isinstance(quant, qnn.QuantIdentity):
+                        _set_proxy_bits(quant.act_quant, bit_width)
+
+
+@torch.no_grad()
+def calibrate_activations(qmodel: nn.Module, data: Iterable, *, max_batches: int | None = None) -> nn.Module:
+    """Set activation scales from data with Brevitas' ``calibration_mode`` (the RTN baseline).
+
+    ``data`` is any iterable of input tensors or ``(input, label)`` pairs; labels are ignored.
+    """
+    qmodel.eval()
+    seen = 0
+    with calibration_mode(qmodel):
+        for batch in iterate_inputs(data, max_batches=max_batches):
+            qmodel(batch)
+            seen += 1
+    if seen == 0:
+        raise ValueError("calibration data is empty")
+    qmodel.eval()
+    return qmodel

@@ -1,0 +1,1 @@
+"""Block-wise reconstruction engine."""

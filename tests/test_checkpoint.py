@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from hdrq_plugin import calibrate_activations, convert_to_brevitas
+from hdrq_plugin.checkpoint import CheckpointError, ModelRecipe, load_quantized, save_quantized
+from tiny_models import tiny_resnet
+
+RECIPE = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})
+
+
+def _quantized():
+    qmodel = convert_to_brevitas(RECIPE.build(), "w4a4")
+    calibrate_activations(qmodel, [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))])
+    return qmodel
+
+
+def test_a_saved_quantized_model_loads_with_identical_outputs(tmp_path):
+    qmodel = _quantized()
+    path = save_quantized(tmp_path / "m.pt", qmodel, recipe=RECIPE, bits="w4a4", metadata={"method": "rtn"})
+    loaded, info = load_quantized(path)
+    x = torch.randn(3, 3, 16, 16)
+    assert torch.equal(loaded(x), qmodel(x))
+    assert info["method"] == "rtn" and str(info["bits"]) == "w4a4"
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_quantized(path)
+
+
+def test_a_checkpoint_that_does_not_match_its_recipe_is_rejected(tmp_path):
+    qmodel = _quantized()
+    wrong = ModelRecipe("tiny_models:tiny_resnet", {"width": 4})
+    path = save_quantized(tmp_path / "m.pt", qmodel, recipe=wrong, bits="w4a4")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_quantized(path)
+
+
+def test_saving_into_an_unwritable_place_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(OSError):
+        save_quantized(target / "sub" / "m.pt", _quantized(), recipe=RECIPE, bits="w4a4")
+    assert target.read_text() == "x"

@@ -1,0 +1,100 @@
+import pytest
+import torch
+from torch import nn
+
+from hdrq_plugin import BitSpec, calibrate_activations, convert_to_brevitas
+from hdrq_plugin.convert import UnsupportedLayerError, compute_layers
+from tiny_models import tiny_resnet
+
+
+def _calibrated(spec: str, seed: int = 0):
+    model = tiny_resnet(seed=seed)
+    qmodel = convert_to_brevitas(model, spec)
+    gen = torch.Generator().manual_seed(1)
+    calibrate_activations(qmodel, [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(4)])
+    return model, qmodel
+
+
+@pytest.mark.parametrize("text", ["w4a8", "w4a4-per-channel", "w8a8", "w2a3"])
+def test_bit_spec_round_trips_through_its_string(text):
+    assert str(BitSpec.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["w4", "a4w4", "w9a8", "w4a1", "w4a8-per-tensorx", "", "W4A8 extra"])
+def test_malformed_or_out_of_range_bit_specs_are_rejected(text):
+    with pytest.raises(ValueError):
+        BitSpec.parse(text)
+
+
+def test_w8a8_conversion_stays_close_to_the_float_model():
+    model, qmodel = _calibrated("w8a8")
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ref = model(x)
+    assert (qmodel(x) - ref).norm() / ref.norm() < 0.03
+
+
+def test_batchnorm_is_folded_and_every_conv_and_linear_is_quantized():
+    _, qmodel = _calibrated("w4a4")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
+    names = [name for name, _ in compute_layers(qmodel)]
+    assert names == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2",
+                     "layer2.0.shortcut.0", "fc"]
+
+
+def test_edge_layers_keep_eight_bit_weights_and_inner_layers_use_the_spec():
+    _, qmodel = _calibrated("w4a4")
+    layers = dict(compute_layers(qmodel))
+    assert int(layers["conv1"].quant_weight().bit_width) == 8
+    assert int(layers["fc"].quant_weight().bit_width) == 8
+    inner = layers["layer1.0.conv1"].quant_weight()
+    assert int(inner.bit_width) == 4
+    assert inner.int().min() >= -8 and inner.int().max() <= 7
+
+
+def test_per_channel_spec_gives_one_scale_per_output_channel():
+    _, qmodel = _calibrated("w4a4-per-channel")
+    scale = dict(compute_layers(qmodel))["layer2.0.conv1"].quant_weight().scale
+    assert scale.shape == (16, 1, 1, 1)
+
+
+def test_residual_branches_keep_their_own_activation_scales():
+    # a shared (aligned) quantizer at the add would clip the wider branch; see _quantize_graph
+    _, qmodel = _calibrated("w8a8")
+    conv2_out = qmodel.get_submodule("layer2_0_conv2_output_quant").act_quant.scale()
+    shortcut_out = qmodel.get_submodule("layer2_0_shortcut_0_output_quant").act_quant.scale()
+    assert not torch.equal(conv2_out, shortcut_out)
+
+
+def test_the_logits_are_not_quantized():
+    _, qmodel = _calibrated("w4a4")
+    output = next(n for n in qmodel.graph.nodes if n.op == "output")
+    assert [n.target for n in output.all_input_nodes] == ["fc"]
+
+
+def test_activations_after_relu_are_unsigned():
+    _, qmodel = _calibrated("w4a4")
+    relu = qmodel.get_submodule("layer1.0.relu")
+    assert relu.act_quant.is_signed is False
+
+
+def test_conversion_does_not_modify_the_float_model():
+    model = tiny_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convert_to_brevitas(model, "w4a4")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unsupported_layers_are_named_with_their_type():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LSTM(4, 4))
+    with pytest.raises(UnsupportedLayerError, match=r"'1' of type LSTM"):
+        convert_to_brevitas(model, "w4a8")
+
+
+def test_calibration_rejects_nan_and_empty_data():
+    qmodel = convert_to_brevitas(tiny_resnet(), "w4a8")
+    bad = torch.randn(2, 3, 16, 16)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate_activations(qmodel, [bad])
+    with pytest.raises(ValueError, match="empty"):
+        calibrate_activations(qmodel, [])
