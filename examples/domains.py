@@ -96,6 +96,25 @@ def split_sizes(n: int) -> dict[str, int]:
     return {"test": test, "val": val, "calib_pool": calib_pool, "train": train}
 
 
+def split_indices(labels: torch.Tensor, generator: torch.Generator, n_images: int | None = None) -> dict[str, torch.Tensor]:
+    """Disjoint index sets ``test``, ``val``, ``calib_pool`` and ``train`` over ``labels``.
+
+    A class-balanced shuffle is cut in that order; with ``n_images`` only its first ``n_images``
+    are used (a class-balanced subset).
+    """
+    order = class_balanced_order(labels, generator)
+    if n_images is not None:
+        if n_images > len(order):
+            raise ValueError(f"{len(order)} images available, n_images={n_images} asked for more")
+        order = order[:n_images]
+    parts = {}
+    start = 0
+    for part, size in split_sizes(len(order)).items():
+        parts[part] = order[start : start + size]
+        start += size
+    return parts
+
+
 def load_domain(name: str, *, seed: int = 0, n_calib: int = 32, n_images: int | None = None) -> DomainSplits:
     """Load domain ``name`` (see :func:`available_domains`) with deterministic disjoint splits.
 
@@ -105,22 +124,17 @@ def load_domain(name: str, *, seed: int = 0, n_calib: int = 32, n_images: int | 
     if n_images is not None and n_images <= 0:
         raise ValueError(f"n_images must be positive, got {n_images}")
     images, labels = _raw_images(name, seed, n_images)
-    order = class_balanced_order(labels, torch.Generator().manual_seed(_domain_seed(name, seed)))
-    if n_images is not None:
-        if n_images > len(order):
-            raise ValueError(f"domain {name!r} has {len(order)} images, n_images={n_images} asked for more")
-        order = order[:n_images]
-    sizes = split_sizes(len(order))
-    if not 1 <= n_calib <= sizes["calib_pool"]:
-        raise ValueError(f"n_calib must be in 1..{sizes['calib_pool']} for domain {name!r}, got {n_calib}")
-    cuts = {}
-    start = 0
-    for part in ("test", "val", "calib_pool", "train"):
-        cuts[part] = order[start : start + sizes[part]]
-        start += sizes[part]
-    cuts["calib"] = cuts.pop("calib_pool")[:n_calib]
+    generator = torch.Generator().manual_seed(_domain_seed(name, seed))
+    try:
+        parts = split_indices(labels, generator, n_images)
+    except ValueError as err:
+        raise ValueError(f"domain {name!r}: {err}") from err
+    pool = parts.pop("calib_pool")
+    if not 1 <= n_calib <= len(pool):
+        raise ValueError(f"n_calib must be in 1..{len(pool)} for domain {name!r}, got {n_calib}")
+    parts["calib"] = pool[:n_calib]
 
     def subset(indices: torch.Tensor) -> TensorDataset:
         return TensorDataset(images[indices].contiguous(), labels[indices].contiguous())
 
-    return DomainSplits(name=name, **{part: subset(indices) for part, indices in cuts.items()})
+    return DomainSplits(name=name, **{part: subset(indices) for part, indices in parts.items()})

@@ -7,8 +7,9 @@ domains are simply not offered (:func:`fashion_mnist_available`).
 
 The source is clean Fashion-MNIST; the targets are corruptions in the spirit of Hendrycks &
 Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions" (2019): Gaussian
-noise, Gaussian blur and reduced contrast. Each domain draws its images from its own disjoint
-slice of the 70,000, so no target image is a corrupted copy of a source image.
+noise, Gaussian blur and reduced contrast. The source takes the first 10,000 images of the
+training file, each corrupted target its own 3,000-image slice of the test file, so no target
+image is a corrupted copy of a source image and no two targets share an image.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import torch
 from .images import gaussian_blur, gray_to_rgb
 
 DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = (
-    ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-)
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 FASHION_CORRUPTIONS = ("noise", "blur", "contrast")
-# Images per domain: 10,000 clean for the source, 3,000 per corrupted target (disjoint slices).
+# Images per domain: 10,000 clean for the source, 3,000 per corrupted target.
 SOURCE_IMAGES = 10_000
 TARGET_IMAGES = 3_000
 # Severities roughly at level 3 of Hendrycks & Dietterich's CIFAR-10-C settings.
@@ -45,7 +46,7 @@ def fashion_mnist_dir() -> Path:
 def fashion_mnist_available() -> bool:
     """True when all four Fashion-MNIST IDX files are installed."""
     folder = fashion_mnist_dir()
-    return all((folder / name).is_file() for pair in FASHION_FILES for name in pair)
+    return all((folder / name).is_file() for pair in FASHION_FILES.values() for name in pair)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -63,20 +64,11 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-@lru_cache(maxsize=1)
-def _all_fashion() -> tuple[torch.Tensor, torch.Tensor]:
-    if not fashion_mnist_available():
-        raise FileNotFoundError(
-            f"Fashion-MNIST is not installed in {fashion_mnist_dir()}: "
-            "apt-get install dataset-fashion-mnist (or set HDRQ_FASHION_MNIST_DIR)"
-        )
-    folder = fashion_mnist_dir()
-    images, labels = [], []
-    for image_file, label_file in FASHION_FILES:
-        images.append(_read_idx(folder / image_file))
-        labels.append(_read_idx(folder / label_file))
-    gray = torch.from_numpy(np.concatenate(images).astype(np.float32) / 255.0)
-    return gray, torch.from_numpy(np.concatenate(labels).astype(np.int64))
+@lru_cache(maxsize=4)
+def _read_fashion(folder: Path, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    image_file, label_file = FASHION_FILES[part]
+    gray = torch.from_numpy(_read_idx(folder / image_file).astype(np.float32) / 255.0)
+    return gray, torch.from_numpy(_read_idx(folder / label_file).astype(np.int64))
 
 
 def corrupt(images: torch.Tensor, corruption: str, generator: torch.Generator) -> torch.Tensor:
@@ -93,18 +85,20 @@ def corrupt(images: torch.Tensor, corruption: str, generator: torch.Generator) -
 
 
 def load_fashion(corruption: str | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean Fashion-MNIST (``corruption=None``) or one corrupted target, as ``[N, 3, 32, 32]``.
-
-    Slices of the 70,000 images: ``[0, 10000)`` clean source, then 3,000 per corruption in the
-    order of :data:`FASHION_CORRUPTIONS`.
-    """
-    gray, labels = _all_fashion()
+    """Clean Fashion-MNIST (``corruption=None``) or one corrupted target, as ``[N, 3, 32, 32]``."""
+    if corruption is not None and corruption not in FASHION_CORRUPTIONS:
+        raise ValueError(f"unknown corruption {corruption!r}; choose from {FASHION_CORRUPTIONS}")
+    if not fashion_mnist_available():
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not installed in {fashion_mnist_dir()}: "
+            "apt-get install dataset-fashion-mnist (or set HDRQ_FASHION_MNIST_DIR)"
+        )
     if corruption is None:
+        gray, labels = _read_fashion(fashion_mnist_dir(), "train")
         start, stop = 0, SOURCE_IMAGES
     else:
-        if corruption not in FASHION_CORRUPTIONS:
-            raise ValueError(f"unknown corruption {corruption!r}; choose from {FASHION_CORRUPTIONS}")
-        start = SOURCE_IMAGES + FASHION_CORRUPTIONS.index(corruption) * TARGET_IMAGES
+        gray, labels = _read_fashion(fashion_mnist_dir(), "test")
+        start = FASHION_CORRUPTIONS.index(corruption) * TARGET_IMAGES
         stop = start + TARGET_IMAGES
     images = gray_to_rgb(gray[start:stop], 28)
     if corruption is not None:

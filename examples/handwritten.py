@@ -85,4 +85,4 @@ def load_mnistm(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gray, labels = _mnist_by_half()[1]
     digits = gray_to_rgb(gray, MNIST_BOX)
     patches = random_photo_patches(len(digits), torch.Generator().manual_seed(seed))
-    return (patches - digits).abs_(), labels.clone()
+    return (patches.clamp_(0.0, 1.0) - digits).abs_(), labels.clone()

@@ -1,1 +1,21 @@
-"""ONNX QDQ export and onnxruntime validation for hdrq-plugin models."""
+"""ONNX export of Brevitas models (QDQ, true INT4, ORT format) and their onnxruntime validation.
+
+    from hdrq_plugin.export import export_qdq, validate
+    export_qdq(model, "model.onnx", example_input=x, weights="int8")
+    report = validate("model.onnx", model, {"mnist": test_loader})
+    report.raise_if_failed()
+"""
+
+from .errors import ExportError, NotAnHdrqExportError, ValidationError
+from .float_export import export_float
+from .int4 import rewrite_weights_to_int4
+from .ort_format import convert_to_ort_format
+from .parity import ParityTolerance
+from .qdq import WEIGHT_STORAGES, export_qdq
+from .validate import ValidationReport, validate
+
+__all__ = [
+    "ExportError", "NotAnHdrqExportError", "ParityTolerance", "ValidationError", "ValidationReport",
+    "WEIGHT_STORAGES", "convert_to_ort_format", "export_float", "export_qdq",
+    "rewrite_weights_to_int4", "validate",
+]

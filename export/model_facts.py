@@ -137,3 +137,51 @@ def model_sha256(model: nn.Module) -> str:
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _unbatched_conv_inputs(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Conv layers that receive an input without batch axis (torch accepts those silently)."""
+    conv_ranks = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}
+    offenders, handles = [], []
+
+    def check_rank(name: str, rank: int):
+        def hook(_module, args):
+            value = getattr(args[0], "value", args[0])  # QuantTensor or Tensor
+            if isinstance(value, torch.Tensor) and value.dim() != rank:
+                offenders.append(f"{name} got {value.dim()}-D input, needs {rank}-D")
+        return hook
+
+    for name, module in model.named_modules():
+        rank = next((r for kind, r in conv_ranks.items() if isinstance(module, kind)), None)
+        if rank is not None:
+            handles.append(module.register_forward_pre_hook(check_rank(name, rank)))
+    try:
+        with torch.no_grad():
+            output = model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(getattr(output, "value", output), torch.Tensor):
+        raise ExportError(f"the model returns {type(output).__name__}; only single-tensor outputs export")
+    return offenders
+
+
+def require_fitting_input(model: nn.Module, example_input: object) -> None:
+    """Raise unless ``example_input`` is a float32 batch the model accepts in eval mode."""
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    shape = tuple(example_input.shape)
+    if example_input.dtype != torch.float32:
+        raise TypeError(f"example_input must be float32, got {example_input.dtype} (shape {shape})")
+    if example_input.dim() < 2 or shape[0] < 1:
+        raise ValueError(f"example_input needs a leading batch axis of size >= 1, got shape {shape}")
+    was_training = model.training
+    model.eval()
+    try:
+        offenders = _unbatched_conv_inputs(model, example_input)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ValueError(f"example_input of shape {shape} does not fit the model: {err}") from err
+    finally:
+        model.train(was_training)
+    if offenders:
+        raise ValueError(f"example_input of shape {shape} lacks the batch axis: {offenders}")

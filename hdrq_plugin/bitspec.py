@@ -35,7 +35,7 @@ class BitSpec:
                 raise ValueError(f"{name}={value} is outside the supported range {MIN_BITS}..{MAX_BITS}")
 
     @classmethod
-    def parse(cls, text: "str | BitSpec") -> "BitSpec":
+    def parse(cls, text: str | BitSpec) -> BitSpec:
         """Parse ``w<bits>a<bits>[-per-channel]``, e.g. ``w4a8`` or ``w4a4-per-channel``."""
         if isinstance(text, BitSpec):
             return text

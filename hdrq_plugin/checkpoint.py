@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,8 +48,16 @@ class ModelRecipe:
         return factory(**self.kwargs)
 
 
+QUANTIZER_FAMILIES = ("rtn", "hdrq")
+
+
 def quantizer_family(name: str) -> dict[str, Any]:
-    """Keyword arguments of :func:`convert_to_brevitas` for a named quantizer family."""
+    """Keyword arguments of :func:`convert_to_brevitas` for a named quantizer family.
+
+    ``rtn``: Brevitas' own quantizers (stats-initialised parameter scales, ``calibration_mode``
+    activations); ``hdrq``: HDRQ weight and activation quantizers — every method of the
+    reconstruction engine ends in it (AdaRound-style models are baked onto it).
+    """
     if name == "rtn":
         return {}
     if name == "hdrq":
@@ -56,7 +65,7 @@ def quantizer_family(name: str) -> dict[str, Any]:
 
         return {"weight_quant": HDRQQuantizer, "act_quant": HDRQActQuantizer,
                 "signed_act_quant": HDRQSignedActQuantizer}
-    raise CheckpointError(f"unknown quantizer family {name!r}; known: 'rtn', 'hdrq'")
+    raise CheckpointError(f"unknown quantizer family {name!r}; known: {', '.join(QUANTIZER_FAMILIES)}")
 
 
 def save_float_model(path: str | Path, model: nn.Module, recipe: ModelRecipe,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -23,9 +23,9 @@ with warnings.catch_warnings():
     # Brevitas warns at import when an optional CUDA Hadamard kernel is missing; irrelevant here.
     warnings.simplefilter("ignore", UserWarning)
     import brevitas.nn as qnn
+    from brevitas import config as brevitas_config
     from brevitas.core.scaling import ScalingImplType
     from brevitas.graph.calibrate import calibration_mode
-    from brevitas import config as brevitas_config
     from brevitas.graph.quantize import (
         COMPUTE_LAYER_MAP,
         QUANT_ACT_MAP,
@@ -39,7 +39,6 @@ with warnings.catch_warnings():
         layer_handler,
     )
     from brevitas.graph.standardize import DisableLastReturnQuantTensor
-    from brevitas.quant_tensor import QuantTensor
     from brevitas.quant import (
         Int8ActPerTensorFloat,
         Int8WeightPerChannelFloat,
@@ -47,6 +46,7 @@ with warnings.catch_warnings():
         Int32Bias,
         Uint8ActPerTensorFloat,
     )
+    from brevitas.quant_tensor import QuantTensor
 
 #: Leaf module types the conversion knows how to handle (compute layers, folded BN, activations
 #: Brevitas quantizes, and shape/pooling ops that keep the integer grid).
@@ -120,8 +120,11 @@ def convert_to_brevitas(
         weight_quant = RTNWeightPerChannel if spec.per_channel else RTNWeightPerTensor
     elif spec.per_channel:
         weight_quant = weight_quant.let(scaling_per_output_channel=True)
-    act_quant = act_quant or Uint8ActPerTensorFloat
-    signed_act_quant = signed_act_quant or Int8ActPerTensorFloat
+    # Brevitas injector classes are falsy: test for None, never use `or`
+    if act_quant is None:
+        act_quant = Uint8ActPerTensorFloat
+    if signed_act_quant is None:
+        signed_act_quant = Int8ActPerTensorFloat
 
     float_copy = _deepcopy_eval(model)
     try:

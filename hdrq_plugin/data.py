@@ -5,7 +5,7 @@ Labels are never used by calibration; they are dropped here, once, for every cal
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 

@@ -20,7 +20,7 @@ are tensors that require grad (NIPQ's learned truncation and bit-width), gradien
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ def _check_step(step: Bound) -> None:
         raise ValueError(f"step must be positive, got {step}")
 
 
-def _as_float(x: Tensor, name: str = "x") -> None:
+def _require_float(x: Tensor, name: str = "x") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not torch.is_floating_point(x):
@@ -74,36 +74,55 @@ def rounding_error(x: Tensor, step: Bound, qmin: Bound, qmax: Bound) -> Tensor:
 
     Clipped elements are left out: their error is a clipping error, not a rounding error.
     """
-    _as_float(x)
+    _require_float(x)
     _check_step(step)
-    scaled = x / step
-    scaled = scaled.expand_as(x) if scaled.shape != x.shape else scaled
-    inside = inside_range(x, step, qmin, qmax).expand_as(x)
-    scaled = scaled[inside]
+    scaled = (x / step).expand_as(x)
+    scaled = scaled[inside_range(x, step, qmin, qmax).expand_as(x)]
     # round(v) - v is exact in floating point (Sterbenz), so the result never leaves [-0.5, 0.5]
     return torch.round(scaled) - scaled
 
 
-@torch.no_grad()
-def rounding_error_histogram(errors: Tensor, bins: int = HISTOGRAM_BINS) -> Tensor:
-    """Counts of ``errors`` in ``bins`` equal bins on [-0.5, 0.5] (float tensor of length ``bins``)."""
-    _as_float(errors, "errors")
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
+def _error_bins(errors: Tensor, bins: int) -> Tensor:
+    """Bin index of each error on [-0.5, 0.5] (torch.histc's convention: 0.5 falls in the last bin)."""
     low, high = ERROR_RANGE
-    if errors.numel() and (errors.min() < low or errors.max() > high):
-        raise ValueError(
-            f"rounding errors must lie in [{low}, {high}], got [{errors.min().item()}, {errors.max().item()}]"
-        )
-    return torch.histc(errors.flatten(), bins=bins, min=low, max=high)
+    return ((errors - low) * (bins / (high - low))).long().clamp_(0, bins - 1)
+
+
+@torch.no_grad()
+def rounding_error_histogram(x: Tensor, step: Bound, qmin: Bound, qmax: Bound, bins: int = HISTOGRAM_BINS) -> Tensor:
+    """Counts (int64, length ``bins``) of :func:`rounding_error` in equal bins on [-0.5, 0.5].
+
+    Computed without gathering the inside elements (clipped ones are counted in an extra bin
+    that is dropped), which keeps a histogram per training iteration cheap on CPU.
+    """
+    _require_float(x)
+    _check_step(step)
+    if not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive int, got {bins!r}")
+    scaled = (x / step).expand_as(x)
+    inside = inside_range(x, step, qmin, qmax).expand_as(x)
+    index = _error_bins(torch.round(scaled) - scaled, bins)
+    index = torch.where(inside, index, bins)  # clipped elements go to an extra bin, dropped below
+    return torch.bincount(index.flatten(), minlength=bins + 1)[:bins]
 
 
 def _check_shape(shape: Sequence[int] | torch.Size) -> torch.Size:
     try:
-        size = torch.Size(shape)
+        return torch.Size(shape)
     except TypeError as err:
         raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from err
-    return size
+
+
+def _sorted_bins(counts: Tensor, total: int) -> Tensor:
+    """``[0]*counts[0] + [1]*counts[1] + ...`` as int32, built as a cumulative sum of bin starts.
+
+    Equivalent to ``repeat_interleave(arange(bins), counts)``, which takes ~15 ms on two busy
+    CPU threads where this takes ~0.05 ms (measured on this machine).
+    """
+    boundaries = torch.cumsum(counts, 0).clamp_(max=total)
+    starts = torch.zeros(total + 1, dtype=torch.int32, device=counts.device)
+    starts.index_add_(0, boundaries, torch.ones_like(boundaries, dtype=torch.int32))
+    return torch.cumsum(starts[:total], 0, dtype=torch.int32)
 
 
 @torch.no_grad()
@@ -112,30 +131,29 @@ def sample_rounding_noise(
     shape: Sequence[int] | torch.Size,
     *,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Noise with the distribution of ``histogram``: bin ``k`` drawn multinomially, then uniform within it.
+    """Noise distributed as ``histogram``: bin ``k`` drawn with probability count_k / total, then
+    uniform within the bin, ``n = (k + U[0,1)) / bins - 0.5`` (hdrq.md §3.1); no gradient.
 
-    ``n = (k + U[0,1)) / bins - 0.5`` (hdrq.md §3.1), so ``n`` lies in [-0.5, 0.5). The result
-    carries no gradient.
+    The bin draw has the law of ``torch.multinomial(histogram, n, replacement=True)``, written as
+    a uniform pick among the ``total`` counted errors (one ``randint`` and a gather), which is
+    several times faster than ``torch.multinomial`` on CPU.
     """
-    _as_float(histogram, "histogram")
-    if histogram.dim() != 1:
-        raise ValueError(f"histogram must be 1-D, got shape {tuple(histogram.shape)}")
-    if bool((histogram < 0).any()):
-        raise ValueError("histogram counts must be non-negative")
-    total = histogram.sum()
-    if not total > 0:
+    if not isinstance(histogram, Tensor) or histogram.dim() != 1:
+        raise ValueError(f"histogram must be a 1-D tensor of counts, got {getattr(histogram, 'shape', histogram)!r}")
+    counts = histogram.long()
+    if not torch.equal(counts.to(histogram.dtype), histogram) or bool((counts < 0).any()):
+        raise ValueError("histogram must hold non-negative integer counts (see rounding_error_histogram)")
+    total = int(counts.sum())
+    if total == 0:
         raise ValueError("histogram is empty: no element lies inside the quantization range")
     size = _check_shape(shape)
-    bins = histogram.numel()
-    count = size.numel()
-    dtype = dtype or histogram.dtype
-    if count == 0:
-        return torch.empty(size, dtype=dtype, device=histogram.device)
-    # Brevitas and torch have no histogram sampler; torch.multinomial draws the bins
-    k = torch.multinomial(histogram, count, replacement=True, generator=generator)
-    within = torch.rand(count, generator=generator, device=histogram.device, dtype=dtype)
+    bins = counts.numel()
+    device = histogram.device
+    sorted_bins = _sorted_bins(counts, total)  # a uniform index into it is a multinomial draw
+    k = sorted_bins.index_select(0, torch.randint(total, (size.numel(),), generator=generator, device=device))
+    within = torch.rand(size.numel(), generator=generator, device=device, dtype=dtype)
     return ((k.to(dtype) + within) / bins - 0.5).reshape(size)
 
 
@@ -170,13 +188,13 @@ def rounding_noise_like(
     When every element is clipped there is no rounding error to imitate; the noise is then
     unused by :func:`pseudo_quantize` (clipped outputs ignore it) and zeros are returned.
     """
-    _as_float(x)
+    _require_float(x)
     if shape == "uniform":
         return uniform_noise(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     if shape != "histogram":
         raise ValueError(f"noise shape must be one of {NOISE_SHAPES}, got {shape!r}")
-    histogram = rounding_error_histogram(rounding_error(x, step, qmin, qmax))
-    if not histogram.sum() > 0:
+    histogram = rounding_error_histogram(x, step, qmin, qmax)
+    if int(histogram.sum()) == 0:
         return torch.zeros_like(x)
     return sample_rounding_noise(histogram, x.shape, generator=generator, dtype=x.dtype)
 
@@ -189,8 +207,8 @@ def pseudo_quantize(x: Tensor, step: Bound, qmin: Bound, qmax: Bound, noise: Ten
     clipped; ``dy/ds`` = ``n`` inside, ``qmax`` / ``qmin`` where clipped. ``noise`` is in units of
     the step and is treated as a constant.
     """
-    _as_float(x)
-    _as_float(noise, "noise")
+    _require_float(x)
+    _require_float(noise, "noise")
     if noise.shape != x.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from x shape {tuple(x.shape)}")
     upper = step * qmax

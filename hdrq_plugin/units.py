@@ -9,8 +9,9 @@ The original hierarchy is read from the ``nn_module_stack`` metadata FX tracing 
 node (``quantize`` flattens ``Sequential`` containers into plain modules, so the module tree of
 the GraphModule itself no longer says where a block starts). Nodes outside any block — the
 ``QuantIdentity`` quantizers Brevitas inserts (``x_quant``, ``add_quant``), functional adds,
-ReLUs, ``flatten`` — join the latest unit among their inputs, except an inserted quantizer whose
-users all sit in one later unit: that is that unit's input quantizer and joins it.
+ReLUs, ``flatten`` — join the latest unit among their inputs, except that an inserted node (one
+written in no module's forward: an input quantizer, a ``dequantized`` before an add) whose users
+all sit in one later unit is that unit's input stage and joins it.
 
 Each unit is a small runnable GraphModule sharing the model's own modules (parameters are the
 same objects, not copies). ``torch.fx.passes.split_module`` would do this but fails on Brevitas'
@@ -31,7 +32,6 @@ from .convert import COMPUTE_LAYERS, UnsupportedLayerError
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # optional CUDA kernel missing: irrelevant here
     from brevitas.backport import fx as brevitas_fx
-    from brevitas.nn.quant_layer import QuantNonLinearActLayer
 
 #: Layers whose weights the engine reconstructs (the conversion's compute layers).
 RECONSTRUCTABLE_LAYERS: tuple[type[nn.Module], ...] = COMPUTE_LAYERS
@@ -171,11 +171,6 @@ def _anchor_path(node, granularity: Granularity) -> str:
     return node.target
 
 
-def _is_inserted_quantizer(qmodel, node) -> bool:
-    return (node.op == "call_module" and not _stack(node)
-            and isinstance(qmodel.get_submodule(node.target), QuantNonLinearActLayer))
-
-
 def _assign_nodes(qmodel, graph, granularity: Granularity) -> tuple[dict, list[str]]:
     nodes = list(graph.nodes)
     anchors: dict[str, int] = {}  # unit path → unit index, in order of first Conv/Linear
@@ -213,7 +208,7 @@ def _assign_nodes(qmodel, graph, granularity: Granularity) -> tuple[dict, list[s
         own = unit_of.get(node)
         if own is None and user_units - {None}:  # fed by model inputs only
             unit_of[node] = min(user_units - {None})
-        elif len(user_units) == 1 and _is_inserted_quantizer(qmodel, node):
+        elif len(user_units) == 1 and not _stack(node):
             (target,) = user_units
             if target is not None and target > own:
                 unit_of[node] = target

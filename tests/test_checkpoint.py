@@ -3,7 +3,6 @@ import torch
 
 from hdrq_plugin import calibrate_activations, convert_to_brevitas
 from hdrq_plugin.checkpoint import CheckpointError, ModelRecipe, load_quantized, save_quantized
-from tiny_models import tiny_resnet
 
 RECIPE = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from tiny_models import tiny_resnet
 from torch import nn
 
 from hdrq_plugin import BitSpec, calibrate_activations, convert_to_brevitas
 from hdrq_plugin.convert import UnsupportedLayerError, compute_layers
-from tiny_models import tiny_resnet
 
 
 def _calibrated(spec: str, seed: int = 0):

@@ -1,0 +1,221 @@
+"""The multi-target benchmark's grid: which cells exist, in which order, under which cache key.
+
+A *cell* is the smallest unit of work whose result is cached (issue 5): quantizing one adapted
+model θt with one method (``quantize``), merging the quantized models of a subset of targets
+with one tie rule (``merge``), an error barrier between two of them (``barrier``), the float
+references of one seed (``float``), "float merge, then quantize with pooled calibration data"
+(``merge-then-quantize``) and onnxruntime's own ``quantize_static`` on the float merge (``ort``).
+
+A *variant* is a quantizer configuration: a method of the reconstruction engine plus
+:class:`HDRQConfig` overrides — so every ablation (no noise, no distance term, λ_D, iterations
+per unit) is a variant like any method. Brevitas GPTQ is the one variant outside the engine.
+
+Cache keys are SHA-256 digests of everything that determines a cell's result: the cell, the
+variant's full resolved config, the benchmark recipe's own cache key (which covers the recipe,
+the code revision of the zoo and library versions) and the measurement settings that cell uses.
+A changed recipe, config or setting therefore never reuses a stale result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+
+from hdrq_plugin.merge_rules import NOISE_TRIALS
+from hdrq_plugin.reconstruction.config import METHODS, HDRQConfig
+
+#: Bump when a cell's computation changes in a way its key does not capture.
+CELL_CODE_VERSION = 1
+
+MAIN_METHODS = ("rtn", "adaround", "brecq", "qdrop", "hdrq", "gptq")
+ALL_BITS = ("w8a8", "w4a8", "w4a4", "w3a3")
+#: Merge rules: hdrq_plugin.merge's four, plus the off-grid average of the dequantized weights
+#: (the non-deployable ceiling of any re-rounding rule, hdrq.md §5).
+DEQUANTIZED_AVERAGE = "dequantized-average"
+RULES = ("noise-sampling", "half-to-even", "random", "naive", DEQUANTIZED_AVERAGE)
+STOCHASTIC_RULES = ("noise-sampling", "random")
+ABLATION_RULES = ("noise-sampling", "half-to-even")
+REFERENCE_NOISE_SEEDS = 32  # hdrq.md §5: the reference re-merges with 32 seeds
+DEFAULT_DISTANCE = HDRQConfig().distance_weight
+#: onnxruntime quantize_static configurations: (label, bits, weight type, activation type).
+ORT_TYPES = (("w8a8", "QInt8", "QUInt8"), ("w4a8", "QInt4", "QUInt8"), ("w4a4", "QInt4", "QUInt4"))
+ORT_CALIBRATIONS = ("MinMax", "Entropy")
+KINDS = ("float", "quantize", "merge", "barrier", "merge-then-quantize", "ort")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A quantizer: ``method`` (an engine method or ``"gptq"``) with config ``overrides``."""
+
+    label: str
+    method: str
+    overrides: tuple[tuple[str, object], ...] = ()
+    iterations: int | None = None  # iterations per unit; None: the run's setting
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS + ("gptq",):
+            raise ValueError(f"variant {self.label!r}: unknown method {self.method!r}")
+
+    def config(self, seed: int, iterations: int | None) -> HDRQConfig | None:
+        """The engine config at ``seed`` (None for GPTQ, which Brevitas runs)."""
+        if self.method == "gptq":
+            return None
+        overrides = {"seed": seed}
+        iterations = self.iterations if self.iterations is not None else iterations
+        if iterations is not None and self.method != "rtn":
+            overrides["iterations"] = iterations
+        return HDRQConfig.cpu_preset(self.method, **overrides).replace(**dict(self.overrides))
+
+    def describe(self, seed: int, iterations: int | None) -> dict:
+        """Everything that determines this variant's models (part of every cache key)."""
+        config = self.config(seed, iterations)
+        if config is None:
+            return {"method": "gptq", "num_samples": HDRQConfig().num_samples, "act_order": True, "seed": seed}
+        return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cached unit of work. ``targets``: the quantized target, or the targets merged."""
+
+    kind: str
+    seed: int
+    bits: str = "fp32"
+    variant: str = ""
+    targets: tuple[str, ...] = ()
+    rule: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown cell kind {self.kind!r}; one of {KINDS}")
+
+    @property
+    def name(self) -> str:
+        parts = [self.kind, self.variant, self.bits, f"seed {self.seed}", "+".join(self.targets), self.rule]
+        return " ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What a run covers and how it measures; the defaults are the full grid of issue 5."""
+
+    recipe: str = "demo"  # hdrq_examples.zoo.BenchmarkRecipe() ("demo") or .tiny()
+    seeds: tuple[int, ...] = (0, 1, 2)  # issue 5: at least 3 seeds (zoo, splits and calibration)
+    bits: tuple[str, ...] = ALL_BITS
+    methods: tuple[str, ...] = MAIN_METHODS
+    iterations: int | None = None  # per unit; None: HDRQConfig.cpu_preset's CPU_ITERATIONS
+    rules: tuple[str, ...] = RULES
+    noise_seeds: int = 8  # re-merges per stochastic rule (reference: 32, REFERENCE_NOISE_SEEDS)
+    trials: int = NOISE_TRIALS  # hdrq.md §5: K = 100 draws per noise-sampling merge
+    n_calib: int = 32  # hdrq.md §4: 32 calibration images per target
+    ablation_bits: tuple[str, ...] = ("w4a4", "w3a3")
+    ablations: tuple[str, ...] = ("no-noise", "no-distance", "uniform-noise")
+    distance_grid: tuple[float, ...] = (5e-3, 1e-2, 5e-2, 1e-1)  # hdrq.md §3.2: the reference's grid
+    iteration_grid: tuple[int, ...] = (250, 500, 1000, 2000, 4000)
+    iteration_methods: tuple[str, ...] = ("qdrop", "hdrq")
+    merge_then_quantize: tuple[str, ...] = ("rtn", "hdrq")
+    ort: bool = True
+    barrier_steps: int = 11  # λ = 0, 0.1, …, 1
+    barrier_pairs: str = "all"  # "all" pairs or only the "first"
+    merge_subsets: str = "pairs+all"  # every two-target merge and the all-targets merge
+    extras: dict = field(default_factory=dict, compare=False)  # free-form notes (not keyed)
+
+    @classmethod
+    def quick(cls) -> "BenchmarkSettings":
+        """The ``--quick`` run: under 10 minutes on 2 cores (W4A4, one seed, short calibration)."""
+        return cls(seeds=(0,), bits=("w4a4",), iterations=100, rules=("noise-sampling", "half-to-even", "naive",
+                   DEQUANTIZED_AVERAGE), noise_seeds=2, trials=30, ablation_bits=("w4a4",),
+                   ablations=("no-noise", "no-distance"), distance_grid=(), iteration_grid=(50, 200),
+                   iteration_methods=("hdrq",), merge_then_quantize=("rtn",), barrier_steps=5,
+                   barrier_pairs="first", merge_subsets="pairs+all")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def merge_subsets(targets: tuple[str, ...], which: str = "pairs+all") -> list[tuple[str, ...]]:
+    """Every two-target subset and (for more than two targets) all targets together."""
+    if which not in ("pairs", "all", "pairs+all"):
+        raise ValueError(f"merge_subsets must be 'pairs', 'all' or 'pairs+all', got {which!r}")
+    subsets = list(itertools.combinations(targets, 2)) if "pairs" in which else []
+    if "all" in which and (len(targets) > 2 or not subsets):
+        subsets.append(tuple(targets))
+    return subsets
+
+
+def main_variants(methods: tuple[str, ...]) -> dict[str, Variant]:
+    return {m: Variant(m, m) for m in methods}
+
+
+def ablation_variants(settings: BenchmarkSettings) -> dict[str, Variant]:
+    """HDRQ without each ingredient, the λ_D grid, and accuracy against iterations per unit."""
+    variants = {}
+    named = {
+        "no-noise": Variant("hdrq-no-noise", "hdrq", (("weight_rounding", "ste"), ("method", "hdrq-no-noise"))),
+        "no-distance": Variant("hdrq-no-distance", "hdrq", (("distance_weight", 0.0), ("method", "hdrq-no-distance"))),
+        "uniform-noise": Variant("hdrq-uniform-noise", "hdrq", (("noise_shape", "uniform"),
+                                                                ("method", "hdrq-uniform-noise"))),
+    }
+    for name in settings.ablations:
+        if name not in named:
+            raise ValueError(f"unknown ablation {name!r}; one of {sorted(named)}")
+        variants[named[name].label] = named[name]
+    for weight in settings.distance_grid:
+        if weight != DEFAULT_DISTANCE:  # the default is the hdrq variant itself
+            label = f"hdrq-lambda{weight:g}"
+            variants[label] = Variant(label, "hdrq", (("distance_weight", weight), ("method", label)))
+    default_iterations = settings.iterations or HDRQConfig.cpu_preset("hdrq").iterations
+    for method in settings.iteration_methods:
+        for count in settings.iteration_grid:
+            if count != default_iterations:
+                label = f"{method}-{count}it"
+                variants[label] = Variant(label, method, (("method", label),), iterations=count)
+    return variants
+
+
+def build_plan(settings: BenchmarkSettings, targets: tuple[str, ...]) -> tuple[dict[str, Variant], list[Cell]]:
+    """All variants and the cells of a run, in execution order (each seed's zoo is loaded once)."""
+    main = main_variants(settings.methods)
+    ablations = ablation_variants(settings)
+    subsets = merge_subsets(targets, settings.merge_subsets)
+    pairs = [s for s in subsets if len(s) == 2]
+    barrier_pairs = pairs[:1] if settings.barrier_pairs == "first" else pairs
+    cells: list[Cell] = []
+    for seed in settings.seeds:
+        cells.append(Cell("float", seed))
+        for bits in settings.bits:
+            groups = [(v, settings.rules, barrier_pairs) for v in main.values()]
+            if bits in settings.ablation_bits:
+                rules = tuple(r for r in ABLATION_RULES if r in settings.rules) or settings.rules[:1]
+                groups += [(v, rules, []) for v in ablations.values()]
+            for variant, rules, barrier_for in groups:
+                cells += [Cell("quantize", seed, bits, variant.label, (t,)) for t in targets]
+                cells += [Cell("merge", seed, bits, variant.label, s, rule) for s in subsets for rule in rules]
+                cells += [Cell("barrier", seed, bits, variant.label, p, "noise-sampling") for p in barrier_for]
+            cells += [Cell("merge-then-quantize", seed, bits, m, s) for m in settings.merge_then_quantize
+                      for s in subsets]
+        if settings.ort:
+            cells += [Cell("ort", seed, bits, f"ort-{calibration.lower()}", s)
+                      for calibration in ORT_CALIBRATIONS for bits, _, _ in ORT_TYPES for s in subsets]
+    return {**main, **ablations}, cells
+
+
+def cell_key(cell: Cell, settings: BenchmarkSettings, recipe_key: str, variants: dict[str, Variant]) -> str:
+    """SHA-256 of everything that determines ``cell``'s result (see the module doc)."""
+    payload: dict = {"cell": dataclasses.asdict(cell), "recipe": recipe_key, "code": CELL_CODE_VERSION,
+                     "n_calib": settings.n_calib}
+    if cell.kind in ("quantize", "merge", "barrier", "merge-then-quantize"):
+        payload["variant"] = variants[cell.variant].describe(cell.seed, settings.iterations)
+    if cell.kind == "merge" and cell.rule in STOCHASTIC_RULES:
+        payload["noise"] = {"noise_seeds": settings.noise_seeds, "trials": settings.trials}
+    if cell.kind == "barrier":
+        payload["barrier"] = {"steps": settings.barrier_steps, "trials": settings.trials}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def quantize_cell_for(cell: Cell, target: str) -> Cell:
+    """The ``quantize`` cell that produces the model of ``target`` a merge or barrier cell needs."""
+    return Cell("quantize", cell.seed, cell.bits, cell.variant, (target,))

@@ -1,0 +1,161 @@
+"""The offline multi-target demo behind ``hdrq demo`` (and ``make demo``).
+
+source θ0 → adapted θt per target → quantized per target (RTN and HDRQ) → merged on one integer
+grid → exported to ONNX (INT8 / INT4) → validated in onnxruntime, with a report of every step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from hdrq_plugin._io import ensure_writable_dir
+from hdrq_plugin.bitspec import BitSpec
+from hdrq_plugin.checkpoint import ModelRecipe, save_float_model, save_quantized
+from hdrq_plugin.evaluation import accuracy
+from hdrq_plugin.float_merge import average_float_models
+from hdrq_plugin.merge import merge_models
+from hdrq_plugin.quantize import quantize_model
+from hdrq_plugin.report import Report
+
+from .zoo import Benchmark, BenchmarkRecipe, load_or_build_benchmark
+
+#: the two rounding rules every quantized merge is reported with (hdrq.md §5): the biased naive
+#: re-rounding of averaged dequantized weights (what not to do) and integer-code averaging
+#: with unbiased half-to-even ties (the strong naive baseline)
+NAIVE_MERGES = ("naive", "half-to-even")
+
+
+def float_recipe(benchmark: Benchmark) -> ModelRecipe:
+    return ModelRecipe("hdrq_examples.models:build_resnet",
+                       {"config": benchmark.recipe.architecture.to_dict()})
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.timings[name] = clock.timings.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Span()
+
+
+def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, size: str = "demo",
+             iterations: int | None = None, export: bool = True) -> Report:
+    """Run the whole pipeline and write ``report.json`` / ``report.md`` (and models) into ``out``."""
+    spec = BitSpec.parse(bits)
+    out = ensure_writable_dir(out)  # fail before minutes of work, not after
+    recipe = {"demo": BenchmarkRecipe, "tiny": BenchmarkRecipe.tiny}[size]
+    recipe = recipe(seed=seed) if size == "demo" else _with_seed(recipe(), seed)
+    report = Report(recipe={"benchmark": recipe.to_dict(), "bits": str(spec), "seed": seed,
+                            "iterations_per_unit": iterations or "cpu-preset"})
+    clock = _Clock(report.timings)
+
+    with clock("zoo_s"):
+        bench = load_or_build_benchmark(recipe)
+    report.timings.update({f"zoo_{k}": v for k, v in bench.timings.items()})
+    report.extra["zoo_from_cache"] = bench.from_cache
+    targets = list(recipe.target_domains)
+    tests = {t: bench.domains[t].test for t in targets}
+
+    # float references: θ0 everywhere, θt at home, the float merge everywhere
+    report.add_per_target("source", "fp32", "float_source",
+                          {t: accuracy(bench.source_model, tests[t]) for t in targets})
+    for t in targets:
+        report.add("adapted", "fp32", "float_adapted", t, accuracy(bench.adapted[t], tests[t]))
+    float_merged = average_float_models([bench.adapted[t] for t in targets])
+    report.add_per_target("float-merge", "fp32", "float_merged",
+                          {t: accuracy(float_merged, tests[t]) for t in targets})
+    save_float_model(out / "source.pt", bench.source_model, float_recipe(bench))
+
+    quantized: dict[str, list] = {}
+    for method in ("rtn", "hdrq"):
+        models = []
+        for t in targets:
+            with clock(f"quantize_{method}_s"):
+                qmodel, family = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec,
+                                                method=method, source=bench.source_model, seed=seed,
+                                                iterations=iterations)
+            report.add(method, str(spec), "single", t, accuracy(qmodel, tests[t]))
+            models.append((qmodel, family))
+        quantized[method] = models
+
+    merged_models = {}
+    for method, rules in (("rtn", NAIVE_MERGES), ("hdrq", ("noise-sampling", "half-to-even"))):
+        for rounding in rules:
+            with clock(f"merge_{method}_{rounding}_s"):
+                merged = merge_models([m for m, _ in quantized[method]], rounding=rounding, seed=seed)
+            label = f"{method}+{rounding}"
+            report.add_per_target(label, str(spec), "merged", {t: accuracy(merged, tests[t]) for t in targets})
+            merged_models[label] = merged
+    hdrq_merged = merged_models["hdrq+noise-sampling"]
+    family = quantized["hdrq"][0][1]
+    save_quantized(out / "merged-hdrq.pt", hdrq_merged, recipe=float_recipe(bench), bits=spec,
+                   family=family, metadata={"method": "hdrq", "merged_from": targets,
+                                            "rounding": "noise-sampling", "seed": seed})
+
+    _barrier(report, bench, quantized["hdrq"], targets, tests, out, clock)
+    if export:
+        _export_and_validate(report, hdrq_merged, spec, targets, tests, out, clock)
+    report.write(out)
+    return report
+
+
+def _with_seed(recipe: BenchmarkRecipe, seed: int) -> BenchmarkRecipe:
+    import dataclasses
+
+    return dataclasses.replace(recipe, seed=seed)
+
+
+def _barrier(report, bench, hdrq_models, targets, tests, out, clock) -> None:
+    """Float and quantized error barriers between the first two targets' models (a PNG)."""
+    from torch.utils.data import ConcatDataset
+
+    from hdrq_plugin.barrier import error_barrier, plot_barrier
+
+    if len(targets) < 2:
+        return
+    pair = targets[:2]
+    data = ConcatDataset([tests[t] for t in pair])
+    with clock("barrier_s"):
+        float_curve = error_barrier(bench.adapted[pair[0]], bench.adapted[pair[1]], data, steps=6)
+        quant_curve = error_barrier(hdrq_models[0][0], hdrq_models[1][0], data, steps=6, quantized=True)
+    plot_barrier([float_curve, quant_curve], out / "barrier.png")
+    report.extra["barrier"] = {"pair": pair, "float": float_curve.to_dict(), "hdrq": quant_curve.to_dict()}
+
+
+def _export_and_validate(report, merged, spec, targets, tests, out, clock) -> None:
+    """Export the merged HDRQ model to INT8 (or 4-bit-in-int8) and true INT4 and check them in ORT."""
+    from hdrq_plugin.export import export_qdq, validate
+    from torch.utils.data import DataLoader
+
+    example = tests[targets[0]][0][0].unsqueeze(0)
+    fast = "int8" if spec.weight_bits == 8 else "int4-in-int8"
+    files = {fast: out / f"merged-hdrq-{fast}.onnx"}
+    if spec.weight_bits <= 4:
+        files["int4"] = out / "merged-hdrq-int4.onnx"
+    loaders = {t: DataLoader(tests[t], batch_size=256) for t in targets}
+    validation = {}
+    for weights, path in files.items():
+        with clock(f"export_{weights}_s"):
+            export_qdq(merged, path, example, weights=weights, overwrite=True,
+                       metadata={"method": "hdrq", "merged_targets": ",".join(targets), "bits": str(spec)})
+        with clock(f"validate_{weights}_s"):
+            result = validate(path, merged, loaders)
+        validation[weights] = result.to_dict()
+        if not result.ok:
+            raise RuntimeError(f"validation of {path} failed: {'; '.join(result.failures)}")
+        report.add_per_target(f"hdrq+noise-sampling[{weights}]", str(spec), "merged_ort",
+                              dict(result.accuracy))
+    report.extra["validation"] = validation
+
+
+__all__ = ["run_demo", "float_recipe"]

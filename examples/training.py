@@ -1,0 +1,130 @@
+"""Train the source model θ0 and fine-tune one θt per target from it (supervised, on CPU).
+
+One loop serves both: mini-batch SGD or Adam on cross-entropy, a per-step learning-rate
+schedule (linear warm-up, then cosine to zero — Goyal et al. 2017; Loshchilov & Hutter 2017),
+optional batched augmentation, and all randomness (initialisation, shuffling, augmentation)
+drawn from the given seed so that a recipe always yields the same weights on one machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from .augment import AugmentConfig, augment_batch
+from .models import CifarResNet, ResNetConfig, build_resnet
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training or adaptation run."""
+
+    epochs: float  # fractional epochs allowed: steps = round(epochs · batches per epoch)
+    lr: float
+    batch_size: int = 128
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov) or "adam"
+    weight_decay: float = 5e-4  # He et al. 2016 CIFAR setting
+    warmup_fraction: float = 0.0  # share of the steps with a linear warm-up from 0
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    freeze_batchnorm_stats: bool = False  # keep θ0's running statistics while fine-tuning
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
+            raise ValueError(f"epochs, lr and batch_size must be positive: {self}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` of a TensorDataset, a ConcatDataset of them, or any (x, y) Dataset."""
+    if isinstance(data, TensorDataset):
+        return data.tensors[0], data.tensors[1]
+    if isinstance(data, ConcatDataset):
+        parts = [dataset_tensors(part) for part in data.datasets]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    images, labels = zip(*DataLoader(data, batch_size=512))
+    return torch.cat(images), torch.cat(labels)
+
+
+def _learning_rate_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    )
+
+
+def _train_mode(model: nn.Module, freeze_batchnorm_stats: bool) -> None:
+    model.train()
+    if freeze_batchnorm_stats:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def train_classifier(model: nn.Module, data: Dataset, config: TrainConfig, *, seed: int, desc: str = "train") -> float:
+    """Train ``model`` in place on ``data``; returns the mean loss of the last epoch's batches."""
+    images, labels = dataset_tensors(data)
+    if len(images) == 0:
+        raise ValueError(f"{desc}: no training data")
+    generator = torch.Generator().manual_seed(seed)
+    batches_per_epoch = math.ceil(len(images) / config.batch_size)
+    total_steps = max(1, round(config.epochs * batches_per_epoch))
+    warmup = round(config.warmup_fraction * total_steps)
+    optimizer = _make_optimizer(model, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _learning_rate_factor(s, total_steps, warmup))
+    _train_mode(model, config.freeze_batchnorm_stats)
+    recent_losses: list[float] = []
+    order = torch.empty(0, dtype=torch.long)
+    with tqdm(total=total_steps, desc=desc, disable=None, leave=False) as progress:
+        for step in range(total_steps):
+            position = (step % batches_per_epoch) * config.batch_size
+            if position == 0:
+                order = torch.randperm(len(images), generator=generator)
+                recent_losses = []
+            batch = order[position : position + config.batch_size]
+            x, y = images[batch], labels[batch]
+            if config.augment is not None:
+                x = augment_batch(x, config.augment, generator)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            recent_losses.append(loss.item())
+            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            progress.update()
+    model.eval()
+    return sum(recent_losses) / len(recent_losses)
+
+
+def train_source(data: Dataset, architecture: ResNetConfig, config: TrainConfig, *, seed: int) -> CifarResNet:
+    """A fresh :class:`CifarResNet` (initialised from ``seed``) trained on the source data: θ0."""
+    with torch.random.fork_rng(devices=[]):  # do not disturb the caller's global RNG
+        torch.manual_seed(seed)
+        model = build_resnet(architecture)
+    train_classifier(model, data, config, seed=seed, desc="source θ0")
+    return model
+
+
+def adapt_to_target(source: nn.Module, data: Dataset, config: TrainConfig, *, seed: int, desc: str = "adapt") -> nn.Module:
+    """A copy of ``source`` fine-tuned on one target's labelled ``data``: θt (``source`` is untouched)."""
+    model = copy.deepcopy(source)
+    train_classifier(model, data, config, seed=seed, desc=desc)
+    return model

@@ -1,0 +1,230 @@
+"""The model zoo: θ0 trained on the source domain(s), one θt fine-tuned from θ0 per target, cached.
+
+The cache file's name is a hash of the whole recipe (domains, sizes, architecture, seed, both
+training configs) plus the versions of the libraries that produce the data and the weights, so
+a changed recipe or library never reuses stale models. A cache file that cannot be read or
+does not match is rebuilt (with a warning), never trusted and never fatal. Files are written
+atomically, so an interrupted build leaves no half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset
+from tqdm.auto import tqdm
+
+from hdrq_plugin._io import atomic_write_path
+
+from .augment import AugmentConfig
+from .domains import RENDERED_DEFAULT_IMAGES, DomainSplits, load_domain
+from .models import CifarResNet, ResNetConfig, build_resnet
+from .training import TrainConfig, adapt_to_target, train_source
+
+CACHE_FORMAT = 1
+# Bump when domain generation or training code changes in a way the recipe does not capture.
+CODE_REVISION = 1
+_VERSIONED_PACKAGES = ("torch", "numpy", "pillow", "scikit-learn", "mlxtend")
+
+
+def _default_source_training() -> TrainConfig:
+    return TrainConfig(epochs=3, lr=0.05, warmup_fraction=0.1, augment=AugmentConfig())
+
+
+def _default_adaptation() -> TrainConfig:
+    return TrainConfig(epochs=2, lr=0.005, augment=None)
+
+
+@dataclass(frozen=True)
+class BenchmarkRecipe:
+    """Everything that determines the domains and the zoo's weights."""
+
+    source_domains: tuple[str, ...] = ("rendered",)  # many synthetic digits, like the paper's GTA5 source
+    target_domains: tuple[str, ...] = ("mnist", "optdigits", "mnistm")
+    rendered_images: int = RENDERED_DEFAULT_IMAGES  # size of the rendered domain when it is used
+    max_images_per_domain: int | None = None  # class-balanced cap on every domain (small recipes)
+    architecture: ResNetConfig = field(default_factory=ResNetConfig)
+    source_training: TrainConfig = field(default_factory=_default_source_training)
+    adaptation: TrainConfig = field(default_factory=_default_adaptation)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source_domains", tuple(self.source_domains))
+        object.__setattr__(self, "target_domains", tuple(self.target_domains))
+        if not self.source_domains or not self.target_domains:
+            raise ValueError("a benchmark needs at least one source and one target domain")
+        overlap = set(self.source_domains) & set(self.target_domains)
+        if overlap:
+            raise ValueError(f"domains {sorted(overlap)} are both source and target")
+        if len(set(self.target_domains)) != len(self.target_domains):
+            raise ValueError(f"duplicate target domains in {self.target_domains}")
+
+    @classmethod
+    def tiny(cls) -> "BenchmarkRecipe":
+        """A recipe that builds in seconds, for tests: few images, narrow network, short training."""
+        return cls(
+            rendered_images=400,
+            max_images_per_domain=240,
+            architecture=ResNetConfig(widths=(8, 16, 32)),
+            source_training=TrainConfig(epochs=1, lr=0.05, batch_size=64),
+            adaptation=TrainConfig(epochs=1, lr=0.01, batch_size=64, augment=None),
+        )
+
+    def images_for(self, domain: str) -> int | None:
+        """How many images :func:`load_domain` is asked for in ``domain``."""
+        if domain == "rendered":
+            cap = self.max_images_per_domain
+            return self.rendered_images if cap is None else min(cap, self.rendered_images)
+        return self.max_images_per_domain
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def cache_key(self) -> str:
+        """SHA-256 of the recipe, the code revision and the library versions."""
+        payload = {
+            "recipe": self.to_dict(),
+            "cache_format": CACHE_FORMAT,
+            "code_revision": CODE_REVISION,
+            "python": platform.python_version_tuple()[:2],
+            "versions": library_versions(),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in _VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+@dataclass
+class Benchmark:
+    """A source model, its adapted models and the domains they were trained on."""
+
+    recipe: BenchmarkRecipe
+    source_model: CifarResNet
+    adapted: dict[str, CifarResNet]  # target name → θt
+    domains: dict[str, DomainSplits]  # every source and target domain
+    timings: dict[str, float]  # seconds of the original build (plus "load_s" when cached)
+    cache_path: Path
+    from_cache: bool
+
+
+def default_cache_dir() -> Path:
+    """``$HDRQ_CACHE_DIR`` if set, else ``~/.cache/hdrq-plugin``."""
+    return Path(os.environ.get("HDRQ_CACHE_DIR") or Path.home() / ".cache" / "hdrq-plugin")
+
+
+def cache_path_for(recipe: BenchmarkRecipe, cache_dir: str | os.PathLike | None = None) -> Path:
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / f"benchmark-{recipe.cache_key()[:20]}.pt"
+
+
+def load_domains(recipe: BenchmarkRecipe, n_calib: int = 32) -> dict[str, DomainSplits]:
+    """The recipe's source and target domains, split with the recipe's seed."""
+    names = recipe.source_domains + recipe.target_domains
+    return {
+        name: load_domain(name, seed=recipe.seed, n_calib=n_calib, n_images=recipe.images_for(name))
+        for name in names
+    }
+
+
+def _model_from_state(recipe: BenchmarkRecipe, state: dict[str, torch.Tensor]) -> CifarResNet:
+    model = build_resnet(recipe.architecture)
+    model.load_state_dict(state)  # strict: a missing or misshapen entry is a corrupt cache
+    return model.eval()
+
+
+def _read_cache(path: Path, recipe: BenchmarkRecipe) -> tuple[CifarResNet, dict[str, CifarResNet], dict] | None:
+    """The cached models, or None (after a warning) when the file is unreadable or does not match."""
+    if not path.is_file():
+        return None
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+        if content.get("format") != CACHE_FORMAT or content.get("key") != recipe.cache_key():
+            raise ValueError("format or recipe key does not match")
+        if set(content["adapted"]) != set(recipe.target_domains):
+            raise ValueError(f"targets {sorted(content['adapted'])} do not match the recipe")
+        source = _model_from_state(recipe, content["source"])
+        adapted = {t: _model_from_state(recipe, content["adapted"][t]) for t in recipe.target_domains}
+        return source, adapted, dict(content["timings"])
+    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, whatever the cause
+        warnings.warn(f"model cache {path} is unusable ({type(err).__name__}: {err}); rebuilding it", stacklevel=3)
+        return None
+
+
+def _write_cache(path: Path, recipe: BenchmarkRecipe, source: nn.Module, adapted: dict[str, nn.Module], timings: dict) -> None:
+    content = {
+        "format": CACHE_FORMAT,
+        "key": recipe.cache_key(),
+        "recipe_json": json.dumps(recipe.to_dict(), sort_keys=True),
+        "source": source.state_dict(),
+        "adapted": {target: model.state_dict() for target, model in adapted.items()},
+        "timings": timings,
+    }
+    with atomic_write_path(path) as tmp:
+        torch.save(content, tmp)
+
+
+def build_models(recipe: BenchmarkRecipe, domains: dict[str, DomainSplits]) -> tuple[CifarResNet, dict[str, CifarResNet], dict]:
+    """Train θ0 on the union of the source domains' train splits, then adapt it to each target."""
+    # Wall-clock and CPU seconds (all threads): the CPU time shows the cost on a shared machine.
+    timings = {}
+    wall, cpu = time.perf_counter(), time.process_time()
+    source_data = ConcatDataset([domains[name].train for name in recipe.source_domains])
+    source = train_source(source_data, recipe.architecture, recipe.source_training, seed=recipe.seed)
+    timings["source_training_s"] = time.perf_counter() - wall
+    timings["source_training_cpu_s"] = time.process_time() - cpu
+    adapted = {}
+    wall, cpu = time.perf_counter(), time.process_time()
+    for index, target in enumerate(tqdm(recipe.target_domains, desc="adapting", disable=None, leave=False), start=1):
+        adapted[target] = adapt_to_target(
+            source, domains[target].train, recipe.adaptation, seed=recipe.seed + index, desc=f"adapt {target}"
+        )
+    timings["adaptation_s"] = time.perf_counter() - wall
+    timings["adaptation_cpu_s"] = time.process_time() - cpu
+    return source, adapted, timings
+
+
+def load_or_build_benchmark(
+    recipe: BenchmarkRecipe | None = None,
+    *,
+    n_calib: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    rebuild: bool = False,
+) -> Benchmark:
+    """Load the recipe's domains and its models from the cache, training and caching them if needed.
+
+    ``n_calib`` only sets the size of each domain's calibration split; it is not part of the
+    cache key because it does not change any model.
+    """
+    recipe = recipe or BenchmarkRecipe()
+    path = cache_path_for(recipe, cache_dir)
+    start = time.perf_counter()
+    domains = load_domains(recipe, n_calib=n_calib)
+    data_seconds = time.perf_counter() - start
+    cached = None if rebuild else _read_cache(path, recipe)
+    if cached is not None:
+        source, adapted, timings = cached
+        timings = {**timings, "data_s": data_seconds, "load_s": time.perf_counter() - start - data_seconds}
+        return Benchmark(recipe, source, adapted, domains, timings, path, from_cache=True)
+    source, adapted, timings = build_models(recipe, domains)
+    timings["data_s"] = data_seconds
+    _write_cache(path, recipe, source, adapted, timings)
+    return Benchmark(recipe, source, adapted, domains, timings, path, from_cache=False)

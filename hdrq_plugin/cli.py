@@ -1,0 +1,259 @@
+"""The ``hdrq`` command line: demo, quantize, merge, export, validate, barrier.
+
+A face over the library: it parses arguments, loads and saves files, and turns failures into
+one-line messages with a non-zero exit code. No algorithm lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_VALIDATION_FAILED = 3
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hdrq", description="Merge-friendly post-training quantization for Brevitas (HDRQ).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="offline multi-target digits demo, end to end")
+    demo.add_argument("--bits", default="w4a4", help="bit spec, e.g. w4a4, w4a8, w4a4-per-channel")
+    demo.add_argument("--out", default="runs/demo", help="output folder for report.json/report.md")
+    demo.add_argument("--size", choices=("demo", "tiny"), default="demo",
+                      help="benchmark size: 'demo' (default) or 'tiny' (seconds; for smoke tests)")
+    demo.add_argument("--iterations", type=int, default=None,
+                      help="reconstruction iterations per unit (default: the CPU preset)")
+    _add_common(demo)
+
+    quant = sub.add_parser("quantize", help="quantize one target model with its calibration data")
+    quant.add_argument("model", help="float model checkpoint (hdrq float format)")
+    quant.add_argument("--calibration", required=True,
+                       help="a .pt file holding an N×C×H×W tensor (or {'inputs': tensor}), or "
+                            "domain:NAME for an example domain's calibration split")
+    quant.add_argument("--source", help="float source model θ0 checkpoint (distance regulariser)")
+    quant.add_argument("--method", default="hdrq",
+                       choices=("rtn", "adaround", "brecq", "qdrop", "hdrq"))
+    quant.add_argument("--bits", default="w4a4")
+    quant.add_argument("--iterations", type=int, default=None,
+                       help="iterations per unit (default: the CPU preset)")
+    quant.add_argument("--out", required=True, help="quantized checkpoint to write")
+    _add_common(quant)
+
+    merge = sub.add_parser("merge", help="merge quantized target models onto one integer grid")
+    merge.add_argument("models", nargs="+", help="quantized checkpoints of one architecture")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--rounding", default="noise-sampling",
+                       choices=("noise-sampling", "half-to-even", "random", "naive"))
+    merge.add_argument("--trials", type=int, default=100)
+    merge.add_argument("--coefficients", type=float, nargs="+", default=None)
+    _add_common(merge)
+
+    exp = sub.add_parser("export", help="export a quantized checkpoint to ONNX QDQ")
+    exp.add_argument("model")
+    exp.add_argument("--out", required=True, help="ONNX file to write")
+    exp.add_argument("--weights", default="int8", choices=("int8", "int4", "int4-in-int8"))
+    exp.add_argument("--input-shape", default="1,3,32,32", help="example input shape")
+    exp.add_argument("--ort", action="store_true", help="also write the ORT-format model")
+    exp.add_argument("--overwrite", action="store_true")
+
+    val = sub.add_parser("validate", help="check an exported ONNX file in onnxruntime")
+    val.add_argument("onnx")
+    val.add_argument("--model", required=True, help="the quantized checkpoint it was exported from")
+    val.add_argument("--data", required=True, nargs="+",
+                     help="labelled data: domain:NAME (example test split) or .pt files with "
+                          "{'inputs', 'labels'}")
+    val.add_argument("--json", help="write the validation report here")
+
+    bar = sub.add_parser("barrier", help="error barrier between two models, with a PNG plot")
+    bar.add_argument("model_a")
+    bar.add_argument("model_b")
+    bar.add_argument("--data", required=True, nargs="+")
+    bar.add_argument("--steps", type=int, default=11)
+    bar.add_argument("--quantized", action="store_true", help="re-merge every point on the integer grid")
+    bar.add_argument("--out", required=True, help="PNG plot to write (JSON beside it)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# loading helpers
+
+def load_any_model(path: str):
+    """A quantized or float hdrq checkpoint → (model, info)."""
+    from .checkpoint import CheckpointError, load_float_model, load_quantized
+
+    try:
+        return load_quantized(path)
+    except CheckpointError as quantized_error:
+        if "is not a hdrq-plugin/quantized-model" not in str(quantized_error):
+            raise
+        return load_float_model(path)
+
+
+def load_inputs(spec: str):
+    """Unlabelled inputs for calibration: a .pt tensor file or ``domain:NAME``."""
+    import torch
+
+    if spec.startswith("domain:"):
+        from hdrq_examples.domains import load_domain
+
+        return load_domain(spec.split(":", 1)[1]).calib
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration data {path} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    inputs = payload.get("inputs") if isinstance(payload, dict) else payload
+    if not isinstance(inputs, torch.Tensor):
+        raise ValueError(f"{path} must hold a tensor or {{'inputs': tensor}}")
+    return [inputs[i:i + 1] for i in range(inputs.shape[0])]
+
+
+def load_labelled(specs: Sequence[str]) -> dict:
+    """Named labelled datasets: ``domain:NAME`` (test split) or .pt with inputs and labels."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    datasets = {}
+    for spec in specs:
+        if spec.startswith("domain:"):
+            from hdrq_examples.domains import load_domain
+
+            name = spec.split(":", 1)[1]
+            datasets[name] = load_domain(name).test
+            continue
+        path = Path(spec)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or not {"inputs", "labels"} <= payload.keys():
+            raise ValueError(f"{path} must hold {{'inputs': tensor, 'labels': tensor}}")
+        datasets[path.stem] = TensorDataset(payload["inputs"], payload["labels"])
+    return datasets
+
+
+def _loader(dataset, batch_size: int = 256):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+def cmd_demo(args) -> int:
+    from hdrq_examples.demo import run_demo
+
+    report = run_demo(bits=args.bits, out=args.out, seed=args.seed, size=args.size,
+                      iterations=args.iterations)
+    print(f"wrote {Path(args.out) / 'report.json'} and report.md ({len(report.rows)} rows)")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .checkpoint import load_float_model, save_quantized
+    from .quantize import quantize_model
+
+    model, info = load_float_model(args.model)
+    source = load_float_model(args.source)[0] if args.source else None
+    qmodel, family = quantize_model(model, load_inputs(args.calibration), bits=args.bits,
+                                    method=args.method, source=source, seed=args.seed,
+                                    iterations=args.iterations)
+    save_quantized(args.out, qmodel, recipe=info["recipe"], bits=args.bits, family=family,
+                   metadata={"method": args.method, "calibration": args.calibration,
+                             "seed": args.seed})
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .checkpoint import load_quantized, save_quantized
+    from .merge import merge_models
+
+    loaded = [load_quantized(p) for p in args.models]
+    models = [m for m, _ in loaded]
+    merged = merge_models(models, coefficients=args.coefficients, rounding=args.rounding,
+                          trials=args.trials, seed=args.seed)
+    info = loaded[0][1]
+    save_quantized(args.out, merged, recipe=info["recipe"], bits=info["bits"], family=info["family"],
+                   metadata={"method": info.get("method"), "merged_from": list(args.models),
+                             "rounding": args.rounding, "seed": args.seed})
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from hdrq_plugin.export import convert_to_ort_format, export_qdq
+
+    model, info = load_any_model(args.model)
+    shape = tuple(int(s) for s in args.input_shape.split(","))
+    metadata = {"method": info.get("method"), "merged_targets": info.get("merged_from"),
+                "bits": str(info.get("bits"))}
+    export_qdq(model, args.out, torch.zeros(shape), weights=args.weights, metadata=metadata,
+               overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    if args.ort:
+        ort_path = convert_to_ort_format(args.out)
+        print(f"wrote {ort_path}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from hdrq_plugin.export import validate
+
+    from ._io import write_text_atomic
+
+    model, _ = load_any_model(args.model)
+    datasets = {name: _loader(ds) for name, ds in load_labelled(args.data).items()}
+    report = validate(args.onnx, model, datasets)
+    text = json.dumps(report.to_dict(), indent=2, default=str)
+    if args.json:
+        write_text_atomic(args.json, text)
+    print(text)
+    if not report.ok:
+        print("validation FAILED: " + "; ".join(report.failures), file=sys.stderr)
+        return EXIT_VALIDATION_FAILED
+    return 0
+
+
+def cmd_barrier(args) -> int:
+    from ._io import write_text_atomic
+    from .barrier import error_barrier, plot_barrier
+
+    model_a, _ = load_any_model(args.model_a)
+    model_b, _ = load_any_model(args.model_b)
+    datasets = load_labelled(args.data)
+    from torch.utils.data import ConcatDataset
+
+    data = _loader(ConcatDataset(list(datasets.values())))
+    result = error_barrier(model_a, model_b, data, steps=args.steps, quantized=args.quantized)
+    plot_barrier([result], args.out)
+    write_text_atomic(Path(args.out).with_suffix(".json"),
+                      json.dumps(result.to_dict(), indent=2, default=str))
+    print(f"max barrier {result.max_barrier:.4f}; wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "quantize": cmd_quantize, "merge": cmd_merge, "export": cmd_export,
+            "validate": cmd_validate, "barrier": cmd_barrier}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, OSError, ImportError, KeyError) as err:
+        # bad input: one clear line, no traceback, nothing half-written (writers are atomic)
+        print(f"hdrq {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

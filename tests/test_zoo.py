@@ -1,0 +1,84 @@
+"""The model zoo: cached by recipe, reused, rebuilt when corrupt, deterministic."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hdrq_examples.models import ResNetConfig
+from hdrq_examples.zoo import BenchmarkRecipe, cache_path_for, load_or_build_benchmark
+
+TINY = BenchmarkRecipe.tiny()
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("zoo")
+    return load_or_build_benchmark(TINY, cache_dir=cache_dir), cache_dir
+
+
+def test_a_build_has_one_adapted_model_per_target_and_all_domains(built):
+    benchmark, _ = built
+    assert not benchmark.from_cache
+    assert set(benchmark.adapted) == set(TINY.target_domains)
+    assert set(benchmark.domains) == set(TINY.source_domains + TINY.target_domains)
+    assert benchmark.cache_path.is_file()
+
+
+def test_adapted_models_move_away_from_the_source_and_leave_it_untouched(built):
+    benchmark, cache_dir = built
+    reloaded = load_or_build_benchmark(TINY, cache_dir=cache_dir)
+    assert _same_weights(benchmark.source_model, reloaded.source_model)
+    for model in benchmark.adapted.values():
+        assert not _same_weights(model, benchmark.source_model)
+
+
+def test_a_second_load_reuses_the_cache(built):
+    benchmark, cache_dir = built
+    again = load_or_build_benchmark(TINY, cache_dir=cache_dir)
+    assert again.from_cache
+    for target in TINY.target_domains:
+        assert _same_weights(again.adapted[target], benchmark.adapted[target])
+
+
+def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(built, tmp_path):
+    benchmark, _ = built
+    path = cache_path_for(TINY, tmp_path)
+    path.write_bytes(b"this is not a torch file")
+    with pytest.warns(UserWarning, match="unusable"):
+        rebuilt = load_or_build_benchmark(TINY, cache_dir=tmp_path)
+    assert not rebuilt.from_cache
+    assert _same_weights(rebuilt.source_model, benchmark.source_model)
+    assert load_or_build_benchmark(TINY, cache_dir=tmp_path).from_cache  # and the file was repaired
+
+
+def test_two_builds_of_one_recipe_give_identical_weights(built, tmp_path):
+    benchmark, _ = built
+    second = load_or_build_benchmark(TINY, cache_dir=tmp_path, rebuild=True)
+    assert not second.from_cache
+    assert _same_weights(second.source_model, benchmark.source_model)
+    for target in TINY.target_domains:
+        assert _same_weights(second.adapted[target], benchmark.adapted[target])
+
+
+def test_the_cache_key_changes_with_any_part_of_the_recipe():
+    variants = [
+        dataclasses.replace(TINY, seed=1),
+        dataclasses.replace(TINY, architecture=ResNetConfig(widths=(8, 16, 24))),
+        dataclasses.replace(TINY, adaptation=dataclasses.replace(TINY.adaptation, lr=0.02)),
+        dataclasses.replace(TINY, target_domains=("mnist", "optdigits")),
+    ]
+    keys = {TINY.cache_key()} | {variant.cache_key() for variant in variants}
+    assert len(keys) == 1 + len(variants)
+
+
+def test_a_domain_cannot_be_both_source_and_target():
+    with pytest.raises(ValueError, match="both source and target"):
+        BenchmarkRecipe(source_domains=("mnist",), target_domains=("mnist", "optdigits"))
