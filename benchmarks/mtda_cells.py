@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+from hdrq_examples.zoo import Benchmark
 from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
-from hdrq_examples.zoo import Benchmark
 from hdrq_plugin.barrier import BarrierResult, error_barrier
 from hdrq_plugin.convert import convert_to_brevitas
 from hdrq_plugin.evaluation import accuracy
@@ -60,10 +60,9 @@ def stopwatch(timings: dict, name: str = "seconds"):
 
 
 # --- float references ---------------------------------------------------------------------------
-def float_cell(bench: Benchmark, subsets: list[tuple[str, ...]], barrier_pairs: list[tuple[str, ...]],
-               barrier_steps: int, seed: int) -> dict:
+def float_cell(bench: Benchmark, targets: tuple[str, ...], subsets: list[tuple[str, ...]],
+               barrier_pairs: list[tuple[str, ...]], barrier_steps: int, seed: int) -> dict:
     """θ0 on every target, each θt on its own target, the float merge of every subset, float barriers."""
-    targets = bench.recipe.target_domains
     tests = {t: bench.domains[t].test for t in targets}
     rows = accuracy_rows("source", "fp32", "float_source", {t: accuracy(bench.source_model, tests[t])
                                                             for t in targets}, seed=seed, merge="")
@@ -79,7 +78,9 @@ def float_cell(bench: Benchmark, subsets: list[tuple[str, ...]], barrier_pairs: 
         data = ConcatDataset([tests[a], tests[b]])
         result = error_barrier(bench.adapted[a], bench.adapted[b], data, steps=barrier_steps, label="float")
         barriers.append(barrier_dict(result, pair=(a, b), method="float", bits="fp32", seed=seed))
-    return {"rows": rows, "barriers": barriers}
+    images = 2 * sum(len(tests[t]) for t in targets) + sum(len(tests[t]) for s in subsets for t in s)
+    images += barrier_steps * sum(len(tests[a]) + len(tests[b]) for a, b in barrier_pairs)
+    return {"rows": rows, "barriers": barriers, "evaluated_images": images}
 
 
 def barrier_dict(result: BarrierResult, **context) -> dict:
@@ -106,12 +107,14 @@ def quantize_cell(bench: Benchmark, variant: Variant, bits: str, target: str, se
                   iterations: int | None) -> tuple[nn.Module, str, dict]:
     """θ_target quantized with its own calibration split; its accuracy on its own target."""
     timings: dict = {}
-    with stopwatch(timings):
+    with stopwatch(timings):  # the calibration time the benchmark reports
         qmodel, family = quantize_variant(variant, bits, bench.adapted[target], bench.domains[target].calib,
                                           bench.source_model, seed, iterations)
-    rows = accuracy_rows(variant.label, bits, "single", {target: accuracy(qmodel, bench.domains[target].test)},
-                         seed=seed, merge="", quantizer=variant.label, time_s=timings["seconds"])
-    return qmodel, family, {"rows": rows, "family": family, **timings}
+    test = bench.domains[target].test
+    with stopwatch(timings, "eval_seconds"):
+        rows = accuracy_rows(variant.label, bits, "single", {target: accuracy(qmodel, test)}, seed=seed, merge="",
+                             quantizer=variant.label, time_s=timings["seconds"])
+    return qmodel, family, {"rows": rows, "family": family, "evaluated_images": len(test), **timings}
 
 
 def pooled_calibration(bench: Benchmark, targets: Sequence[str]) -> TensorDataset:
@@ -132,11 +135,13 @@ def merge_then_quantize_cell(bench: Benchmark, variant: Variant, bits: str, subs
         merged = average_float_models([bench.adapted[t] for t in subset])
         qmodel, _ = quantize_variant(variant, bits, merged, pool, bench.source_model, seed, iterations,
                                      num_samples=len(pool))
-    accuracies = {t: accuracy(qmodel, bench.domains[t].test) for t in subset}
+    with stopwatch(timings, "eval_seconds"):
+        accuracies = {t: accuracy(qmodel, bench.domains[t].test) for t in subset}
     rows = accuracy_rows(f"float-merge→{variant.label}", bits, "merged", accuracies, seed=seed,
                          merge=merge_label(subset), quantizer=variant.label, rounding="merge-then-quantize",
                          time_s=timings["seconds"])
-    return {"rows": rows, **timings}
+    images = sum(len(bench.domains[t].test) for t in subset)
+    return {"rows": rows, "evaluated_images": images, **timings}
 
 
 # --- merging ------------------------------------------------------------------------------------
@@ -176,7 +181,7 @@ def merged_accuracies(models: Sequence[nn.Module], rule: str, tests: dict, *, no
     """Per-target accuracy of the merge with ``rule``, the mean over ``noise_seeds`` re-merges for
     the stochastic rules; merges without any tie are deterministic and evaluated once."""
     ties = tie_fraction(models)
-    info = {"tie_fraction": ties, "noise_seeds": 1}
+    info = {"tie_fraction": ties, "noise_seeds": 1, "evaluated_images": sum(len(d) for d in tests.values())}
     if rule == DEQUANTIZED_AVERAGE:
         model = dequantized_average_model(models)
         with float_weights(model):
@@ -190,7 +195,7 @@ def merged_accuracies(models: Sequence[nn.Module], rule: str, tests: dict, *, no
         per_draw.append(scores)
         for t, value in scores.items():
             totals[t] += value / draws
-    info.update(noise_seeds=draws, per_noise_seed=per_draw)
+    info.update(noise_seeds=draws, per_noise_seed=per_draw, evaluated_images=draws * info["evaluated_images"])
     return totals, info
 
 
@@ -215,4 +220,5 @@ def barrier_cell(models: dict[str, nn.Module], pair: tuple[str, str], bench: Ben
     with stopwatch(timings):
         result = error_barrier(models[a], models[b], data, steps=steps, quantized=True, rounding="noise-sampling",
                                trials=trials, seed=seed, label=f"{variant.label} {bits}")
-    return {"barriers": [barrier_dict(result, pair=pair, method=variant.label, bits=bits, seed=seed)], **timings}
+    return {"barriers": [barrier_dict(result, pair=pair, method=variant.label, bits=bits, seed=seed)],
+            "evaluated_images": steps * len(data), **timings}

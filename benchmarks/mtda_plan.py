@@ -42,7 +42,12 @@ REFERENCE_NOISE_SEEDS = 32  # hdrq.md §5: the reference re-merges with 32 seeds
 DEFAULT_DISTANCE = HDRQConfig().distance_weight
 #: onnxruntime quantize_static configurations: (label, bits, weight type, activation type).
 ORT_TYPES = (("w8a8", "QInt8", "QUInt8"), ("w4a8", "QInt4", "QUInt8"), ("w4a4", "QInt4", "QUInt4"))
-ORT_CALIBRATIONS = ("MinMax", "Entropy")
+#: onnxruntime's calibration methods. Measured with 1.32: quantize_static's Entropy calibration
+#: builds 128-bin histograms with 128 quantized bins (it exposes no option to change either), which
+#: leaves one candidate threshold, the full range: it gives exactly MinMax's scales. Percentile
+#: (99.999 %) is the one that clips.
+ORT_CALIBRATIONS = ("MinMax", "Entropy", "Percentile")
+ORT_VARIANTS = {f"ort-{method.lower()}": method for method in ORT_CALIBRATIONS}
 KINDS = ("float", "quantize", "merge", "barrier", "merge-then-quantize", "ort")
 
 
@@ -103,7 +108,10 @@ class BenchmarkSettings:
     """What a run covers and how it measures; the defaults are the full grid of issue 5."""
 
     recipe: str = "demo"  # hdrq_examples.zoo.BenchmarkRecipe() ("demo") or .tiny()
+    targets: tuple[str, ...] | None = None  # a subset of the recipe's targets (None: all of them)
+    test_images: int | None = None  # evaluate on the first N test images per target (None: all)
     seeds: tuple[int, ...] = (0, 1, 2)  # issue 5: at least 3 seeds (zoo, splits and calibration)
+    zoo_seed: int | None = None  # None: each seed builds its own zoo; an int: one zoo, seeds vary calibration
     bits: tuple[str, ...] = ALL_BITS
     methods: tuple[str, ...] = MAIN_METHODS
     iterations: int | None = None  # per unit; None: HDRQConfig.cpu_preset's CPU_ITERATIONS
@@ -124,13 +132,15 @@ class BenchmarkSettings:
     extras: dict = field(default_factory=dict, compare=False)  # free-form notes (not keyed)
 
     @classmethod
-    def quick(cls) -> "BenchmarkSettings":
-        """The ``--quick`` run: under 10 minutes on 2 cores (W4A4, one seed, short calibration)."""
-        return cls(seeds=(0,), bits=("w4a4",), iterations=100, rules=("noise-sampling", "half-to-even", "naive",
-                   DEQUANTIZED_AVERAGE), noise_seeds=2, trials=30, ablation_bits=("w4a4",),
-                   ablations=("no-noise", "no-distance"), distance_grid=(), iteration_grid=(50, 200),
-                   iteration_methods=("hdrq",), merge_then_quantize=("rtn",), barrier_steps=5,
-                   barrier_pairs="first", merge_subsets="pairs+all")
+    def quick(cls) -> BenchmarkSettings:
+        """The ``--quick`` run, under 10 minutes on 2 cores (about 6 CPU minutes measured): two
+        targets (one merge), W4A4, one seed, 100 iterations per unit, 250 test images per target,
+        2 noise seeds × 30 trials, no ablations, one 3-point barrier per method."""
+        return cls(targets=("mnist", "optdigits"), test_images=250, seeds=(0,), bits=("w4a4",),
+                   methods=("rtn", "brecq", "qdrop", "hdrq", "gptq"), iterations=100,
+                   rules=("noise-sampling", "half-to-even", "naive", DEQUANTIZED_AVERAGE), noise_seeds=2, trials=30,
+                   ablation_bits=(), ablations=(), distance_grid=(), iteration_grid=(),
+                   merge_then_quantize=("rtn",), barrier_steps=3, barrier_pairs="first")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,7 +195,7 @@ def build_plan(settings: BenchmarkSettings, targets: tuple[str, ...]) -> tuple[d
     barrier_pairs = pairs[:1] if settings.barrier_pairs == "first" else pairs
     cells: list[Cell] = []
     for seed in settings.seeds:
-        cells.append(Cell("float", seed))
+        cells.append(Cell("float", seed, targets=targets))
         for bits in settings.bits:
             groups = [(v, settings.rules, barrier_pairs) for v in main.values()]
             if bits in settings.ablation_bits:
@@ -198,15 +208,15 @@ def build_plan(settings: BenchmarkSettings, targets: tuple[str, ...]) -> tuple[d
             cells += [Cell("merge-then-quantize", seed, bits, m, s) for m in settings.merge_then_quantize
                       for s in subsets]
         if settings.ort:
-            cells += [Cell("ort", seed, bits, f"ort-{calibration.lower()}", s)
-                      for calibration in ORT_CALIBRATIONS for bits, _, _ in ORT_TYPES for s in subsets]
+            cells += [Cell("ort", seed, bits, label, s) for label in ORT_VARIANTS for bits, _, _ in ORT_TYPES
+                      for s in subsets]
     return {**main, **ablations}, cells
 
 
 def cell_key(cell: Cell, settings: BenchmarkSettings, recipe_key: str, variants: dict[str, Variant]) -> str:
     """SHA-256 of everything that determines ``cell``'s result (see the module doc)."""
     payload: dict = {"cell": dataclasses.asdict(cell), "recipe": recipe_key, "code": CELL_CODE_VERSION,
-                     "n_calib": settings.n_calib}
+                     "n_calib": settings.n_calib, "test_images": settings.test_images}
     if cell.kind in ("quantize", "merge", "barrier", "merge-then-quantize"):
         payload["variant"] = variants[cell.variant].describe(cell.seed, settings.iterations)
     if cell.kind == "merge" and cell.rule in STOCHASTIC_RULES:
@@ -214,6 +224,12 @@ def cell_key(cell: Cell, settings: BenchmarkSettings, recipe_key: str, variants:
     if cell.kind == "barrier":
         payload["barrier"] = {"steps": settings.barrier_steps, "trials": settings.trials}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def iterations_of(variant: Variant, settings: BenchmarkSettings) -> int:
+    """Iterations per unit ``variant`` trains for in a run with ``settings`` (0: nothing trained)."""
+    config = variant.config(0, settings.iterations)
+    return 0 if config is None else config.iterations
 
 
 def quantize_cell_for(cell: Cell, target: str) -> Cell:

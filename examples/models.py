@@ -42,7 +42,7 @@ class ResNetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ResNetConfig":
+    def from_dict(cls, data: dict) -> ResNetConfig:
         return cls(**{**data, "widths": tuple(data["widths"])})
 
 

@@ -35,16 +35,17 @@ CANVAS = 2 * IMAGE_SIZE  # glyphs are rendered and warped at 2× and averaged do
 class RenderStyle:
     """How varied the rendered digits are (ranges are uniform unless noted)."""
 
-    font_sizes: tuple[int, ...] = (34, 42, 50)  # pixels on the 64² canvas
+    font_sizes: tuple[int, ...] = (48, 56, 64)  # on the 64² canvas: digits 17–23 px tall on 32², like MNIST's 20
     stroke_widths: tuple[int, ...] = (0, 1, 2, 3)  # 0 = the font's own weight, larger = bolder
     max_rotation_deg: float = 15.0
     max_shear_deg: float = 15.0  # italic-like slant
-    scale_range: tuple[float, float] = (0.75, 1.15)
+    scale_range: tuple[float, float] = (0.85, 1.15)
     max_shift: float = 0.12  # fraction of the half-width
     elastic_strength: float = 0.04  # coarse-field std in grid units; turns print into "handwriting"
-    neighbour_probability: float = 0.35  # chance of a partly visible digit on each side (SVHN-like)
+    neighbour_probability: float = 0.2  # chance of a partly visible digit on each side (SVHN-like)
     min_contrast: float = 0.3  # luminance gap between digit and background
-    background_texture: float = 0.15  # amplitude of the low-frequency colour field
+    background_texture: float = 0.25  # strength of the multi-scale colour texture behind the digit
+    foreground_texture: float = 0.15  # and on the digit itself (MNIST-M digits are textured)
     blur_probability: float = 0.3
     max_noise_std: float = 0.05
 
@@ -86,10 +87,24 @@ def _neighbour_clutter(n: int, bank: torch.Tensor, style: RenderStyle, generator
         present = torch.rand(n, generator=generator) < style.neighbour_probability
         glyphs = _random_glyphs(torch.randint(10, (n,), generator=generator), bank, generator)
         theta = torch.eye(2, 3).repeat(n, 1, 1)
-        theta[:, 0, 2] = -side * uniform(n, 0.9, 1.2, generator)  # grid maps output → input
+        theta[:, 0, 2] = -side * uniform(n, 1.05, 1.35, generator)  # grid maps output → input
         theta[:, 1, 2] = uniform(n, -0.1, 0.1, generator)
         clutter = torch.maximum(clutter, warp(glyphs, theta) * present.view(n, 1, 1, 1))
     return clutter
+
+
+def random_texture(n: int, amplitude: float, generator: torch.Generator) -> torch.Tensor:
+    """Colour texture ``[n, 3, 32, 32]``: random fields at 4², 8² and 16², upsampled and summed.
+
+    Each scale gets its own random strength, so some images are smooth gradients and others
+    are busy, photo-like clutter (without using any photo: the MNIST-M target owns those).
+    """
+    texture = torch.zeros(n, 3, IMAGE_SIZE, IMAGE_SIZE)
+    for size in (4, 8, 16):
+        strength = amplitude * torch.rand(n, 1, 1, 1, generator=generator)
+        field = torch.randn(n, 3, size, size, generator=generator) * strength
+        texture += F.interpolate(field, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=True)
+    return texture
 
 
 def render_digits(n: int, seed: int = 0, style: RenderStyle | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,10 +126,9 @@ def render_digits(n: int, seed: int = 0, style: RenderStyle | None = None) -> tu
     mask = F.avg_pool2d(mask, 2).clamp(0.0, 1.0)
 
     foreground, background = random_contrasting_colours(n, generator, style.min_contrast)
-    texture = torch.randn(n, 3, 4, 4, generator=generator) * style.background_texture
-    texture = F.interpolate(texture, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=True)
-    background_image = background.view(n, 3, 1, 1) + texture
-    images = background_image * (1.0 - mask) + foreground.view(n, 3, 1, 1) * mask
+    background_image = background.view(n, 3, 1, 1) + random_texture(n, style.background_texture, generator)
+    foreground_image = foreground.view(n, 3, 1, 1) + random_texture(n, style.foreground_texture, generator)
+    images = background_image * (1.0 - mask) + foreground_image * mask
 
     blurred = torch.rand(n, generator=generator) < style.blur_probability
     if blurred.any():

@@ -51,7 +51,7 @@ def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, ConcatDataset):
         parts = [dataset_tensors(part) for part in data.datasets]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    images, labels = zip(*DataLoader(data, batch_size=512))
+    images, labels = zip(*DataLoader(data, batch_size=512), strict=True)
     return torch.cat(images), torch.cat(labels)
 
 

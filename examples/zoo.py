@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from hdrq_plugin._io import atomic_write_path
 
 from .augment import AugmentConfig
-from .domains import RENDERED_DEFAULT_IMAGES, DomainSplits, load_domain
+from .domains import FASHION_DOMAIN_NAMES, RENDERED_DEFAULT_IMAGES, DomainSplits, load_domain
 from .models import CifarResNet, ResNetConfig, build_resnet
 from .training import TrainConfig, adapt_to_target, train_source
 
@@ -71,7 +71,7 @@ class BenchmarkRecipe:
             raise ValueError(f"duplicate target domains in {self.target_domains}")
 
     @classmethod
-    def tiny(cls) -> "BenchmarkRecipe":
+    def tiny(cls) -> BenchmarkRecipe:
         """A recipe that builds in seconds, for tests: few images, narrow network, short training."""
         return cls(
             rendered_images=400,
@@ -80,6 +80,14 @@ class BenchmarkRecipe:
             source_training=TrainConfig(epochs=1, lr=0.05, batch_size=64),
             adaptation=TrainConfig(epochs=1, lr=0.01, batch_size=64, augment=None),
         )
+
+    @classmethod
+    def fashion(cls, **changes) -> BenchmarkRecipe:
+        """Fashion-MNIST as the source, its noise / blur / contrast corruptions as the targets.
+
+        Needs Debian's ``dataset-fashion-mnist`` (see :func:`hdrq_examples.domains.available_domains`).
+        """
+        return cls(source_domains=FASHION_DOMAIN_NAMES[:1], target_domains=FASHION_DOMAIN_NAMES[1:], **changes)
 
     def images_for(self, domain: str) -> int | None:
         """How many images :func:`load_domain` is asked for in ``domain``."""

@@ -20,15 +20,9 @@ from torch import nn
 from hdrq_plugin._io import atomic_write_path
 
 from .errors import ExportError
-from .metadata import float_metadata_props
-from .metadata import set_metadata
-from .model_facts import model_sha256
-from .model_facts import quantized_weight_layers
-from .model_facts import require_fitting_input
-from .qdq import DYNAMIC_BATCH
-from .qdq import INPUT_NAME
-from .qdq import OUTPUT_NAME
-from .qdq import QCDQ_OPSET
+from .metadata import float_metadata_props, set_metadata
+from .model_facts import model_sha256, quantized_weight_layers, require_fitting_input
+from .qdq import DYNAMIC_BATCH, INPUT_NAME, OUTPUT_NAME, QCDQ_OPSET
 
 
 def _quantizers_off(model: nn.Module):

@@ -1,5 +1,5 @@
-"""Read-only questions about an ONNX graph: which layers take float weights, which ops fall
-outside the standard domain, and how large one step of the graph's output grid is."""
+"""Questions about an ONNX graph (which layers take float weights, which ops fall outside the
+standard domain, the step of the output grid) and one cleanup: dropping unread initializers."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {tensor.name: tensor for tensor in graph.initializer}
 
 
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers no node and no graph output reads (left behind by rewrites)."""
+    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    for tensor in [tensor for tensor in graph.initializer if tensor.name not in used]:
+        graph.initializer.remove(tensor)
+
+
 def float_weight_nodes(model: onnx.ModelProto) -> list[str]:
     """Conv/Gemm/MatMul nodes whose weight does not come out of a DequantizeLinear."""
     made_by = producers(model.graph)
@@ -58,33 +65,12 @@ def _constant(name: str, model: onnx.ModelProto) -> np.ndarray:
     raise KeyError(name)
 
 
-def _dequantized_constant(dq: onnx.NodeProto, model: onnx.ModelProto) -> np.ndarray | None:
-    """Value of ``DequantizeLinear(clip?(integer constant))`` in float, or None if not constant."""
-    made_by = producers(model.graph)
-    source = dq.input[0]
-    while source in made_by and made_by[source].op_type == "Clip":
-        source = made_by[source].input[0]
-    try:
-        codes = _constant(source, model).astype(np.float64)
-        scale = _constant(dq.input[1], model).astype(np.float64)
-        zero_point = _constant(dq.input[2], model).astype(np.float64) if len(dq.input) > 2 else 0.0
-    except KeyError:
-        return None
-    axis = next((attr.i for attr in dq.attribute if attr.name == "axis"), 1)
-    if np.ndim(scale) == 1 and np.size(scale) > 1:
-        shape = [1] * codes.ndim
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-        zero_point = np.reshape(zero_point, shape) if np.ndim(zero_point) else zero_point
-    return (codes - zero_point) * scale
-
-
 def output_step(model: onnx.ModelProto) -> float | None:
-    """The largest change one grid step of the last quantized tensor makes at the graph output.
+    """The step of the grid the graph's output lies on (the largest, if per channel).
 
-    Output produced by DequantizeLinear: its (largest) scale. Output produced by a float
-    Gemm/Conv/MatMul whose inputs are dequantized (a head without output quantizer): one step
-    of its input times the largest weight magnitude. None when neither pattern applies.
+    Output made by DequantizeLinear: its scale. Output made by a float Gemm/Conv/MatMul whose
+    data and weight are dequantized (logits without output quantizer): the accumulator step,
+    input scale x weight scale, the grid an Int32Bias output lies on. None otherwise.
     """
     made_by = producers(model.graph)
     name = model.graph.output[0].name
@@ -93,14 +79,15 @@ def output_step(model: onnx.ModelProto) -> float | None:
     node = made_by.get(name)
     if node is None:
         return None
-    if node.op_type == "DequantizeLinear":
-        return float(np.max(_constant(node.input[1], model)))
-    if node.op_type in WEIGHT_OPS:
-        data_dq, weight_dq = (made_by.get(node.input[0]), made_by.get(node.input[1]))
-        if any(dq is None or dq.op_type != "DequantizeLinear" for dq in (data_dq, weight_dq)):
-            return None
-        weights = _dequantized_constant(weight_dq, model)
-        if weights is None:
-            return None
-        return float(np.max(_constant(data_dq.input[1], model)) * np.max(np.abs(weights)))
+    try:
+        if node.op_type == "DequantizeLinear":
+            return float(np.max(_constant(node.input[1], model)))
+        if node.op_type in WEIGHT_OPS:
+            data_dq, weight_dq = (made_by.get(node.input[0]), made_by.get(node.input[1]))
+            if any(dq is None or dq.op_type != "DequantizeLinear" for dq in (data_dq, weight_dq)):
+                return None
+            return float(np.max(_constant(data_dq.input[1], model))
+                         * np.max(_constant(weight_dq.input[1], model)))
+    except KeyError:  # a scale computed at run time
+        return None
     return None

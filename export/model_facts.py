@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
-from brevitas.nn.quant_layer import QuantNonLinearActLayer
-from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+from brevitas.nn.quant_layer import QuantNonLinearActLayer, QuantWeightBiasInputOutputLayer
 from torch import nn
 
 from .errors import ExportError

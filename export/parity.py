@@ -1,17 +1,22 @@
 """How close onnxruntime's output must be to the Brevitas model's, and the running tally of it.
 
-Why not "max abs diff == 0": onnxruntime accumulates convolutions in int32 and requantizes with
-a float32 multiplier, Brevitas computes the same grid values with float32 convolutions. The
-two round differently when a value sits within float error of a half step, so a few codes
-per million flip by one; deeper layers pass the flip on. Measured on this machine
-(benchmarks/export_latency.py, ResNet-8 widths 32/64/128, 32x32 input): W4A4 files agree to
-1e-7 (float32 noise of the float logits), 8-bit-activation files differ by up to ~3 output
-steps on <= 2 % of the logits, while one wrong weight code, a bias off by one LSB or an
-activation scale off by 0.5 % moves 16-92 % of the logits by more than one step.
+Why the default is not "max abs diff == 0": onnxruntime accumulates convolutions in int32 and
+requantizes with a float32 multiplier, while Brevitas computes the same grid values with
+float32 convolutions. The two round differently when a value lies within float error of a
+half step, so a few codes per 10^4-10^5 flip by one and later layers pass the flip on.
+Measured on this machine (ResNet-8 widths 32/64/128, 32x32 inputs, 256 random images, see
+benchmarks/export_latency.py): 4-bit-activation files agree to float32 noise (relative error
+~1e-7); 8-bit-activation files differ by many output steps on a few logits, relative L2 error
+1e-3 to 2e-3 (5e-3 for a randomly initialised ResNet-20, whose deep random layers amplify
+flips). Genuine export errors injected into those files moved the logits much more: a zero
+point off by one 1.5e-2, a weight scale off by 10 % 4e-2, an activation scale off by 10 %
+5.5e-2, reversed per-channel scales 0.12, a weight scale off by 2x 0.37, a flipped weight
+sign 0.44-0.53. The default threshold sits between the two.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,52 +24,53 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ParityTolerance:
-    """ORT matches Brevitas when few output elements differ by more than a few output steps."""
+    """When onnxruntime's output counts as the Brevitas model's output."""
 
-    output_steps: float = 1.0  # issue 4: "at most one output step"
-    max_share_beyond: float = 0.05  # measured: rounding ties <= 2 %, real export errors >= 16 %
+    max_relative_error: float = 1e-2  # measured above: tie flips <= 5e-3, real errors >= 1.5e-2
+    max_abs_diff: float | None = None  # e.g. 0.0 to demand exactness (quantized outputs); None: unchecked
 
     def __post_init__(self) -> None:
-        if self.output_steps < 0:
-            raise ValueError(f"output_steps must be >= 0, got {self.output_steps}")
-        if not 0.0 <= self.max_share_beyond <= 1.0:
-            raise ValueError(f"max_share_beyond must be in [0, 1], got {self.max_share_beyond}")
+        if not self.max_relative_error >= 0:
+            raise ValueError(f"max_relative_error must be >= 0, got {self.max_relative_error}")
+        if self.max_abs_diff is not None and not self.max_abs_diff >= 0:
+            raise ValueError(f"max_abs_diff must be >= 0 or None, got {self.max_abs_diff}")
 
 
 @dataclass
 class ParityTally:
-    """Accumulates differences between two model outputs batch by batch."""
+    """Accumulates the differences between reference and candidate outputs, batch by batch."""
 
-    output_step: float | None  # None: the grid is unknown, so any difference counts as beyond
-    tolerance: ParityTolerance
     elements: int = 0
-    beyond: int = 0
     max_abs_diff: float = 0.0
-
-    @property
-    def threshold(self) -> float:
-        return 0.0 if self.output_step is None else self.tolerance.output_steps * self.output_step
+    _squared_error: float = 0.0
+    _squared_reference: float = 0.0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if reference.shape != candidate.shape:
             raise ValueError(f"output shapes differ: reference {reference.shape}, onnxruntime {candidate.shape}")
-        diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+        reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+        diff = np.abs(reference - candidate)
         self.elements += diff.size
-        self.beyond += int(np.count_nonzero(diff > self.threshold))
         if diff.size:
             self.max_abs_diff = max(self.max_abs_diff, float(diff.max()))
+        self._squared_error += float(np.sum(diff * diff))
+        self._squared_reference += float(np.sum(reference * reference))
 
     @property
-    def share_beyond(self) -> float:
-        return self.beyond / self.elements if self.elements else 0.0
+    def relative_error(self) -> float:
+        """``||candidate - reference||_2 / ||reference||_2`` over every output element seen."""
+        if self._squared_reference == 0.0:
+            return 0.0 if self._squared_error == 0.0 else math.inf
+        return math.sqrt(self._squared_error / self._squared_reference)
 
-    def failure(self) -> str | None:
-        """A message when the outputs disagree beyond the tolerance, else None."""
+    def failures(self, tolerance: ParityTolerance) -> list[str]:
+        """Messages for every violated bound (empty when the outputs agree)."""
         if self.elements == 0:
-            return "no data was given to compare onnxruntime with the model"
-        if self.share_beyond <= self.tolerance.max_share_beyond:
-            return None
-        step = "unknown output step" if self.output_step is None else f"output step {self.output_step:.3g}"
-        return (f"parity: {self.share_beyond:.2%} of output elements differ by more than "
-                f"{self.tolerance.output_steps:g} step(s) ({step}; max abs diff "
-                f"{self.max_abs_diff:.3g}), allowed {self.tolerance.max_share_beyond:.2%}")
+            return ["parity: no data was given to compare onnxruntime with the model"]
+        found = []
+        if self.relative_error > tolerance.max_relative_error:
+            found.append(f"parity: relative error {self.relative_error:.3g} exceeds "
+                         f"{tolerance.max_relative_error:.3g} (max abs diff {self.max_abs_diff:.3g})")
+        if tolerance.max_abs_diff is not None and self.max_abs_diff > tolerance.max_abs_diff:
+            found.append(f"parity: max abs diff {self.max_abs_diff:.3g} exceeds {tolerance.max_abs_diff:.3g}")
+        return found

@@ -1,8 +1,10 @@
 """``export_qdq``: a calibrated Brevitas model -> one checked, self-describing ONNX QDQ file.
 
 Brevitas' QCDQ exporter on the TorchScript path (toolchain-facts.md, "Export") writes integer
-weight initializers and keeps Int32Bias; this module adds the dynamic batch axis, the optional
-true-INT4 rewrite, the ``hdrq.*`` metadata, the full ONNX check and the atomic write.
+weight initializers and keeps Int32Bias; this module adds the dynamic batch axis, checks that
+every weight layer is on the integer path, stores clipped signed activations as uint8 (so
+onnxruntime fuses sub-8-bit layers, :mod:`.unsigned_grids`), optionally rewrites <=4-bit weights
+to true INT4 (:mod:`.int4`), and writes the ``hdrq.*`` metadata, fully checked and atomically.
 """
 
 from __future__ import annotations
@@ -21,18 +23,18 @@ from torch import nn
 from hdrq_plugin._io import atomic_write_path
 
 from .errors import ExportError
-from .graph_facts import float_weight_nodes
-from .graph_facts import nonstandard_nodes
+from .graph_facts import float_weight_nodes, nonstandard_nodes
 from .int4 import rewrite_weights_to_int4
-from .metadata import quantized_metadata_props
-from .metadata import set_metadata
-from .metadata import user_metadata_props
-from .model_facts import QuantizationSummary
-from .model_facts import model_sha256
-from .model_facts import require_brevitas_model
-from .model_facts import require_calibrated
-from .model_facts import require_fitting_input
-from .model_facts import summarize_quantization
+from .metadata import quantized_metadata_props, set_metadata, user_metadata_props
+from .model_facts import (
+    QuantizationSummary,
+    model_sha256,
+    require_brevitas_model,
+    require_calibrated,
+    require_fitting_input,
+    summarize_quantization,
+)
+from .unsigned_grids import shift_clipped_signed_activations
 
 WEIGHT_STORAGES = ("int8", "int4", "int4-in-int8")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
@@ -104,6 +106,7 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
         write_brevitas_qcdq(model, example_input, tmp)
         onnx_model = onnx.load(tmp)
         _require_integer_graph(onnx_model)
+        shift_clipped_signed_activations(onnx_model)  # lets onnxruntime fuse sub-8-bit layers
         if weights == "int4":
             onnx_model, rewritten = rewrite_weights_to_int4(onnx_model)
             expected = len(_four_bit_layers(summary))

@@ -72,6 +72,13 @@ class BarrierResult:
                 return barrier
         return None
 
+    def to_dict(self) -> dict:
+        """A JSON-ready summary: the curves, the barrier curve and its maximum."""
+        return {"label": self.label, "quantized": self.quantized, "lambdas": list(self.lambdas),
+                "losses": list(self.losses), "accuracies": list(self.accuracies),
+                "barriers": list(self.barriers), "max_barrier": self.max_barrier,
+                "max_barrier_lambda": self.max_barrier_lambda, "midpoint_barrier": self.midpoint_barrier}
+
 
 def _batches(data):
     if isinstance(data, Dataset):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -98,7 +98,13 @@ def hdrq_mode(
     (their outputs are those of the uncalibrated model).
     """
     recorded: list[torch.Tensor] = []
-    handle = model.register_forward_pre_hook(lambda _module, args: recorded.append(args[0].detach().clone()))
+
+    def record(_module, args):
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError("inside hdrq_mode, call the model with its input tensor as first positional argument")
+        recorded.append(args[0].detach().clone())
+
+    handle = model.register_forward_pre_hook(record)
     try:
         yield model
     finally:

@@ -194,8 +194,10 @@ def cmd_export(args) -> int:
 
     model, info = load_any_model(args.model)
     shape = tuple(int(s) for s in args.input_shape.split(","))
-    metadata = {"method": info.get("method"), "merged_targets": info.get("merged_from"),
-                "bits": str(info.get("bits"))}
+    metadata = {key: value for key, value in (
+        ("method", info.get("method")),
+        ("merged_targets", ",".join(map(str, info.get("merged_from") or [])) or None),
+        ("source_sha256", info.get("source_sha256"))) if value}
     export_qdq(model, args.out, torch.zeros(shape), weights=args.weights, metadata=metadata,
                overwrite=args.overwrite)
     print(f"wrote {args.out}")

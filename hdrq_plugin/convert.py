@@ -172,6 +172,15 @@ def convert_to_brevitas(
     return qmodel
 
 
+def fold_batchnorm(model: nn.Module) -> torch.fx.GraphModule:
+    """A float copy of ``model`` with BatchNorm folded into the preceding convs (Brevitas pass).
+
+    The float counterpart of what :func:`convert_to_brevitas` quantizes: merging folded float
+    models is the reference every quantized merge is compared with.
+    """
+    return preprocess_for_quantize(_deepcopy_eval(model), equalize_iters=0, merge_bn=True)
+
+
 def _quantize_graph(graph_model, identity_map, compute_map, act_map) -> torch.fx.GraphModule:
     """Brevitas' ``quantize()`` pipeline without its residual-alignment pass.
 

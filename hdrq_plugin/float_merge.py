@@ -67,7 +67,7 @@ def _linear_combination(models: Sequence[nn.Module], coefficients: Sequence[floa
             merged_state[name] = first.clone()
             continue
         total = torch.zeros_like(first, dtype=torch.float64)
-        for coefficient, state in zip(coefficients, states):
+        for coefficient, state in zip(coefficients, states, strict=True):
             total += coefficient * state[name].to(torch.float64)
         merged_state[name] = total.to(first.dtype)
     merged = copy.deepcopy(models[0])

@@ -15,7 +15,7 @@ and HDRQ's quantizers use too; any other scaling is rejected here.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -132,7 +132,9 @@ def merge_models(models: Sequence[nn.Module], coefficients: Sequence[float] | No
         if source is None:
             return average_float_models(models, weights)
         return merge_relative_to(source, models, weights[1:])
-    return _merge_quantized(members, weights, first=models[0], rounding=rounding, trials=trials,
+    labels = [f"model {i}" for i in range(len(models))]
+    labels = labels if source is None else ["source", *labels]
+    return _merge_quantized(members, weights, labels, first=models[0], rounding=rounding, trials=trials,
                             generator=torch.Generator().manual_seed(seed), tie_tolerance=tie_tolerance)
 
 
@@ -154,10 +156,10 @@ def _members_and_coefficients(models, coefficients, source):
     return [source, *models], normalize_coefficients((1.0 - sum(task), *task), len(models) + 1)
 
 
-def _merge_quantized(members, coefficients, *, first, rounding, trials, generator, tie_tolerance):
-    for index, model in enumerate(members):  # first: an un-calibrated model lacks scale entries
-        check_calibrated(model, f"model {index}")
-    check_same_architecture(members)
+def _merge_quantized(members, coefficients, labels, *, first, rounding, trials, generator, tie_tolerance):
+    for label, model in zip(labels, members, strict=True):  # first: un-calibrated models lack scale entries
+        check_calibrated(model, label)
+    check_same_architecture(members, labels)
     merged = copy.deepcopy(first)
     layers = quantized_weight_layers(merged)
     owned = _weight_state_keys(merged, layers)
@@ -165,7 +167,7 @@ def _merge_quantized(members, coefficients, *, first, rounding, trials, generato
     member_layers = [dict(m.named_modules()) for m in members]
     for name, layer in layers:
         grids = [read_weight_grid(modules[name], name) for modules in member_layers]
-        _check_same_grid(name, grids)
+        _check_same_grid(name, grids, labels)
         result = merge_integer_weights([g.codes for g in grids], [g.scale for g in grids], coefficients,
                                        qmin=grids[0].qmin, qmax=grids[0].qmax, rounding=rounding,
                                        trials=trials, generator=generator, tie_tolerance=tie_tolerance)
@@ -173,36 +175,38 @@ def _merge_quantized(members, coefficients, *, first, rounding, trials, generato
     return merged
 
 
-def check_same_architecture(models: Sequence[nn.Module]) -> None:
+def check_same_architecture(models: Sequence[nn.Module], labels: Sequence[str] | None = None) -> None:
     """Raise :class:`MergeCompatibilityError` naming the first layer where the models differ:
     module type, tensor names or shapes (per-tensor vs per-channel scales), or a quantizer's
     bit width, signedness or narrow range."""
+    labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
+    first = labels[0]
     reference = dict(models[0].named_modules(remove_duplicate=False))
     reference_state = models[0].state_dict()
-    for index, model in enumerate(models[1:], start=1):
+    for label, model in zip(labels[1:], models[1:], strict=True):
         modules, state = dict(model.named_modules(remove_duplicate=False)), model.state_dict()
         for name in sorted(reference.keys() & modules.keys()):
             mine, theirs = _quantizer_signature(modules[name]), _quantizer_signature(reference[name])
             if mine != theirs:
                 raise MergeCompatibilityError(
-                    f"layer {_layer_of(name + '.')!r}: quantizer {name!r} is {theirs} in model 0 but "
-                    f"{mine} in model {index}")
+                    f"layer {_layer_of(name + '.')!r}: quantizer {name!r} is {theirs} in {first} but "
+                    f"{mine} in {label}")
         for key in sorted(reference_state.keys() | state.keys()):
             if key not in state or key not in reference_state:
                 raise MergeCompatibilityError(
-                    f"layer {_layer_of(key)!r}: tensor {key!r} exists in only one of model 0 and model {index}")
+                    f"layer {_layer_of(key)!r}: tensor {key!r} exists in only one of {first} and {label}")
             if state[key].shape != reference_state[key].shape:
                 raise MergeCompatibilityError(
                     f"layer {_layer_of(key)!r}: {key!r} has shape {tuple(reference_state[key].shape)} in "
-                    f"model 0 but {tuple(state[key].shape)} in model {index} (granularity or size differs)")
+                    f"{first} but {tuple(state[key].shape)} in {label} (granularity or size differs)")
         for name in sorted((reference.keys() | modules.keys()) - {""}):  # the root: FX renames it
             if name not in modules or name not in reference:
                 raise MergeCompatibilityError(
-                    f"layer {name!r} exists in only one of model 0 and model {index}: different architectures")
+                    f"layer {name!r} exists in only one of {first} and {label}: different architectures")
             if type(modules[name]).__name__ != type(reference[name]).__name__:
                 raise MergeCompatibilityError(
                     f"layer {_layer_of(name + '.')!r}: module {name!r} is a {type(reference[name]).__name__} "
-                    f"in model 0 but a {type(modules[name]).__name__} in model {index}")
+                    f"in {first} but a {type(modules[name]).__name__} in {label}")
 
 
 def _quantizer_signature(module: nn.Module) -> dict | None:
@@ -223,18 +227,18 @@ def _layer_of(key: str) -> str:
     return key.rpartition(".")[0] or key
 
 
-def _check_same_grid(name: str, grids: Sequence[WeightGrid]) -> None:
-    first = grids[0]
-    for index, grid in enumerate(grids[1:], start=1):
+def _check_same_grid(name: str, grids: Sequence[WeightGrid], labels: Sequence[str]) -> None:
+    reference = grids[0]
+    for label, grid in zip(labels[1:], grids[1:], strict=True):
         for field in ("bit_width", "signed", "narrow_range"):
-            if getattr(grid, field) != getattr(first, field):
+            if getattr(grid, field) != getattr(reference, field):
                 raise MergeCompatibilityError(
-                    f"layer {name!r}: weight {field} is {getattr(first, field)} in model 0 but "
-                    f"{getattr(grid, field)} in model {index}")
-        if grid.scale.shape != first.scale.shape:
+                    f"layer {name!r}: weight {field} is {getattr(reference, field)} in {labels[0]} but "
+                    f"{getattr(grid, field)} in {label}")
+        if grid.scale.shape != reference.scale.shape:
             raise MergeCompatibilityError(
-                f"layer {name!r}: weight scale shape {tuple(first.scale.shape)} in model 0 but "
-                f"{tuple(grid.scale.shape)} in model {index} (per-tensor vs per-channel)")
+                f"layer {name!r}: weight scale shape {tuple(reference.scale.shape)} in {labels[0]} but "
+                f"{tuple(grid.scale.shape)} in {label} (per-tensor vs per-channel)")
 
 
 def check_calibrated(model: nn.Module, label: str = "model") -> None:

@@ -9,23 +9,30 @@ Every quantized model t holds, per layer, integer codes ``I_t`` on a grid with s
 
 and merged codes = ``round(u)`` everywhere except at **ties**.
 
-Why ties are defined on the codes (hdrq.md §5): two adapted models have nearly equal, never
-identical scales. Where ū sits exactly on a grid midpoint (two models: ``I1 + I2`` odd), the
-averaged value u is off the midpoint only by ``u − ū = Σ c_t I_t (s_t/s_m − 1)``, whose sign is
-fixed by which model has the larger scale. Plain re-rounding of u therefore sends nearly every
-tie toward the larger-scale model — a biased mix, not an average (measured: 15–25 points of
-harmonic-mean accuracy lost at W4A4). Ties must be found on ū, where no scale can bias them.
+Why ties are defined on the codes (hdrq.md §5): two adapted models never have identical scales.
+Where ū sits exactly on a grid midpoint (two models: ``I1 + I2`` odd), the averaged value u is
+off the midpoint only by ``u − ū = Σ c_t I_t (s_t/s_m − 1)``, whose sign is fixed by which model
+has the larger scale. Plain re-rounding of u therefore sends every tie toward the larger-scale
+model — a biased mix, not an average (hdrq.md §5 measured 15–25 points of harmonic-mean
+accuracy lost at W4A4; our digits runs: 13 points). Ties must be found on ū, where no scale can
+bias them.
 
 **Tie rule for any number of models and any coefficients (our generalisation; the reference
 code handles two models at λ = ½ only).** An element is a tie when its code average ū lies on a
 grid midpoint, ``|frac(ū) − ½| ≤ tie_tolerance``; the tolerance only absorbs floating-point
 rounding of the coefficients (ū is computed in float64), so with two models and λ = ½ the rule
-is exactly "``I1 + I2`` is odd". With three equally weighted models ū is a multiple of ⅓ and is
-never a midpoint: every element has a nearest grid point that no scale mismatch can change (at
-the bit-widths and scale ratios we merge), so there is nothing to break. A tie is resolved
-between the two grid points that bracket its averaged value, ``floor(u)`` and ``floor(u) + 1``
-(these are ``⌊ū⌋`` and ``⌈ū⌉`` whenever the scale mismatch moves u by less than half a step,
-always the case at ≤ 4 bits with scales within 5 %), by one of:
+is exactly "``I1 + I2`` is odd". With three equally weighted models ū is a multiple of ⅓, never
+a midpoint: no code average is undecided, so nothing needs breaking (a wider band would turn
+ordinary roundings into coin tosses). Non-uniform coefficients give ties wherever Σ c_t I_t
+lands on a midpoint (e.g. 0.3·0 + 0.7·5 = 3.5); ``tie_tolerance`` can be widened by a caller
+who wants a band.
+
+A tie is resolved between the two grid points that bracket its averaged value, ``floor(u)``
+and ``floor(u) + 1``. These are ``⌊ū⌋`` and ``⌈ū⌉`` whenever the scale mismatch moves u by less
+than half a step (two models: ``|I1 − I2|·|s1 − s2| / (2(s1 + s2)) < ½``, e.g. any 4-bit codes
+with scales within 5 %, or codes one apart at any scale ratio); when it moves u
+further (8-bit codes on grids far apart) the bracket follows u, so a tie never lands farther
+from the averaged value than its non-tie neighbours. The rules:
 
 * ``half-to-even`` — the even one of the two (no sampling: deterministic and unbiased over a
   tensor, since half the midpoints have an even lower neighbour);

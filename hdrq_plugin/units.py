@@ -21,8 +21,9 @@ backported-FX graphs (NameError on ``flatten``), hence the hand-built sub-graphs
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -75,7 +76,7 @@ def find_reconstruction_units(qmodel: nn.Module, granularity: Granularity = "blo
     for node in graph.nodes:
         if node in unit_of:
             members[unit_of[node]].append(node)
-    return [_build_unit(qmodel, name, nodes) for name, nodes in zip(names, members)]
+    return [_build_unit(qmodel, name, nodes) for name, nodes in zip(names, members, strict=True)]
 
 
 def check_reconstructable(qmodel: nn.Module) -> None:
@@ -108,7 +109,7 @@ def run_units(units: Iterable[ReconstructionUnit], values: dict[str, Any]) -> di
         missing = [name for name in unit.inputs if name not in values]
         if missing:
             raise KeyError(f"unit {unit.name!r} needs values {missing} that no earlier unit produced")
-        values.update(zip(unit.outputs, unit.run(*(values[name] for name in unit.inputs))))
+        values.update(zip(unit.outputs, unit.run(*(values[name] for name in unit.inputs)), strict=True))
     return values
 
 
@@ -118,7 +119,7 @@ def run_model_through_units(qmodel: nn.Module, units: list[ReconstructionUnit], 
     placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != len(placeholders):
         raise TypeError(f"the model takes {len(placeholders)} inputs {placeholders}, got {len(inputs)}")
-    values = run_units(units, dict(zip(placeholders, inputs)))
+    values = run_units(units, dict(zip(placeholders, inputs, strict=True)))
     output = next(n for n in graph.nodes if n.op == "output")
     return brevitas_fx.map_arg(output.args[0], lambda n: values[n.name])
 

@@ -1,6 +1,7 @@
 """Specifications of the error barrier (hdrq.md §2) and its plot."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -50,6 +51,12 @@ def test_max_barrier_and_its_lambda_come_from_the_curve():
     result = BarrierResult((0.0, 0.25, 0.5, 1.0), (1.0, 2.0, 1.0, 1.0), (1.0, 0.5, 1.0, 1.0), quantized=False)
     assert result.max_barrier == 1.0 and result.max_barrier_lambda == 0.25
     assert result.midpoint_barrier == 0.0
+
+
+def test_result_summary_is_json_ready():
+    result = BarrierResult((0.0, 0.5, 1.0), (1.0, 3.0, 2.0), (1.0, 0.5, 1.0), quantized=True, label="w4a4")
+    summary = json.loads(json.dumps(result.to_dict()))
+    assert summary["max_barrier"] == 1.5 and summary["barriers"] == [0.0, 1.5, 0.0]
 
 
 def test_barrier_of_a_float_model_with_itself_is_zero(float_pair, data):

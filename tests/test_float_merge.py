@@ -42,7 +42,7 @@ def test_coefficients_weight_each_model(raw):
     coefficients = [c / sum(raw) for c in raw]
     models = [_linear(seed) for seed in range(3)]
     merged = average_float_models(models, coefficients)
-    expected = sum(c * m.weight for c, m in zip(coefficients, models))
+    expected = sum(c * m.weight for c, m in zip(coefficients, models, strict=True))
     assert torch.allclose(merged.weight, expected, atol=1e-6)
 
 

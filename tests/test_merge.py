@@ -10,7 +10,7 @@ from torch import nn
 
 from hdrq_plugin import calibrate_activations, convert_to_brevitas
 from hdrq_plugin.convert import set_weight_bit_width
-from hdrq_plugin.float_merge import average_float_models
+from hdrq_plugin.float_merge import average_float_models, merge_relative_to
 from hdrq_plugin.merge import MergeCompatibilityError, merge_models, quantized_weight_layers, read_weight_grid
 from hdrq_plugin.quantizers import HDRQQuantizer
 
@@ -49,6 +49,12 @@ def pair():
 
 
 @pytest.fixture(scope="module")
+def merges(pair):
+    """The pair merged once with every rounding rule (default coefficients and seed)."""
+    return {rounding: merge_models(list(pair), rounding=rounding) for rounding in ROUNDINGS}
+
+
+@pytest.fixture(scope="module")
 def inputs():
     return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 
@@ -69,14 +75,14 @@ def test_merging_a_model_with_itself_returns_it_exactly(pair, inputs, rounding):
     assert all(torch.equal(_codes(merged)[n], c) for n, c in _codes(model).items())
 
 
-def test_model_order_does_not_change_a_half_to_even_merge(pair, inputs):
-    forward = merge_models(list(pair), rounding="half-to-even")
+def test_model_order_does_not_change_a_half_to_even_merge(pair, merges, inputs):
+    forward = merges["half-to-even"]
     backward = merge_models(list(pair)[::-1], rounding="half-to-even")
     assert torch.equal(forward(inputs), backward(inputs))
 
 
-def test_model_order_changes_a_noise_sampling_merge_only_on_tie_codes(pair):
-    forward, backward = _codes(merge_models(list(pair))), _codes(merge_models(list(pair)[::-1]))
+def test_model_order_changes_a_noise_sampling_merge_only_on_tie_codes(pair, merges):
+    forward, backward = _codes(merges["noise-sampling"]), _codes(merge_models(list(pair)[::-1]))
     first, second = _codes(pair[0]), _codes(pair[1])
     for name in first:
         ties = (first[name] + second[name]) % 2 == 1
@@ -85,8 +91,8 @@ def test_model_order_changes_a_noise_sampling_merge_only_on_tie_codes(pair):
 
 
 @pytest.mark.parametrize("rounding", ROUNDINGS)
-def test_every_merged_weight_lies_on_its_merged_grid(pair, rounding):
-    merged = merge_models(list(pair), rounding=rounding)
+def test_every_merged_weight_lies_on_its_merged_grid(pair, merges, rounding):
+    merged = merges[rounding]
     for name, layer in _layers(merged).items():
         scales = [read_weight_grid(_layers(m)[name], name).scale for m in pair]
         grid = read_weight_grid(layer, name)
@@ -95,8 +101,8 @@ def test_every_merged_weight_lies_on_its_merged_grid(pair, rounding):
         assert grid.qmin <= int(grid.codes.min()) and int(grid.codes.max()) <= grid.qmax, name
 
 
-def test_noise_sampling_changes_only_tie_codes_of_a_model(pair):
-    noisy, even = _codes(merge_models(list(pair))), _codes(merge_models(list(pair), rounding="half-to-even"))
+def test_noise_sampling_changes_only_tie_codes_of_a_model(pair, merges):
+    noisy, even = _codes(merges["noise-sampling"]), _codes(merges["half-to-even"])
     first, second = _codes(pair[0]), _codes(pair[1])
     changed = 0
     for name in first:
@@ -139,6 +145,12 @@ def test_float_models_are_averaged_like_average_float_models(inputs):
     models = [_adapted(1), _adapted(2)]
     merged = merge_models(models, coefficients=[0.3, 0.7])
     assert torch.equal(merged(inputs), average_float_models(models, [0.3, 0.7])(inputs))
+
+
+def test_float_task_arithmetic_matches_merge_relative_to(inputs):
+    source, models = tiny_resnet(seed=0), [_adapted(1), _adapted(2)]
+    merged = merge_models(models, coefficients=[0.6, 0.7], source=source)
+    assert torch.equal(merged(inputs), merge_relative_to(source, models, [0.6, 0.7])(inputs))
 
 
 def test_models_with_different_bit_widths_raise_naming_the_layer(pair):

@@ -2,12 +2,21 @@
 
 import pytest
 import torch
+from tiny_models import tiny_resnet
 from torch import nn
 
 from hdrq_plugin import convert_to_brevitas
 from hdrq_plugin.convert import UnsupportedLayerError, calibrate_activations, compute_layers
 from hdrq_plugin.units import find_reconstruction_units, run_model_through_units
-from tiny_models import tiny_resnet
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small overhead-bound models: a second thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

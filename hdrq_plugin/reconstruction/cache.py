@@ -14,13 +14,13 @@ at layer granularity). For N = 32 and ResNet-18 at 224², the largest frontier (
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-from torch import Tensor
-
 from brevitas.quant_tensor import IntQuantTensor, QuantTensor
+from torch import Tensor
 
 from ..units import ReconstructionUnit
 
@@ -46,7 +46,7 @@ class StoredValue:
     signed: Tensor | None = None
 
     @classmethod
-    def from_batches(cls, batches: list[Any]) -> "StoredValue":
+    def from_batches(cls, batches: list[Any]) -> StoredValue:
         first = batches[0]
         value = torch.cat([plain_value(b).detach() for b in batches])
         if not isinstance(first, IntQuantTensor):
@@ -87,8 +87,8 @@ class BoundaryCache:
     def advance(self, unit: ReconstructionUnit, y_q: list[StoredValue], y_fp: list[StoredValue],
                 later_units: Iterable[ReconstructionUnit]) -> None:
         """Add ``unit``'s outputs and forget every value no later unit reads."""
-        self.quantized.update(zip(unit.outputs, y_q))
-        self.float.update(zip(unit.outputs, y_fp))
+        self.quantized.update(zip(unit.outputs, y_q, strict=True))
+        self.float.update(zip(unit.outputs, y_fp, strict=True))
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
         needed = {name for later in later_units for name in later.inputs}
         for name in list(self.quantized):

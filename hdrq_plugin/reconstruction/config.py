@@ -50,7 +50,7 @@ class HDRQConfig:
     iterations: int = 20_000  # hdrq.md §4: reference iterations per unit (a GPU budget)
     num_samples: int = 32  # hdrq.md §4: reference calibration set, 32 images
     batch_size: int = 1  # hdrq.md §4: reference batch, one image per iteration
-    drop_probability: float = 0.5  # hdrq.md §4: QDrop keeps x_q where U < 0.5 (inputs and activations)
+    drop_probability: float = 0.5  # hdrq.md §4: QDrop's p: an element takes its float value (inputs, activations)
     weight_lr: float = 1e-4  # hdrq.md §4: Adam on latent weights and weight scales
     warmup_fraction: float = 0.2  # hdrq.md §4 / §6: lr warm-up (HDRQ) and rounding-loss warm-up (AdaRound)
     warmup_start_lr: float = 1e-7  # hdrq.md §4: linear warm-up from 1e-7
@@ -67,10 +67,12 @@ class HDRQConfig:
         _choice("weight_rounding", self.weight_rounding, ("nearest", "noise", "ste", "learned"))
         _choice("noise_shape", self.noise_shape, ("histogram", "uniform"))
         _choice("granularity", self.granularity, ("block", "layer"))
-        for name in ("noise_fraction", "drop_probability", "warmup_fraction"):
+        for name in ("noise_fraction", "warmup_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0.0 <= self.drop_probability < 1.0:
+            raise ValueError(f"drop_probability must be in [0, 1), got {self.drop_probability}")
         for name in ("iterations", "num_samples", "batch_size", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -102,37 +104,37 @@ class HDRQConfig:
     def reconstructs(self) -> bool:
         return self.weight_rounding != "nearest" and self.iterations > 0
 
-    def replace(self, **changes) -> "HDRQConfig":
+    def replace(self, **changes) -> HDRQConfig:
         return dataclasses.replace(self, **changes)
 
     # --- methods -------------------------------------------------------------------------------
     @classmethod
-    def rtn(cls, **overrides) -> "HDRQConfig":
+    def rtn(cls, **overrides) -> HDRQConfig:
         """Round-to-nearest with L_p-searched (MSE) scales; nothing is trained."""
         return cls(**{"method": "rtn", "weight_rounding": "nearest", "iterations": 0,
                       "drop_probability": 0.0, "distance_weight": 0.0, "train_act_scales": False,
                       **overrides})
 
     @classmethod
-    def adaround(cls, **overrides) -> "HDRQConfig":
+    def adaround(cls, **overrides) -> HDRQConfig:
         """AdaRound: learned rounding, reconstructed layer by layer on quantized inputs."""
         return cls(**{"method": "adaround", "weight_rounding": "learned", "granularity": "layer",
                       "drop_probability": 0.0, "distance_weight": 0.0, **overrides})
 
     @classmethod
-    def brecq(cls, **overrides) -> "HDRQConfig":
+    def brecq(cls, **overrides) -> HDRQConfig:
         """BRECQ: AdaRound reconstructed block by block."""
         return cls(**{"method": "brecq", "weight_rounding": "learned", "granularity": "block",
                       "drop_probability": 0.0, "distance_weight": 0.0, **overrides})
 
     @classmethod
-    def qdrop(cls, **overrides) -> "HDRQConfig":
+    def qdrop(cls, **overrides) -> HDRQConfig:
         """QDrop: BRECQ plus random mixing of quantized and float activations (p = 0.5)."""
         return cls(**{"method": "qdrop", "weight_rounding": "learned", "granularity": "block",
                       "drop_probability": 0.5, "distance_weight": 0.0, **overrides})
 
     @classmethod
-    def hdrq(cls, *, noise: bool = True, **overrides) -> "HDRQConfig":
+    def hdrq(cls, *, noise: bool = True, **overrides) -> HDRQConfig:
         """HDRQ; ``noise=False`` is the ablation without PQN (STE from the first iteration)."""
         defaults = {"method": "hdrq" if noise else "hdrq-no-noise",
                     "weight_rounding": "noise" if noise else "ste"}
@@ -141,13 +143,13 @@ class HDRQConfig:
         return cls(**{**defaults, **overrides})
 
     @classmethod
-    def for_method(cls, name: str, **overrides) -> "HDRQConfig":
+    def for_method(cls, name: str, **overrides) -> HDRQConfig:
         """The config of a method by name: ``rtn``, ``adaround``, ``brecq``, ``qdrop`` or ``hdrq``."""
         _choice("method", name, METHODS)
         return getattr(cls, name)(**overrides)
 
     @classmethod
-    def cpu_preset(cls, method: str = "hdrq", **overrides) -> "HDRQConfig":
+    def cpu_preset(cls, method: str = "hdrq", **overrides) -> HDRQConfig:
         """A method's config at the CPU budget: :data:`CPU_ITERATIONS` iterations per unit.
 
         The reference 20,000 iterations per unit are a GPU budget. The preset keeps every other

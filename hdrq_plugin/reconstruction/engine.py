@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +39,12 @@ from ..quantizers import QuantMode
 from ..units import ReconstructionUnit, find_reconstruction_units, run_model_through_units
 from .cache import BoundaryCache, StoredValue, plain_value
 from .config import HDRQConfig
-from .losses import (
+from .objective import (
     annealed_beta,
     cosine_factor,
     distance_penalty,
     noise_iterations,
+    qdrop_mix,
     reconstruction_error,
     warmup_cosine_factor,
 )
@@ -105,8 +107,10 @@ def reconstruct(
     qmodel.eval()
     units = find_reconstruction_units(qmodel, config.granularity)
     _check_units_reproduce_model(qmodel, units, inputs[:2])
-    placeholder = next(n.name for n in qmodel.graph.nodes if n.op == "placeholder")
-    cache = BoundaryCache({placeholder: inputs})
+    placeholders = [n.name for n in qmodel.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(f"calibration supports models with one input tensor; this one takes {placeholders}")
+    cache = BoundaryCache({placeholders[0]: inputs})
     report = ReconstructionReport(method=config.method)
     total = len(units) * config.iterations
     with tqdm(total=total, desc=f"{config.method} reconstruction", unit="it", disable=None) as bar:
@@ -170,14 +174,14 @@ def _train_unit(qmodel, unit: ReconstructionUnit, x_q, x_fp, y_fp, source_weight
     set_noise_shape(module, config.noise_shape)
     set_activation_drop(module, config.drop_probability)
     set_quant_mode(module, QuantMode.NOISE if noisy_steps > 0 else QuantMode.STE)
-    with _requires_grad(trained):
+    with torch.enable_grad(), _requires_grad(trained):  # callers may hold a no_grad() context
         for step in range(config.iterations):
             if step == noisy_steps and noisy_steps > 0:
                 set_quant_mode(module, QuantMode.STE)  # hdrq.md §4: the last 20 % round with STE
             index = torch.randint(samples, (config.batch_size,))
-            inputs = [_mixed_input(q, f, index, config.drop_probability) for q, f in zip(x_q, x_fp)]
+            inputs = [_mixed_input(q, f, index, config.drop_probability) for q, f in zip(x_q, x_fp, strict=True)]
             outputs = unit.run(*inputs)
-            error = sum(reconstruction_error(plain_value(o), y.value[index]) for o, y in zip(outputs, y_fp))
+            error = sum(reconstruction_error(plain_value(o), y.value[index]) for o, y in zip(outputs, y_fp, strict=True))
             regulariser = torch.zeros(())
             if use_distance:
                 regulariser = distance_penalty([layer.weight for _, layer in layers], sources, config.distance_weight)
@@ -196,7 +200,7 @@ def _train_unit(qmodel, unit: ReconstructionUnit, x_q, x_fp, y_fp, source_weight
                 raise FloatingPointError(f"reconstruction loss of unit {unit.name!r} became {loss.item()} at step {step}")
             if callback is not None:
                 callback(IterationRecord(unit=unit.name, step=step, iterations=config.iterations, loss=loss.item(),
-                                         reconstruction=float(error), regulariser=float(regulariser), module=module))
+                                         reconstruction=error.item(), regulariser=regulariser.item(), module=module))
             bar.update(1)
     for param in trained:
         param.grad = None
@@ -211,12 +215,12 @@ def _add_optimiser(optimisers, schedulers, params, lr, factor) -> None:
 
 
 def _mixed_input(x_q: StoredValue, x_fp: StoredValue, index: Tensor, drop_probability: float) -> Any:
-    """QDrop: ``where(U < p, x_q, x_fp)`` element-wise (hdrq.md §4), with x_q's quantization metadata."""
-    rows_q = x_q.value[index]
+    """The unit's input for one step: QDrop-mixed values with x_q's quantization metadata,
+    which the layers' integer biases need."""
     if drop_probability <= 0.0:
         return x_q.rows(index, training=True)
-    rows = torch.where(torch.rand_like(rows_q) < drop_probability, rows_q, x_fp.value[index])
-    return x_q.rows(index, training=True, value=rows)
+    mixed = qdrop_mix(x_q.value[index], x_fp.value[index], drop_probability)
+    return x_q.rows(index, training=True, value=mixed)
 
 
 def _freeze(module: nn.Module) -> None:
@@ -243,7 +247,7 @@ def _run_over_samples(unit: ReconstructionUnit, inputs: list[StoredValue]) -> li
 
 
 def _error_of(outputs: list[StoredValue], targets: list[StoredValue]) -> float:
-    return float(sum(reconstruction_error(o.value, t.value) for o, t in zip(outputs, targets)))
+    return float(sum(reconstruction_error(o.value, t.value) for o, t in zip(outputs, targets, strict=True)))
 
 
 def _mean_error(unit, x_q, y_fp) -> float:
@@ -269,7 +273,7 @@ class _requires_grad:
             p.requires_grad_(True)
 
     def __exit__(self, *exc):
-        for p, flag in zip(self.params, self.saved):
+        for p, flag in zip(self.params, self.saved, strict=True):
             p.requires_grad_(flag)
 
 

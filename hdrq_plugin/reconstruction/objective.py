@@ -1,4 +1,4 @@
-"""The reconstruction objective and its schedules: pure functions of tensors and step counts.
+"""The reconstruction objective, its schedules and QDrop input mixing: pure functions of tensors and steps.
 
 Sources: hdrq.md §3.2 (distance regulariser), §4 (loss, learning-rate schedules, noise→STE
 switch), §6 (β annealing of the AdaRound rounding regulariser, as in BRECQ/QDrop; the regulariser
@@ -8,7 +8,7 @@ itself lives with the AdaRound quantizer, ``hdrq_plugin.quant_control.rounding_r
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ __all__ = [
     "warmup_cosine_factor",
     "cosine_factor",
     "noise_iterations",
+    "qdrop_mix",
 ]
 
 
@@ -84,3 +85,18 @@ def noise_iterations(total: int, noise_fraction: float) -> int:
     if not 0.0 <= noise_fraction <= 1.0:
         raise ValueError(f"noise_fraction must be in [0, 1], got {noise_fraction}")
     return int(round(total * noise_fraction))
+
+
+def qdrop_mix(quantized: Tensor, full_precision: Tensor, drop_probability: float) -> Tensor:
+    """QDrop's input mixing: each element is the float one with probability ``p``, else the quantized one.
+
+    hdrq.md §4 writes ``where(U < 0.5, x_q, x_fp)``; at p = 0.5 the two readings agree. Uses
+    torch's global generator (seeded by the caller).
+    """
+    if quantized.shape != full_precision.shape:
+        raise ValueError(f"shapes differ: {tuple(quantized.shape)} vs {tuple(full_precision.shape)}")
+    if not 0.0 <= drop_probability < 1.0:
+        raise ValueError(f"drop_probability must be in [0, 1), got {drop_probability}")
+    if drop_probability == 0.0:
+        return quantized
+    return torch.where(torch.rand_like(quantized) < drop_probability, full_precision, quantized)

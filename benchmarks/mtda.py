@@ -1,0 +1,307 @@
+"""The multi-target benchmark (issue 5): does HDRQ keep merged quantized models accurate?
+
+    .venv/bin/python benchmarks/mtda.py --quick --out runs/mtda-quick     # < 10 min on 2 cores
+    .venv/bin/python benchmarks/mtda.py --out runs/mtda                   # the full grid (hours)
+
+For every seed (the zoo's seed: source model, adapted models and splits; and the calibration
+seed) each adapted model θt is quantized with its own target's 32 calibration images by every
+method (RTN, AdaRound, BRECQ, QDrop, HDRQ, Brevitas GPTQ) at every bit-width; the quantized
+models of every two targets and of all targets are merged with every tie rule; plus the
+references (float merge, dequantized average, naive re-rounding, merge-then-quantize with pooled
+calibration data, onnxruntime's ``quantize_static``), the ablations and error barriers.
+Settings and their defaults: :class:`mtda_plan.BenchmarkSettings`.
+
+Output in ``--out``: ``results.json`` (report rows + seed + time, the full recipe, settings and
+package versions, barrier curves, the full-grid time estimate), ``BENCHMARKS.md`` and
+``plots/*.png``. Every finished cell is cached under ``--out`` (mtda_store) and skipped when the
+run is repeated, so a killed run resumes; a changed recipe or setting recomputes what it changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from hdrq_examples.demo import float_recipe
+from hdrq_examples.zoo import Benchmark, BenchmarkRecipe, cache_path_for, load_or_build_benchmark
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from benchmarks import mtda_cells as cells_
+from benchmarks.mtda_estimate import CostModel, estimate_plan
+from benchmarks.mtda_ort import ort_quantize_static_accuracies
+from benchmarks.mtda_plan import (
+    ORT_TYPES,
+    ORT_VARIANTS,
+    BenchmarkSettings,
+    Cell,
+    build_plan,
+    cell_key,
+    iterations_of,
+    merge_subsets,
+    quantize_cell_for,
+)
+from benchmarks.mtda_store import CellStore
+from benchmarks.mtda_summary import write_outputs
+from hdrq_plugin.checkpoint import CheckpointError, load_quantized, save_quantized
+from hdrq_plugin.float_merge import average_float_models
+from hdrq_plugin.reconstruction.config import HDRQConfig
+
+RECIPES = {"demo": BenchmarkRecipe, "tiny": BenchmarkRecipe.tiny}
+
+
+def recipe_for(settings: BenchmarkSettings, seed: int) -> BenchmarkRecipe:
+    if settings.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {settings.recipe!r}; one of {sorted(RECIPES)}")
+    zoo_seed = seed if settings.zoo_seed is None else settings.zoo_seed
+    return dataclasses.replace(RECIPES[settings.recipe](), seed=zoo_seed)
+
+
+def zoo_fingerprint(recipe: BenchmarkRecipe, cache_dir: str | None) -> str:
+    """The recipe's cache key plus a digest of its cached model file, if built: cells computed on
+    models that were rebuilt since (e.g. after a code change the recipe does not capture) are
+    never reused."""
+    path = cache_path_for(recipe, cache_dir)
+    if not path.is_file():
+        return f"{recipe.cache_key()}:unbuilt"
+    return f"{recipe.cache_key()}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+
+
+def select_targets(available: tuple[str, ...], wanted: tuple[str, ...] | None) -> tuple[str, ...]:
+    if wanted is None:
+        return available
+    unknown = [t for t in wanted if t not in available]
+    if unknown or len(set(wanted)) < 2:
+        raise ValueError(f"targets must be at least two distinct targets of the recipe {available}, got {wanted}")
+    return tuple(wanted)
+
+
+def with_test_prefix(bench: Benchmark, images: int | None) -> Benchmark:
+    """``bench`` evaluated on the first ``images`` of each test split (a class-balanced prefix,
+    hdrq_examples.domains); the models and the other splits are unchanged."""
+    if images is None:
+        return bench
+    if images < 1:
+        raise ValueError(f"test_images must be positive, got {images}")
+    domains = {name: dataclasses.replace(split, test=TensorDataset(*(t[:images] for t in split.test.tensors)))
+               for name, split in bench.domains.items()}
+    return dataclasses.replace(bench, domains=domains)
+
+
+class BenchmarkRun:
+    """Runs a plan cell by cell, skipping cached cells; keeps one group's models in memory."""
+
+    def __init__(self, settings: BenchmarkSettings, out: str | Path, *, cache_dir: str | None = None,
+                 keep_going: bool = False) -> None:
+        self.settings, self.keep_going, self.cache_dir = settings, keep_going, cache_dir
+        self.store = CellStore(out)
+        self.recipes = {seed: recipe_for(settings, seed) for seed in settings.seeds}
+        self.recipe_keys = {seed: zoo_fingerprint(recipe, cache_dir) for seed, recipe in self.recipes.items()}
+        targets = {recipe.target_domains for recipe in self.recipes.values()}
+        if len(targets) != 1:
+            raise ValueError(f"the seeds' recipes disagree on the targets: {targets}")
+        self.all_targets = targets.pop()
+        self.targets = select_targets(self.all_targets, settings.targets)
+        self.full_test_sizes: dict[str, int] = {}
+        self.variants, self.plan = build_plan(settings, self.targets)
+        self.failures: list[dict] = []
+        self._bench: Benchmark | None = None
+        self._models: dict[str, torch.nn.Module] = {}
+        self._group: tuple | None = None
+
+    def key(self, cell: Cell) -> str:
+        return cell_key(cell, self.settings, self.recipe_keys[cell.seed], self.variants)
+
+    def pending(self) -> list[Cell]:
+        return [cell for cell in self.plan if self.key(cell) not in self.store]
+
+    def run(self) -> None:
+        bar = tqdm(self.plan, desc="benchmark cells", unit="cell", disable=None)
+        for cell in bar:
+            if self.key(cell) in self.store:
+                continue
+            bar.set_postfix_str(cell.name)
+            try:
+                self.compute(cell)
+            except Exception as err:
+                if not self.keep_going:
+                    raise
+                warnings.warn(f"cell {cell.name} failed: {type(err).__name__}: {err}", stacklevel=2)
+                self.failures.append({"cell": cell.name, "error": f"{type(err).__name__}: {err}"})
+
+    # --- cells ----------------------------------------------------------------------------------
+    def bench(self, seed: int) -> Benchmark:
+        if self._bench is None or self._bench.recipe != self.recipes[seed]:
+            bench = load_or_build_benchmark(self.recipes[seed], n_calib=self.settings.n_calib,
+                                            cache_dir=self.cache_dir)
+            if not bench.from_cache:  # new models: cells of this seed get new keys
+                self.recipe_keys[seed] = zoo_fingerprint(self.recipes[seed], self.cache_dir)
+            self.full_test_sizes = {t: len(bench.domains[t].test) for t in self.all_targets}
+            self._bench = with_test_prefix(bench, self.settings.test_images)
+        return self._bench
+
+    def compute(self, cell: Cell) -> dict:
+        torch.manual_seed(cell.seed)
+        bench, settings = self.bench(cell.seed), self.settings
+        if cell.kind == "float":
+            subsets = merge_subsets(self.targets, settings.merge_subsets)
+            pairs = [s for s in subsets if len(s) == 2]
+            pairs = pairs[:1] if settings.barrier_pairs == "first" else pairs
+            with cells_.stopwatch(timings := {}):
+                result = cells_.float_cell(bench, self.targets, subsets, pairs, settings.barrier_steps, cell.seed)
+            return self.store.put(cell, self.key(cell), {**result, "full_test_sizes": self.full_test_sizes,
+                                                         **timings})
+        if cell.kind == "quantize":
+            return self.quantize(cell)[1]
+        if cell.kind == "merge-then-quantize":
+            result = cells_.merge_then_quantize_cell(bench, self.variants[cell.variant], cell.bits, cell.targets,
+                                                     cell.seed, settings.iterations)
+            return self.store.put(cell, self.key(cell), result)
+        if cell.kind == "ort":
+            return self.store.put(cell, self.key(cell), self.ort(cell, bench))
+        models = {t: self.quantized(quantize_cell_for(cell, t)) for t in cell.targets}
+        variant = self.variants[cell.variant]
+        if cell.kind == "merge":
+            result = cells_.merge_cell(models, cell.targets, cell.rule, bench, variant, cell.bits,
+                                       noise_seeds=settings.noise_seeds, trials=settings.trials, seed=cell.seed)
+        else:
+            result = cells_.barrier_cell(models, cell.targets, bench, variant, cell.bits,
+                                         steps=settings.barrier_steps, trials=settings.trials, seed=cell.seed)
+        return self.store.put(cell, self.key(cell), result)
+
+    def quantize(self, cell: Cell) -> tuple[torch.nn.Module, dict]:
+        bench = self.bench(cell.seed)
+        (target,) = cell.targets
+        qmodel, family, result = cells_.quantize_cell(bench, self.variants[cell.variant], cell.bits, target,
+                                                       cell.seed, self.settings.iterations)
+        key = self.key(cell)
+        # the checkpoint first: a record always has its model
+        save_quantized(self.store.model_path(key), qmodel, recipe=float_recipe(bench), bits=cell.bits,
+                       family=family, metadata={"cell": cell.name, "key": key})
+        self._remember(cell, key, qmodel)
+        return qmodel, self.store.put(cell, key, result)
+
+    def quantized(self, cell: Cell) -> torch.nn.Module:
+        """The model of a quantize cell: in memory, from its checkpoint, or computed now."""
+        key = self.key(cell)
+        if key in self._models:
+            return self._models[key]
+        if key in self.store:
+            try:
+                model, _ = load_quantized(self.store.model_path(key))
+                self._remember(cell, key, model)
+                return model
+            except CheckpointError as err:
+                warnings.warn(f"{cell.name}: {err}; quantizing again", stacklevel=2)
+                self.store.forget(cell, key)
+        return self.quantize(cell)[0]
+
+    def _remember(self, cell: Cell, key: str, model: torch.nn.Module) -> None:
+        group = (cell.seed, cell.bits, cell.variant)
+        if group != self._group:  # the plan runs group by group: earlier models are not needed again
+            self._models.clear()
+            self._group = group
+        self._models[key] = model
+
+    def ort(self, cell: Cell, bench: Benchmark) -> dict:
+        (weight_type, activation_type), = [(w, a) for bits, w, a in ORT_TYPES if bits == cell.bits]
+        calibration = ORT_VARIANTS[cell.variant]
+        pool = cells_.pooled_calibration(bench, cell.targets)
+        with cells_.stopwatch(timings := {}):
+            merged = average_float_models([bench.adapted[t] for t in cell.targets])
+            accuracies = ort_quantize_static_accuracies(
+                merged, pool, {t: bench.domains[t].test for t in cell.targets}, weight_type=weight_type,
+                activation_type=activation_type, calibration_method=calibration, workdir=self.store.folder)
+        rows = cells_.accuracy_rows(cell.variant, cell.bits, "merged_ort", accuracies, seed=cell.seed,
+                                    merge=cells_.merge_label(cell.targets), quantizer=cell.variant,
+                                    rounding="merge-then-quantize", weight_type=weight_type,
+                                    activation_type=activation_type, time_s=timings["seconds"])
+        return {"rows": rows, **timings}
+
+    # --- results --------------------------------------------------------------------------------
+    def finished_records(self) -> list[dict]:
+        return self.store.records([self.key(cell) for cell in self.plan])
+
+    def full_grid_estimate(self) -> dict:
+        """The full default grid's cost, from the cells this run measured (mtda_estimate)."""
+        records = self.finished_records()
+        sizes = self.full_test_sizes or next((r["full_test_sizes"] for r in records if "full_test_sizes" in r), {})
+        if set(sizes) != set(self.all_targets):
+            return {}  # nothing measured yet
+        full = BenchmarkSettings(recipe=self.settings.recipe)
+        variants, plan = build_plan(full, self.all_targets)
+        model = CostModel(records, {**variants, **self.variants}, full, lambda v: iterations_of(v, full), sizes)
+        run_sizes = {t: min(n, self.settings.test_images or n) for t, n in sizes.items()}
+        this_run = CostModel(records, self.variants, self.settings, lambda v: iterations_of(v, self.settings),
+                             run_sizes)
+        return {"full_grid": {"settings": full.to_dict(), "test_sizes": sizes, **estimate_plan(plan, model)},
+                "this_run": estimate_plan(self.plan, this_run)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/mtda", help="output and cache folder (default runs/mtda)")
+    parser.add_argument("--quick", action="store_true", help="W4A4, one seed, short calibration: < 10 min")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="benchmark recipe (default demo)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
+    parser.add_argument("--targets", nargs="+", help="a subset of the recipe's targets (default all)")
+    parser.add_argument("--test-images", type=int, help="first N test images per target (default all)")
+    parser.add_argument("--zoo-seed", type=int, help="one zoo for every seed (seeds then vary calibration only)")
+    parser.add_argument("--bits", nargs="+", help="bit-widths, e.g. w4a4 w3a3 (default all four)")
+    parser.add_argument("--methods", nargs="+", help="rtn adaround brecq qdrop hdrq gptq (default all)")
+    parser.add_argument("--iterations", type=int, help=f"iterations per unit (default {HDRQConfig.cpu_preset().iterations})")
+    parser.add_argument("--noise-seeds", type=int, help="re-merges per stochastic rule (default 8; reference 32)")
+    parser.add_argument("--ablation-bits", nargs="*", help="bit-widths of the ablations (default w4a4 w3a3)")
+    parser.add_argument("--iteration-grid", type=int, nargs="*", help="iterations per unit of the budget sweep")
+    parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime quantize_static")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
+    parser.add_argument("--cache-dir", help="model zoo cache (default $HDRQ_CACHE_DIR or ~/.cache/hdrq-plugin)")
+    parser.add_argument("--summary", help="where to write the markdown summary (default OUT/BENCHMARKS.md)")
+    parser.add_argument("--notes", help="a markdown file whose text heads the summary (findings)")
+    parser.add_argument("--keep-going", action="store_true", help="record a failing cell and go on")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the outputs from the cache")
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
+    settings = BenchmarkSettings.quick() if args.quick else BenchmarkSettings()
+    changes = {"recipe": args.recipe, "iterations": args.iterations, "noise_seeds": args.noise_seeds,
+               "seeds": tuple(args.seeds) if args.seeds else None, "test_images": args.test_images,
+               "zoo_seed": args.zoo_seed,
+               "targets": tuple(args.targets) if args.targets else None,
+               "bits": tuple(args.bits) if args.bits else None,
+               "methods": tuple(args.methods) if args.methods else None,
+               "ablation_bits": tuple(args.ablation_bits) if args.ablation_bits is not None else None,
+               "iteration_grid": tuple(args.iteration_grid) if args.iteration_grid is not None else None,
+               "ort": False if args.no_ort else None}
+    return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = settings_from_args(args)
+    start = time.perf_counter()
+    run = BenchmarkRun(settings, args.out, cache_dir=args.cache_dir, keep_going=args.keep_going)
+    pending = len(run.pending())
+    print(f"{len(run.plan)} cells, {len(run.plan) - pending} cached in {run.store.folder}, {pending} to run",
+          file=sys.stderr)
+    if not args.report_only:
+        run.run()
+    paths = write_outputs(run, command=" ".join(sys.argv), wall_seconds=time.perf_counter() - start,
+                          summary=args.summary, notes=args.notes)
+    print("\n".join(str(p) for p in paths), file=sys.stderr)
+    return 1 if run.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
