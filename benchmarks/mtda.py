@@ -31,8 +31,6 @@ if __package__ in (None, ""):  # run as a script: make the repository's `benchma
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from hdrq_examples.demo import float_recipe
-from hdrq_examples.zoo import Benchmark, BenchmarkRecipe, cache_path_for, load_or_build_benchmark
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
@@ -46,17 +44,21 @@ from benchmarks.mtda_plan import (
     Cell,
     build_plan,
     cell_key,
+    cell_splits,
     iterations_of,
     merge_subsets,
     quantize_cell_for,
 )
 from benchmarks.mtda_store import CellStore
 from benchmarks.mtda_summary import write_outputs
+from hdrq_examples.demo import float_recipe
+from hdrq_examples.zoo import Benchmark, BenchmarkRecipe, cache_path_for, load_or_build_benchmark
 from hdrq_plugin.checkpoint import CheckpointError, load_quantized, save_quantized
 from hdrq_plugin.float_merge import average_float_models
 from hdrq_plugin.reconstruction.config import HDRQConfig
 
-RECIPES = {"demo": BenchmarkRecipe, "tiny": BenchmarkRecipe.tiny}
+#: zoo recipes by name; "fashion" needs Debian's dataset-fashion-mnist (the zoo says so if absent)
+RECIPES = {"demo": BenchmarkRecipe, "tiny": BenchmarkRecipe.tiny, "fashion": BenchmarkRecipe.fashion}
 
 
 def recipe_for(settings: BenchmarkSettings, seed: int) -> BenchmarkRecipe:
@@ -130,8 +132,11 @@ class BenchmarkRun:
             if self.key(cell) in self.store:
                 continue
             bar.set_postfix_str(cell.name)
+            start = time.perf_counter()
             try:
                 self.compute(cell)
+                if bar.disable:  # no progress bar (not a terminal): one line per computed cell
+                    print(f"done {cell.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             except Exception as err:
                 if not self.keep_going:
                     raise
@@ -172,7 +177,8 @@ class BenchmarkRun:
         variant = self.variants[cell.variant]
         if cell.kind == "merge":
             result = cells_.merge_cell(models, cell.targets, cell.rule, bench, variant, cell.bits,
-                                       noise_seeds=settings.noise_seeds, trials=settings.trials, seed=cell.seed)
+                                       noise_seeds=settings.noise_seeds, trials=settings.trials, seed=cell.seed,
+                                       splits=cell_splits(cell, self.variants, settings))
         else:
             result = cells_.barrier_cell(models, cell.targets, bench, variant, cell.bits,
                                          steps=settings.barrier_steps, trials=settings.trials, seed=cell.seed)
@@ -181,8 +187,11 @@ class BenchmarkRun:
     def quantize(self, cell: Cell) -> tuple[torch.nn.Module, dict]:
         bench = self.bench(cell.seed)
         (target,) = cell.targets
-        qmodel, family, result = cells_.quantize_cell(bench, self.variants[cell.variant], cell.bits, target,
-                                                       cell.seed, self.settings.iterations)
+        variant = self.variants[cell.variant]
+        qmodel, family, result = cells_.quantize_cell(bench, variant, cell.bits, target, cell.seed,
+                                                       self.settings.iterations,
+                                                       cell_splits(cell, self.variants, self.settings))
+        result["iterations"] = iterations_of(variant, self.settings)  # what the cost model scales from
         key = self.key(cell)
         # the checkpoint first: a record always has its model
         save_quantized(self.store.model_path(key), qmodel, recipe=float_recipe(bench), bits=cell.bits,
@@ -262,6 +271,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--noise-seeds", type=int, help="re-merges per stochastic rule (default 8; reference 32)")
     parser.add_argument("--ablation-bits", nargs="*", help="bit-widths of the ablations (default w4a4 w3a3)")
     parser.add_argument("--iteration-grid", type=int, nargs="*", help="iterations per unit of the budget sweep")
+    parser.add_argument("--rules", nargs="+", help="merge rules (default: all five, see mtda_plan.RULES)")
+    parser.add_argument("--ablations", nargs="*", help="no-noise no-distance uniform-noise (default all three)")
+    parser.add_argument("--distance-grid", type=float, nargs="*", help="λ_D values (default 5e-3 1e-2 5e-2 1e-1)")
+    parser.add_argument("--merge-then-quantize", nargs="*", help="methods of the pooled-calibration rows")
+    parser.add_argument("--barrier-steps", type=int, help="λ points per barrier (default 11)")
+    parser.add_argument("--barrier-pairs", choices=("all", "first"), help="barriers for every pair or the first")
     parser.add_argument("--no-ort", action="store_true", help="skip onnxruntime quantize_static")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     parser.add_argument("--cache-dir", help="model zoo cache (default $HDRQ_CACHE_DIR or ~/.cache/hdrq-plugin)")
@@ -282,13 +297,22 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
                "methods": tuple(args.methods) if args.methods else None,
                "ablation_bits": tuple(args.ablation_bits) if args.ablation_bits is not None else None,
                "iteration_grid": tuple(args.iteration_grid) if args.iteration_grid is not None else None,
-               "ort": False if args.no_ort else None}
+               "ort": False if args.no_ort else None,
+               "rules": tuple(args.rules) if args.rules else None,
+               "ablations": tuple(args.ablations) if args.ablations is not None else None,
+               "distance_grid": tuple(args.distance_grid) if args.distance_grid is not None else None,
+               "merge_then_quantize": (tuple(args.merge_then_quantize) if args.merge_then_quantize is not None
+                                       else None),
+               "barrier_steps": args.barrier_steps, "barrier_pairs": args.barrier_pairs}
     return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Brevitas' FX backport and torch's TorchScript exporter warn once per converted model.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     settings = settings_from_args(args)
     start = time.perf_counter()
     run = BenchmarkRun(settings, args.out, cache_dir=args.cache_dir, keep_going=args.keep_going)

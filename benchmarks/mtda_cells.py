@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
-from hdrq_examples.zoo import Benchmark
 from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
+from hdrq_examples.zoo import Benchmark
 from hdrq_plugin.barrier import BarrierResult, error_barrier
 from hdrq_plugin.convert import convert_to_brevitas
 from hdrq_plugin.evaluation import accuracy
@@ -41,10 +41,11 @@ def merge_label(targets: Sequence[str]) -> str:
     return "+".join(targets)
 
 
-def accuracy_rows(method: str, bits: str, stage: str, accuracies: dict[str, float], **extra) -> list[dict]:
+def accuracy_rows(method: str, bits: str, stage: str, accuracies: dict[str, float], *, split: str = "test",
+                  **extra) -> list[dict]:
     """Rows for each target and, for several targets, their harmonic mean (Report's rule)."""
     report = Report()
-    report.add_per_target(method, bits, stage, accuracies, **extra)
+    report.add_per_target(method, bits, stage, accuracies, split=split, **extra)
     return report.rows
 
 
@@ -104,17 +105,20 @@ def quantize_variant(variant: Variant, bits: str, model: nn.Module, calibration,
 
 
 def quantize_cell(bench: Benchmark, variant: Variant, bits: str, target: str, seed: int,
-                  iterations: int | None) -> tuple[nn.Module, str, dict]:
-    """θ_target quantized with its own calibration split; its accuracy on its own target."""
+                  iterations: int | None, splits: Sequence[str] = ("test",)) -> tuple[nn.Module, str, dict]:
+    """θ_target quantized with its own calibration split; its accuracy on its own target's ``splits``."""
     timings: dict = {}
     with stopwatch(timings):  # the calibration time the benchmark reports
         qmodel, family = quantize_variant(variant, bits, bench.adapted[target], bench.domains[target].calib,
                                           bench.source_model, seed, iterations)
-    test = bench.domains[target].test
+    rows, images = [], 0
     with stopwatch(timings, "eval_seconds"):
-        rows = accuracy_rows(variant.label, bits, "single", {target: accuracy(qmodel, test)}, seed=seed, merge="",
-                             quantizer=variant.label, time_s=timings["seconds"])
-    return qmodel, family, {"rows": rows, "family": family, "evaluated_images": len(test), **timings}
+        for split in splits:
+            data = getattr(bench.domains[target], split)
+            rows += accuracy_rows(variant.label, bits, "single", {target: accuracy(qmodel, data)}, split=split,
+                                  seed=seed, merge="", quantizer=variant.label, time_s=timings["seconds"])
+            images += len(data)
+    return qmodel, family, {"rows": rows, "family": family, "evaluated_images": images, **timings}
 
 
 def pooled_calibration(bench: Benchmark, targets: Sequence[str]) -> TensorDataset:
@@ -176,39 +180,43 @@ def float_weights(model: nn.Module):
     return quantization_status_manager(model, disable_weight_quant=True, disable_bias_quant=True)
 
 
-def merged_accuracies(models: Sequence[nn.Module], rule: str, tests: dict, *, noise_seeds: int, trials: int,
-                      seed: int) -> tuple[dict[str, float], dict]:
-    """Per-target accuracy of the merge with ``rule``, the mean over ``noise_seeds`` re-merges for
-    the stochastic rules; merges without any tie are deterministic and evaluated once."""
+def merged_accuracies(models: Sequence[nn.Module], rule: str, datasets: dict, *, noise_seeds: int, trials: int,
+                      seed: int) -> tuple[dict, dict]:
+    """Accuracy on each of ``datasets`` of the merge with ``rule``, the mean over ``noise_seeds``
+    re-merges for the stochastic rules; merges without any tie are deterministic: evaluated once."""
     ties = tie_fraction(models)
-    info = {"tie_fraction": ties, "noise_seeds": 1, "evaluated_images": sum(len(d) for d in tests.values())}
+    info = {"tie_fraction": ties, "noise_seeds": 1, "evaluated_images": sum(len(d) for d in datasets.values())}
     if rule == DEQUANTIZED_AVERAGE:
         model = dequantized_average_model(models)
         with float_weights(model):
-            return {t: accuracy(model, data) for t, data in tests.items()}, info
+            return {key: accuracy(model, data) for key, data in datasets.items()}, info
     draws = noise_seeds if rule in STOCHASTIC_RULES and ties > 0 else 1
-    totals = dict.fromkeys(tests, 0.0)
+    totals = dict.fromkeys(datasets, 0.0)
     per_draw = []
     for draw in range(draws):
         merged = merge_models(models, rounding=rule, trials=trials, seed=1000 * seed + draw)
-        scores = {t: accuracy(merged, data) for t, data in tests.items()}
-        per_draw.append(scores)
-        for t, value in scores.items():
-            totals[t] += value / draws
+        scores = {key: accuracy(merged, data) for key, data in datasets.items()}
+        per_draw.append([[*key, value] for key, value in scores.items()])
+        for key, value in scores.items():
+            totals[key] += value / draws
     info.update(noise_seeds=draws, per_noise_seed=per_draw, evaluated_images=draws * info["evaluated_images"])
     return totals, info
 
 
 def merge_cell(models: dict[str, nn.Module], subset: tuple[str, ...], rule: str, bench: Benchmark,
-               variant: Variant, bits: str, *, noise_seeds: int, trials: int, seed: int) -> dict:
+               variant: Variant, bits: str, *, noise_seeds: int, trials: int, seed: int,
+               splits: Sequence[str] = ("test",)) -> dict:
+    """The merge of ``subset``'s quantized models with ``rule``, evaluated on every served target."""
     timings: dict = {}
-    tests = {t: bench.domains[t].test for t in subset}
+    datasets = {(split, t): getattr(bench.domains[t], split) for split in splits for t in subset}
     with stopwatch(timings):
-        accuracies, info = merged_accuracies([models[t] for t in subset], rule, tests, noise_seeds=noise_seeds,
+        accuracies, info = merged_accuracies([models[t] for t in subset], rule, datasets, noise_seeds=noise_seeds,
                                              trials=trials, seed=seed)
-    rows = accuracy_rows(f"{variant.label}+{rule}", bits, "merged", accuracies, seed=seed,
-                         merge=merge_label(subset), quantizer=variant.label, rounding=rule,
-                         noise_seeds=info["noise_seeds"], time_s=timings["seconds"])
+    rows = []
+    for split in splits:
+        rows += accuracy_rows(f"{variant.label}+{rule}", bits, "merged", {t: accuracies[split, t] for t in subset},
+                              split=split, seed=seed, merge=merge_label(subset), quantizer=variant.label,
+                              rounding=rule, noise_seeds=info["noise_seeds"], time_s=timings["seconds"])
     return {"rows": rows, **info, **timings}
 
 

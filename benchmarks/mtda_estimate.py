@@ -55,7 +55,7 @@ class CostModel:
             variant = variants.get(record["cell"]["variant"])
             if variant is None:
                 continue
-            iterations = iterations_of(variant)
+            iterations = record.get("iterations", iterations_of(variant))  # as measured, not as planned
             if variant.method in ("rtn", "gptq") or iterations == 0:
                 constant[variant.method].append(record["cpu_seconds"])
             else:

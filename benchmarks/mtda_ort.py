@@ -27,7 +27,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from hdrq_plugin.export import export_float
 from onnx import version_converter
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -39,6 +38,8 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from hdrq_plugin.export import export_float
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 ORT_INT4_OPSET = 21  # toolchain-facts.md: standard INT4 QuantizeLinear/DequantizeLinear need opset 21

@@ -22,8 +22,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from hdrq_plugin.bitspec import BitSpec
 from hdrq_plugin.merge_rules import NOISE_TRIALS
 from hdrq_plugin.reconstruction.config import METHODS, HDRQConfig
 
@@ -59,6 +60,7 @@ class Variant:
     method: str
     overrides: tuple[tuple[str, object], ...] = ()
     iterations: int | None = None  # iterations per unit; None: the run's setting
+    validate: bool = False  # also evaluated on the val splits: ablations are what one would choose from
 
     def __post_init__(self) -> None:
         if self.method not in METHODS + ("gptq",):
@@ -107,7 +109,7 @@ class Cell:
 class BenchmarkSettings:
     """What a run covers and how it measures; the defaults are the full grid of issue 5."""
 
-    recipe: str = "demo"  # hdrq_examples.zoo.BenchmarkRecipe() ("demo") or .tiny()
+    recipe: str = "demo"  # a zoo recipe: BenchmarkRecipe() ("demo"), .tiny() or .fashion() (mtda.RECIPES)
     targets: tuple[str, ...] | None = None  # a subset of the recipe's targets (None: all of them)
     test_images: int | None = None  # evaluate on the first N test images per target (None: all)
     seeds: tuple[int, ...] = (0, 1, 2)  # issue 5: at least 3 seeds (zoo, splits and calibration)
@@ -129,7 +131,22 @@ class BenchmarkSettings:
     barrier_steps: int = 11  # λ = 0, 0.1, …, 1
     barrier_pairs: str = "all"  # "all" pairs or only the "first"
     merge_subsets: str = "pairs+all"  # every two-target merge and the all-targets merge
-    extras: dict = field(default_factory=dict, compare=False)  # free-form notes (not keyed)
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "bits", "methods", "rules"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        for bits in self.bits + self.ablation_bits:
+            BitSpec.parse(bits)  # raises on a malformed spec, naming it
+        for name, allowed in (("methods", MAIN_METHODS), ("rules", RULES), ("iteration_methods", METHODS),
+                              ("merge_then_quantize", MAIN_METHODS)):
+            unknown = [v for v in getattr(self, name) if v not in allowed]
+            if unknown:
+                raise ValueError(f"{name}: unknown {unknown}; choose from {allowed}")
+        if self.noise_seeds < 1 or self.trials < 1 or self.barrier_steps < 2 or self.n_calib < 1:
+            raise ValueError("noise_seeds, trials and n_calib must be >= 1 and barrier_steps >= 2")
+        if self.barrier_pairs not in ("all", "first"):
+            raise ValueError(f"barrier_pairs must be 'all' or 'first', got {self.barrier_pairs!r}")
 
     @classmethod
     def quick(cls) -> BenchmarkSettings:
@@ -164,10 +181,12 @@ def ablation_variants(settings: BenchmarkSettings) -> dict[str, Variant]:
     """HDRQ without each ingredient, the λ_D grid, and accuracy against iterations per unit."""
     variants = {}
     named = {
-        "no-noise": Variant("hdrq-no-noise", "hdrq", (("weight_rounding", "ste"), ("method", "hdrq-no-noise"))),
-        "no-distance": Variant("hdrq-no-distance", "hdrq", (("distance_weight", 0.0), ("method", "hdrq-no-distance"))),
+        "no-noise": Variant("hdrq-no-noise", "hdrq", (("weight_rounding", "ste"), ("method", "hdrq-no-noise")),
+                            validate=True),
+        "no-distance": Variant("hdrq-no-distance", "hdrq", (("distance_weight", 0.0), ("method", "hdrq-no-distance")),
+                               validate=True),
         "uniform-noise": Variant("hdrq-uniform-noise", "hdrq", (("noise_shape", "uniform"),
-                                                                ("method", "hdrq-uniform-noise"))),
+                                                                ("method", "hdrq-uniform-noise")), validate=True),
     }
     for name in settings.ablations:
         if name not in named:
@@ -176,13 +195,13 @@ def ablation_variants(settings: BenchmarkSettings) -> dict[str, Variant]:
     for weight in settings.distance_grid:
         if weight != DEFAULT_DISTANCE:  # the default is the hdrq variant itself
             label = f"hdrq-lambda{weight:g}"
-            variants[label] = Variant(label, "hdrq", (("distance_weight", weight), ("method", label)))
+            variants[label] = Variant(label, "hdrq", (("distance_weight", weight), ("method", label)), validate=True)
     default_iterations = settings.iterations or HDRQConfig.cpu_preset("hdrq").iterations
     for method in settings.iteration_methods:
         for count in settings.iteration_grid:
             if count != default_iterations:
                 label = f"{method}-{count}it"
-                variants[label] = Variant(label, method, (("method", label),), iterations=count)
+                variants[label] = Variant(label, method, (("method", label),), iterations=count, validate=True)
     return variants
 
 
@@ -193,9 +212,12 @@ def build_plan(settings: BenchmarkSettings, targets: tuple[str, ...]) -> tuple[d
     subsets = merge_subsets(targets, settings.merge_subsets)
     pairs = [s for s in subsets if len(s) == 2]
     barrier_pairs = pairs[:1] if settings.barrier_pairs == "first" else pairs
+    # float and onnxruntime cells depend on the zoo only: with one zoo for every seed, run them once
+    zoo_seeds = settings.seeds[:1] if settings.zoo_seed is not None else settings.seeds
     cells: list[Cell] = []
     for seed in settings.seeds:
-        cells.append(Cell("float", seed, targets=targets))
+        if seed in zoo_seeds:
+            cells.append(Cell("float", seed, targets=targets))
         for bits in settings.bits:
             groups = [(v, settings.rules, barrier_pairs) for v in main.values()]
             if bits in settings.ablation_bits:
@@ -207,7 +229,7 @@ def build_plan(settings: BenchmarkSettings, targets: tuple[str, ...]) -> tuple[d
                 cells += [Cell("barrier", seed, bits, variant.label, p, "noise-sampling") for p in barrier_for]
             cells += [Cell("merge-then-quantize", seed, bits, m, s) for m in settings.merge_then_quantize
                       for s in subsets]
-        if settings.ort:
+        if settings.ort and seed in zoo_seeds:
             cells += [Cell("ort", seed, bits, label, s) for label in ORT_VARIANTS for bits, _, _ in ORT_TYPES
                       for s in subsets]
     return {**main, **ablations}, cells
@@ -219,11 +241,22 @@ def cell_key(cell: Cell, settings: BenchmarkSettings, recipe_key: str, variants:
                      "n_calib": settings.n_calib, "test_images": settings.test_images}
     if cell.kind in ("quantize", "merge", "barrier", "merge-then-quantize"):
         payload["variant"] = variants[cell.variant].describe(cell.seed, settings.iterations)
+        payload["splits"] = list(cell_splits(cell, variants, settings))
     if cell.kind == "merge" and cell.rule in STOCHASTIC_RULES:
         payload["noise"] = {"noise_seeds": settings.noise_seeds, "trials": settings.trials}
     if cell.kind == "barrier":
         payload["barrier"] = {"steps": settings.barrier_steps, "trials": settings.trials}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cell_splits(cell: Cell, variants: dict[str, Variant], settings: BenchmarkSettings) -> tuple[str, ...]:
+    """The splits a cell evaluates: test always; val too for the ablations and, at the ablation
+    bit-widths, for the variants they are compared with (HDRQ and the iteration sweep's methods)."""
+    variant = variants.get(cell.variant)
+    if variant is None or cell.kind not in ("quantize", "merge"):
+        return ("test",)
+    compared = cell.bits in settings.ablation_bits and cell.variant in ("hdrq", *settings.iteration_methods)
+    return ("test", "val") if variant.validate or compared else ("test",)
 
 
 def iterations_of(variant: Variant, settings: BenchmarkSettings) -> int:

@@ -69,7 +69,7 @@ def write_plots(run, report: Report, folder: Path) -> list[Path]:
     rows, all_targets = report.rows, "+".join(run.targets)
     quantizers = _quantizers(run)
     paths = []
-    for scope in tables.SCOPES:
+    for scope in tables.scopes_for(all_targets):
         if any(r["stage"] == "merged" for r in rows):
             paths.append(plots.plot_merged_vs_bits(rows, quantizers, run.settings.bits,
                                                    folder / f"merged_hm_vs_bits_{scope}.png", rule=MAIN_RULE,
@@ -83,10 +83,11 @@ def write_plots(run, report: Report, folder: Path) -> list[Path]:
             if len(curves) > 1:
                 paths.append(plots.plot_barrier_curves(curves, folder / f"barrier_{bits}.png"))
     series = {m: tables.iteration_series(rows, m, _iteration_labels(run, m), bits=b, rule=MAIN_RULE,
-                                         all_targets=all_targets)
+                                         all_targets=all_targets, split="val")
               for m in run.settings.iteration_methods for b in run.settings.ablation_bits[:1]}
     if any(len(s) > 1 for s in series.values()) and run.settings.ablation_bits:
-        paths.append(plots.plot_iterations(series, folder / "iterations.png", bits=run.settings.ablation_bits[0]))
+        paths.append(plots.plot_iterations(series, folder / "iterations_val.png",
+                                           bits=f"{run.settings.ablation_bits[0]}, val"))
     return paths
 
 
@@ -101,20 +102,21 @@ def summary_markdown(run, report: Report, plot_paths: list[Path], base: Path, no
               f"{report.extra['cells']['finished']}/{report.extra['cells']['planned']} cells finished; "
               f"recipe `{settings.recipe}`, targets {', '.join(run.targets)}, seeds {list(settings.seeds)}, "
               f"iterations per unit {settings.iterations or 'CPU preset'}, {settings.noise_seeds} noise seeds "
-              f"× {settings.trials} trials per stochastic merge. All numbers: accuracy (%) on the test splits, "
+              f"× {settings.trials} trials per stochastic merge. Numbers: accuracy (%) on the test splits (val "
+              "where a table says so), "
               "mean ± sample std over seeds; HM = harmonic mean over the merged targets; *pairs* = mean over "
               "every two-target merge, *all* = the all-targets merge. Nothing was chosen on a test split.", ""]
     lines += ["## Float references", "", tables.float_table(rows, run.targets), ""]
     for rule in (MAIN_RULE, UNBIASED_RULE):
         if rule not in settings.rules:
             continue
-        for scope in tables.SCOPES:
+        for scope in tables.scopes_for(all_targets):
             lines += [f"## Merged HM, {scope}, ties by {rule}", "",
                       tables.merged_table(rows, quantizers, bits_list, rule=rule, scope=scope,
                                           all_targets=all_targets), ""]
     comparisons = [c for c in COMPARISONS if all(q in quantizers for q in c)]
     if comparisons:
-        for scope in tables.SCOPES:
+        for scope in tables.scopes_for(all_targets):
             lines += [f"## Paired differences ({scope}, {MAIN_RULE})", "",
                       tables.comparison_table(rows, comparisons, bits_list, rule=MAIN_RULE, scope=scope,
                                               all_targets=all_targets), ""]
@@ -132,18 +134,23 @@ def summary_markdown(run, report: Report, plot_paths: list[Path], base: Path, no
               "FP32 ONNX file, evaluated in onnxruntime. Its Entropy calibration equals MinMax in "
               "onnxruntime 1.32 (128 histogram bins = 128 quantized bins: one candidate threshold).", "",
               tables.reference_table(rows, bits_list, all_targets=all_targets, methods=references), ""]
+    rules = [r for r in (MAIN_RULE, UNBIASED_RULE) if r in settings.rules]
     for bits in settings.ablation_bits:
-        if bits in bits_list:
-            lines += [f"## HDRQ ablations at {bits}", "",
-                      tables.ablation_table(rows, _ablation_labels(run), bits=bits,
-                                            rules=[r for r in (MAIN_RULE, UNBIASED_RULE) if r in settings.rules],
-                                            all_targets=all_targets), ""]
-    if settings.ablation_bits:
+        if bits not in bits_list:
+            continue
+        for split, purpose in (("val", "val splits: the numbers to choose a setting from"),
+                               ("test", "test splits: reporting only")):
+            lines += [f"## HDRQ ablations at {bits}, {purpose}", "",
+                      tables.ablation_table(rows, _ablation_labels(run), bits=bits, rules=rules,
+                                            all_targets=all_targets, split=split), ""]
+    if settings.ablation_bits and settings.iteration_grid:
         bits = settings.ablation_bits[0]
-        series = {m: tables.iteration_series(rows, m, _iteration_labels(run, m), bits=bits, rule=MAIN_RULE,
-                                             all_targets=all_targets) for m in settings.iteration_methods}
-        lines += [f"## Accuracy against iterations per unit ({bits}, {MAIN_RULE})", "",
-                  tables.iteration_table(series), ""]
+        for split in ("val", "test"):
+            series = {m: tables.iteration_series(rows, m, _iteration_labels(run, m), bits=bits, rule=MAIN_RULE,
+                                                 all_targets=all_targets, split=split)
+                      for m in settings.iteration_methods}
+            lines += [f"## Accuracy against iterations per unit ({bits}, {MAIN_RULE}, {split} splits)", "",
+                      tables.iteration_table(series), ""]
     barrier_methods = ["float"] + quantizers
     lines += ["## Error barriers (max over λ of the loss above the endpoints' line)", "",
               tables.barrier_table(report.extra["barriers"], barrier_methods, ["fp32"] + list(bits_list)), ""]

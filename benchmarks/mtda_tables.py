@@ -61,19 +61,19 @@ def by_seed(rows: Iterable[dict]) -> dict[int, list[float]]:
     return dict(grouped)
 
 
-def single_by_seed(rows: Sequence[dict], quantizer: str, bits: str) -> dict[int, float]:
+def single_by_seed(rows: Sequence[dict], quantizer: str, bits: str, split: str = "test") -> dict[int, float]:
     """Per seed: mean over targets of ``quantizer``'s single-model accuracy on its own target."""
-    selected = _select(rows, stage="single", method=quantizer, bits=bits)
+    selected = _select(rows, stage="single", method=quantizer, bits=bits, split=split)
     return {seed: statistics.fmean(v) for seed, v in by_seed(selected).items()}
 
 
 def merged_by_seed(rows: Sequence[dict], *, bits: str, scope: str, all_targets: str, stage: str = "merged",
-                   **where) -> dict[int, float]:
+                   split: str = "test", **where) -> dict[int, float]:
     """Per seed: the merged harmonic mean (``scope`` all or pairs, module doc) of the rows matching
     ``where`` (e.g. ``quantizer="hdrq", rounding="noise-sampling"`` or ``method="float-merge"``)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    selected = [r for r in _select(rows, stage=stage, bits=bits, target=HARMONIC_MEAN, **where)
+    selected = [r for r in _select(rows, stage=stage, bits=bits, target=HARMONIC_MEAN, split=split, **where)
                 if (r["merge"] == all_targets if scope == "all" else merge_size(r["merge"]) == 2)]
     return {seed: statistics.fmean(v) for seed, v in by_seed(selected).items()}
 
@@ -125,14 +125,22 @@ def comparison_table(rows, pairs: Sequence[tuple[str, str]], bits_list: Sequence
     return markdown_table(["comparison", "bits", "Δ merged HM (points)", "seeds won"], body)
 
 
-def ablation_table(rows, quantizers: Sequence[str], *, bits: str, rules: Sequence[str], all_targets: str) -> str:
-    """Single accuracy and merged harmonic means of each variant at one bit-width."""
-    header = ["variant", "single"] + [f"{scope} · {rule}" for rule in rules for scope in SCOPES]
+def scopes_for(all_targets: str) -> tuple[str, ...]:
+    """With two targets the all-targets merge is the one pair: report it once."""
+    return ("pairs",) if merge_size(all_targets) == 2 else SCOPES
+
+
+def ablation_table(rows, quantizers: Sequence[str], *, bits: str, rules: Sequence[str], all_targets: str,
+                   split: str = "test") -> str:
+    """Single accuracy and merged harmonic means of each variant at one bit-width, on ``split``."""
+    scopes = scopes_for(all_targets)
+    header = ["variant", "single"] + [f"{scope} · {rule}" for rule in rules for scope in scopes]
     body = []
     for q in quantizers:
-        cells = [format_mean_std(single_by_seed(rows, q, bits).values())]
+        cells = [format_mean_std(single_by_seed(rows, q, bits, split).values())]
         cells += [format_mean_std(merged_by_seed(rows, bits=bits, scope=scope, all_targets=all_targets, quantizer=q,
-                                                 rounding=rule).values()) for rule in rules for scope in SCOPES]
+                                                 rounding=rule, split=split).values())
+                  for rule in rules for scope in scopes]
         body.append([q] + cells)
     return markdown_table(header, body)
 
@@ -143,7 +151,7 @@ def reference_table(rows, bits_list: Sequence[str], *, all_targets: str, methods
     for method in methods:
         stage = "float_merged" if method == "float-merge" else ("merged_ort" if method.startswith("ort-")
                                                                   else "merged")
-        for scope in SCOPES:
+        for scope in scopes_for(all_targets):
             cells = []
             for bits in bits_list:
                 b = "fp32" if method == "float-merge" else bits
@@ -195,15 +203,13 @@ def timing_table(records: Sequence[dict], quantizers: Sequence[str], reference: 
 
 
 def iteration_series(rows, method: str, iteration_labels: dict[str, int], *, bits: str, rule: str,
-                     all_targets: str) -> list[tuple[int, list[float], list[float], list[float]]]:
+                     all_targets: str, split: str = "test") -> list[tuple[int, list[float], list[float], list[float]]]:
     """(iterations, single, pairs HM, all HM) per-seed values of ``method`` at each iteration count."""
     series = []
     for label, count in sorted(iteration_labels.items(), key=lambda kv: kv[1]):
-        series.append((count, list(single_by_seed(rows, label, bits).values()),
-                       list(merged_by_seed(rows, bits=bits, scope="pairs", all_targets=all_targets, quantizer=label,
-                                           rounding=rule).values()),
-                       list(merged_by_seed(rows, bits=bits, scope="all", all_targets=all_targets, quantizer=label,
-                                           rounding=rule).values())))
+        merged = [list(merged_by_seed(rows, bits=bits, scope=scope, all_targets=all_targets, quantizer=label,
+                                      rounding=rule, split=split).values()) for scope in ("pairs", "all")]
+        series.append((count, list(single_by_seed(rows, label, bits, split).values()), *merged))
     return series
 
 

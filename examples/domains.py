@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 
 from .fashion import FASHION_CORRUPTIONS, fashion_mnist_available, load_fashion
 from .handwritten import load_mnist, load_mnistm, load_optdigits
-from .rendered_digits import render_digits
+from .rendered_digits import RenderStyle, render_digits
 
 DOMAIN_NAMES = ("rendered", "mnist", "optdigits", "mnistm")
 FASHION_DOMAIN_NAMES = ("fashion",) + tuple(f"fashion-{c}" for c in FASHION_CORRUPTIONS)
@@ -55,9 +55,11 @@ def _domain_seed(name: str, seed: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _raw_images(name: str, seed: int, n_images: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _raw_images(
+    name: str, seed: int, n_images: int | None, render_style: RenderStyle | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     loaders: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {
-        "rendered": lambda: render_digits(n_images or RENDERED_DEFAULT_IMAGES, seed=seed),
+        "rendered": lambda: render_digits(n_images or RENDERED_DEFAULT_IMAGES, seed=seed, style=render_style),
         "mnist": load_mnist,
         "optdigits": load_optdigits,
         "mnistm": lambda: load_mnistm(seed=seed),
@@ -71,10 +73,11 @@ def _raw_images(name: str, seed: int, n_images: int | None) -> tuple[torch.Tenso
 
 
 def class_balanced_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random order of ``labels``' indices in which every prefix is close to class-balanced.
+    """A random order of ``labels``' indices in which every prefix keeps the class proportions.
 
-    Each sample gets the position ``(rank within its class + U[0,1)) / class size``; sorting by it
-    interleaves the classes, so the test, val and calibration prefixes all keep the class mix.
+    Each sample gets the position ``rank within its (shuffled) class / class size`` plus a jitter
+    below ``1 / N``; sorting by it interleaves the classes, so the test, val and calibration
+    prefixes all keep the class mix (a stratified split, without scikit-learn).
     """
     shuffled = torch.randperm(len(labels), generator=generator)
     position = torch.empty(len(labels))
@@ -115,15 +118,23 @@ def split_indices(labels: torch.Tensor, generator: torch.Generator, n_images: in
     return parts
 
 
-def load_domain(name: str, *, seed: int = 0, n_calib: int = 32, n_images: int | None = None) -> DomainSplits:
+def load_domain(
+    name: str,
+    *,
+    seed: int = 0,
+    n_calib: int = 32,
+    n_images: int | None = None,
+    render_style: RenderStyle | None = None,
+) -> DomainSplits:
     """Load domain ``name`` (see :func:`available_domains`) with deterministic disjoint splits.
 
     ``n_images`` renders that many images for ``rendered`` and keeps a class-balanced subset of
     that size for the fixed-size domains (small recipes for tests); ``None`` uses all of them.
+    ``render_style`` varies the ``rendered`` domain (default :class:`RenderStyle`).
     """
     if n_images is not None and n_images <= 0:
         raise ValueError(f"n_images must be positive, got {n_images}")
-    images, labels = _raw_images(name, seed, n_images)
+    images, labels = _raw_images(name, seed, n_images, render_style)
     generator = torch.Generator().manual_seed(_domain_seed(name, seed))
     try:
         parts = split_indices(labels, generator, n_images)

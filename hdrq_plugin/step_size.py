@@ -16,6 +16,7 @@ from torch import Tensor
 
 LP_NORM = 2.4  # reference MSEObserver.p (QDrop/HDRQ code, hdrq.md §3)
 CLIPPING_CANDIDATES = 100  # reference MSEObserver.num
+MAX_ERROR_ELEMENTS = 1 << 18  # per row; larger activation batches are strided (see lp_clipping_search)
 _MAX_CANDIDATE_ELEMENTS = 1 << 24  # bounds the search's temporary memory (~64 MiB of float32)
 
 __all__ = ["LP_NORM", "CLIPPING_CANDIDATES", "step_from_threshold", "lp_clipping_search", "lsq_gradient_scale"]
@@ -46,8 +47,14 @@ def lp_clipping_search(
     dim: int | None = None,
     p: float = LP_NORM,
     candidates: int = CLIPPING_CANDIDATES,
+    max_error_elements: int | None = MAX_ERROR_ELEMENTS,
 ) -> Tensor:
     """Step minimising ``mean |fake_quant(x) - x|^p`` over thresholds ``max|x|·i/candidates``.
+
+    The thresholds come from the whole tensor; the error of each candidate is measured on at
+    most ``max_error_elements`` evenly strided elements per row (``None``: all). A calibration
+    batch of activations has millions of elements and 100 candidates each, which made the
+    search most of the RTN calibration time; a strided subsample estimates the same mean.
 
     ``dim=None`` searches one step for the whole tensor (a scalar); ``dim=d`` keeps dimension
     ``d`` (e.g. 0 for per-output-channel weights) and returns one step per slice along it.
@@ -65,6 +72,8 @@ def lp_clipping_search(
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     rows = x.reshape(1, -1) if dim is None else x.movedim(dim, 0).reshape(x.shape[dim], -1)
     absmax = rows.clamp(min=0).amax(dim=1) if qmin == 0 else rows.abs().amax(dim=1)
+    if max_error_elements is not None and rows.shape[1] > max_error_elements:
+        rows = rows[:, :: -(-rows.shape[1] // max_error_elements)]
     fractions = torch.arange(1, candidates + 1, dtype=x.dtype, device=x.device) / candidates
     best_error = torch.full_like(absmax, float("inf"))
     best_step = step_from_threshold(absmax, qmin, qmax)

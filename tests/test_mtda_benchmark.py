@@ -19,6 +19,7 @@ from benchmarks.mtda_plan import (
     Variant,
     build_plan,
     cell_key,
+    cell_splits,
     iterations_of,
     merge_subsets,
 )
@@ -36,7 +37,8 @@ TARGETS = ("a", "b", "c")
 
 def hm_row(quantizer: str, merge: str, seed: int, accuracy: float, rule: str = "noise-sampling") -> dict:
     return {"method": f"{quantizer}+{rule}", "bits": "w4a4", "stage": "merged", "target": "harmonic_mean",
-            "accuracy": accuracy, "seed": seed, "merge": merge, "quantizer": quantizer, "rounding": rule}
+            "accuracy": accuracy, "seed": seed, "merge": merge, "quantizer": quantizer, "rounding": rule,
+            "split": "test"}
 
 
 # --- aggregation ---------------------------------------------------------------------------------
@@ -77,9 +79,16 @@ def test_rows_of_another_tie_rule_are_not_mixed_in():
 
 
 def test_single_accuracy_is_the_mean_over_targets_per_seed():
-    rows = [{"method": "qdrop", "bits": "w4a4", "stage": "single", "target": t, "accuracy": acc, "seed": 3}
-            for t, acc in (("a", 0.5), ("b", 0.7))]
+    rows = [{"method": "qdrop", "bits": "w4a4", "stage": "single", "target": t, "accuracy": acc, "seed": 3,
+             "split": "test"} for t, acc in (("a", 0.5), ("b", 0.7))]
     assert single_by_seed(rows, "qdrop", "w4a4") == pytest.approx({3: 0.6})
+
+
+def test_val_rows_never_enter_the_test_numbers():
+    rows = [hm_row("hdrq", "a+b", 0, 0.6), {**hm_row("hdrq", "a+b", 0, 0.9), "split": "val"}]
+    where = {"bits": "w4a4", "scope": "pairs", "all_targets": "a+b+c", "quantizer": "hdrq", "rounding": "noise-sampling"}
+    assert merged_by_seed(rows, **where) == {0: 0.6}
+    assert merged_by_seed(rows, split="val", **where) == {0: 0.9}
 
 
 def test_paired_difference_uses_only_seeds_both_sides_have():
@@ -132,6 +141,16 @@ def test_ablation_variants_are_configs_of_the_engine():
     assert variants["qdrop-500it"].config(0, 10).iterations == 500
 
 
+def test_ablations_and_the_variants_they_are_compared_with_are_also_evaluated_on_val():
+    settings = BenchmarkSettings(seeds=(0,), ablation_bits=("w4a4",))
+    variants, _ = build_plan(settings, TARGETS)
+    merge = Cell("merge", 0, "w4a4", "hdrq", ("a", "b"), "noise-sampling")
+    assert cell_splits(merge, variants, settings) == ("test", "val")
+    assert cell_splits(dataclasses.replace(merge, variant="hdrq-no-noise"), variants, settings) == ("test", "val")
+    assert cell_splits(dataclasses.replace(merge, variant="brecq"), variants, settings) == ("test",)
+    assert cell_splits(dataclasses.replace(merge, bits="w8a8"), variants, settings) == ("test",)
+
+
 def test_cost_model_scales_reconstruction_with_iterations():
     settings = BenchmarkSettings(seeds=(0,), iterations=100)
     variants = {"rtn": Variant("rtn", "rtn"), "hdrq": Variant("hdrq", "hdrq")}
@@ -140,6 +159,15 @@ def test_cost_model_scales_reconstruction_with_iterations():
     model = CostModel(records, variants, settings, lambda v: iterations_of(v, settings), {"a": 100})
     assert model.calibration_cost(variants["hdrq"]) == pytest.approx(20.0)
     assert model.calibration_cost(Variant("hdrq-300", "hdrq", iterations=300)) == pytest.approx(40.0)
+
+
+def test_cost_model_fits_on_the_iterations_a_cell_ran_not_the_planned_ones():
+    planned = BenchmarkSettings(seeds=(0,), iterations=2000)
+    variants = {"rtn": Variant("rtn", "rtn"), "hdrq": Variant("hdrq", "hdrq")}
+    records = [{"cell": {"kind": "quantize", "variant": "rtn"}, "cpu_seconds": 10.0, "iterations": 0},
+               {"cell": {"kind": "quantize", "variant": "hdrq"}, "cpu_seconds": 20.0, "iterations": 100}]
+    model = CostModel(records, variants, planned, lambda v: iterations_of(v, planned), {"a": 100})
+    assert model.calibration_cost(variants["hdrq"]) == pytest.approx(210.0)
 
 
 def test_cost_model_scales_merges_with_test_images_and_noise_seeds():

@@ -233,3 +233,10 @@ def test_lsq_gradient_scale_keeps_the_value_and_scales_the_gradient():
     assert scaled.item() == pytest.approx(0.3)
     (scaled * 2).backward()
     assert s.grad.item() == pytest.approx(2 / math.sqrt(700))
+
+
+def test_a_strided_error_estimate_finds_nearly_the_step_of_the_full_search():
+    x = torch.relu(torch.randn(8, 16, 32, 32, generator=torch.Generator().manual_seed(0)))
+    full = lp_clipping_search(x, 0, 15, max_error_elements=None)
+    strided = lp_clipping_search(x, 0, 15, max_error_elements=1 << 15)
+    assert torch.isclose(strided, full, rtol=0.05)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hdrq_examples.models import ResNetConfig
+from hdrq_examples.rendered_digits import RenderStyle
 from hdrq_examples.zoo import BenchmarkRecipe, cache_path_for, load_or_build_benchmark
 
 TINY = BenchmarkRecipe.tiny()
@@ -74,6 +75,7 @@ def test_the_cache_key_changes_with_any_part_of_the_recipe():
         dataclasses.replace(TINY, architecture=ResNetConfig(widths=(8, 16, 24))),
         dataclasses.replace(TINY, adaptation=dataclasses.replace(TINY.adaptation, lr=0.02)),
         dataclasses.replace(TINY, target_domains=("mnist", "optdigits")),
+        dataclasses.replace(TINY, render_style=RenderStyle(elastic_strength=0.1)),
     ]
     keys = {TINY.cache_key()} | {variant.cache_key() for variant in variants}
     assert len(keys) == 1 + len(variants)

@@ -141,32 +141,12 @@ def _train_unit(qmodel, unit: ReconstructionUnit, x_q, x_fp, y_fp, source_weight
                 callback, bar) -> None:
     layers = unit.layer_modules(qmodel)
     module = unit.module
-    optimisers, schedulers = [], []
-    trained: list[nn.Parameter] = []
-
-    if config.trains_latent_weights:
-        weight_params = [layer.weight for _, layer in layers] + weight_scale_parameters(module)
-        _add_optimiser(optimisers, schedulers, weight_params, config.weight_lr,
-                       lambda step: warmup_cosine_factor(step, config.iterations, config.warmup_fraction,
-                                                         config.warmup_start_lr / config.weight_lr))
-        trained += weight_params
-    if config.learns_rounding:
-        rounding = rounding_parameters(module)
-        if not rounding:
-            raise TypeError(f"unit {unit.name!r} has no learned-rounding weight quantizer for {config.method}")
-        _add_optimiser(optimisers, schedulers, rounding, config.rounding_lr, None)  # QDrop: constant lr
-        trained += rounding
-    if config.train_act_scales:
-        act_scales = activation_scale_parameters(module)
-        if act_scales:
-            _add_optimiser(optimisers, schedulers, act_scales, config.act_scale_lr,
-                           lambda step: cosine_factor(step, config.iterations))
-            trained += act_scales
-
+    optimisers, schedulers, trained = _optimisers(module, layers, config, unit.name)
+    if not trained:
+        return  # nothing of this unit is learnable under this config (e.g. no HDRQ act quantizer)
     use_distance = config.trains_latent_weights and config.distance_weight > 0
     sources = [source_weights[name] for name, _ in layers] if use_distance else []
     noisy_steps = noise_iterations(config.iterations, config.noise_fraction) if config.weight_rounding == "noise" else 0
-    rounding_start = config.warmup_fraction * config.iterations
     samples = x_q[0].value.shape[0]
 
     module.train()
@@ -181,14 +161,19 @@ def _train_unit(qmodel, unit: ReconstructionUnit, x_q, x_fp, y_fp, source_weight
             index = torch.randint(samples, (config.batch_size,))
             inputs = [_mixed_input(q, f, index, config.drop_probability) for q, f in zip(x_q, x_fp, strict=True)]
             outputs = unit.run(*inputs)
-            error = sum(reconstruction_error(plain_value(o), y.value[index]) for o, y in zip(outputs, y_fp, strict=True))
+            error = sum(reconstruction_error(plain_value(o), y.value[index])
+                        for o, y in zip(outputs, y_fp, strict=True))
             regulariser = torch.zeros(())
-            if use_distance:
-                regulariser = distance_penalty([layer.weight for _, layer in layers], sources, config.distance_weight)
-            if config.learns_rounding and step >= rounding_start:
-                beta = annealed_beta(step, config.iterations, config.warmup_fraction, config.beta_start, config.beta_end)
-                regulariser = config.rounding_loss_weight * rounding_regularizer(module, beta)
+            if use_distance:  # hdrq.md §3.2
+                regulariser = regulariser + distance_penalty(
+                    [layer.weight for _, layer in layers], sources, config.distance_weight)
+            if config.learns_rounding and step >= config.warmup_fraction * config.iterations:  # hdrq.md §6
+                beta = annealed_beta(step, config.iterations, config.warmup_fraction,
+                                     config.beta_start, config.beta_end)
+                regulariser = regulariser + config.rounding_loss_weight * rounding_regularizer(module, beta)
             loss = error + regulariser
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"reconstruction loss of unit {unit.name!r} became {loss.item()} at step {step}")
             for optimiser in optimisers:
                 optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -196,14 +181,36 @@ def _train_unit(qmodel, unit: ReconstructionUnit, x_q, x_fp, y_fp, source_weight
                 optimiser.step()
             for scheduler in schedulers:
                 scheduler.step()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"reconstruction loss of unit {unit.name!r} became {loss.item()} at step {step}")
             if callback is not None:
                 callback(IterationRecord(unit=unit.name, step=step, iterations=config.iterations, loss=loss.item(),
                                          reconstruction=error.item(), regulariser=regulariser.item(), module=module))
             bar.update(1)
     for param in trained:
         param.grad = None
+
+
+def _optimisers(module: nn.Module, layers, config: HDRQConfig, unit_name: str):
+    """The method's Adam optimisers and schedules (hdrq.md §4, §6); returns them and the trained parameters."""
+    optimisers, schedulers, trained = [], [], []
+    if config.trains_latent_weights:  # HDRQ: latent weights and weight steps, warm-up then cosine
+        params = [layer.weight for _, layer in layers] + weight_scale_parameters(module)
+        start_factor = config.warmup_start_lr / config.weight_lr
+        _add_optimiser(optimisers, schedulers, params, config.weight_lr,
+                       lambda step: warmup_cosine_factor(step, config.iterations, config.warmup_fraction, start_factor))
+        trained += params
+    if config.learns_rounding:  # AdaRound's V, constant lr as in QDrop's recon.py
+        params = rounding_parameters(module)
+        if not params:
+            raise TypeError(f"unit {unit_name!r} has no learned-rounding weight quantizer for {config.method}")
+        _add_optimiser(optimisers, schedulers, params, config.rounding_lr, None)
+        trained += params
+    if config.train_act_scales:  # LSQ activation steps, cosine to 0
+        params = activation_scale_parameters(module)
+        if params:
+            _add_optimiser(optimisers, schedulers, params, config.act_scale_lr,
+                           lambda step: cosine_factor(step, config.iterations))
+            trained += params
+    return optimisers, schedulers, trained
 
 
 def _add_optimiser(optimisers, schedulers, params, lr, factor) -> None:
