@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import sys
 import time
 import warnings
@@ -65,7 +66,29 @@ def recipe_for(settings: BenchmarkSettings, seed: int) -> BenchmarkRecipe:
     if settings.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {settings.recipe!r}; one of {sorted(RECIPES)}")
     zoo_seed = seed if settings.zoo_seed is None else settings.zoo_seed
-    return dataclasses.replace(RECIPES[settings.recipe](), seed=zoo_seed)
+    recipe = dataclasses.replace(RECIPES[settings.recipe](), seed=zoo_seed)
+    for assignment in settings.recipe_overrides:
+        path, equals, text = assignment.partition("=")
+        if not equals:
+            raise ValueError(f"recipe override {assignment!r} is not of the form field.sub=JSON")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"recipe override {assignment!r}: {text!r} is not JSON ({err})") from err
+        recipe = replace_field(recipe, path.split("."), value, assignment)
+    return recipe
+
+
+def replace_field(config, path: list[str], value, assignment: str):
+    """A copy of the (nested, frozen) dataclass ``config`` with the field at ``path`` set to ``value``."""
+    name = path[0]
+    if not dataclasses.is_dataclass(config) or name not in {f.name for f in dataclasses.fields(config)}:
+        raise ValueError(f"recipe override {assignment!r}: {type(config).__name__} has no field {name!r}")
+    if len(path) > 1:
+        value = replace_field(getattr(config, name), path[1:], value, assignment)
+    elif isinstance(value, list):
+        value = tuple(value)  # JSON arrays are the recipe's tuples
+    return dataclasses.replace(config, **{name: value})
 
 
 def zoo_fingerprint(recipe: BenchmarkRecipe, cache_dir: str | None) -> str:
@@ -261,6 +284,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/mtda", help="output and cache folder (default runs/mtda)")
     parser.add_argument("--quick", action="store_true", help="W4A4, one seed, short calibration: < 10 min")
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="benchmark recipe (default demo)")
+    parser.add_argument("--recipe-set", nargs="+", metavar="FIELD=JSON",
+                        help="change the recipe, e.g. source_training.epochs=5 (part of every cache key)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
     parser.add_argument("--targets", nargs="+", help="a subset of the recipe's targets (default all)")
     parser.add_argument("--test-images", type=int, help="first N test images per target (default all)")
@@ -292,6 +317,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
     changes = {"recipe": args.recipe, "iterations": args.iterations, "noise_seeds": args.noise_seeds,
                "seeds": tuple(args.seeds) if args.seeds else None, "test_images": args.test_images,
                "zoo_seed": args.zoo_seed,
+               "recipe_overrides": tuple(args.recipe_set) if args.recipe_set else None,
                "targets": tuple(args.targets) if args.targets else None,
                "bits": tuple(args.bits) if args.bits else None,
                "methods": tuple(args.methods) if args.methods else None,

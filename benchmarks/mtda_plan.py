@@ -110,6 +110,7 @@ class BenchmarkSettings:
     """What a run covers and how it measures; the defaults are the full grid of issue 5."""
 
     recipe: str = "demo"  # a zoo recipe: BenchmarkRecipe() ("demo"), .tiny() or .fashion() (mtda.RECIPES)
+    recipe_overrides: tuple[str, ...] = ()  # "field.sub=JSON" changes to the recipe, e.g. "source_training.epochs=5"
     targets: tuple[str, ...] | None = None  # a subset of the recipe's targets (None: all of them)
     test_images: int | None = None  # evaluate on the first N test images per target (None: all)
     seeds: tuple[int, ...] = (0, 1, 2)  # issue 5: at least 3 seeds (zoo, splits and calibration)

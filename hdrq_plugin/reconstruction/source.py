@@ -1,24 +1,16 @@
 """The source weights θ0 of HDRQ's distance term, BN-folded and matched to the target by layer name.
 
 hdrq.md §3.2: ``R = λ_D Σ_l ‖W_l − W_l^src‖_F`` against the **BN-folded** source weights. The
-source is folded exactly as the conversion folds the target (Brevitas ``preprocess_for_quantize``
-with ``merge_bn=True`` and no equalisation), so both sides of the difference live in the same
-parametrisation and carry the same layer names.
+source is folded by the conversion's own :func:`hdrq_plugin.convert.fold_batchnorm`, so both
+sides of the difference live in the same parametrisation and carry the same layer names.
 """
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import torch
 from torch import Tensor, nn
 
-from ..convert import COMPUTE_LAYERS, compute_layers
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    from brevitas.graph.quantize import preprocess_for_quantize
+from ..convert import COMPUTE_LAYERS, compute_layers, fold_batchnorm
 
 __all__ = ["SourceMismatchError", "folded_weights", "source_weights_for"]
 
@@ -34,11 +26,9 @@ def folded_weights(model: nn.Module) -> dict[str, Tensor]:
     """``{layer name: BN-folded weight}`` of a float model, or the weights of a converted one."""
     if any(isinstance(m, COMPUTE_LAYERS) for m in model.modules()):  # already converted: BN is folded
         return {name: layer.weight.detach().clone() for name, layer in compute_layers(model)}
-    clone = copy.deepcopy(model).eval()
     try:
-        # the same call as hdrq_plugin.convert, so names and the folding match the target's
-        folded = preprocess_for_quantize(clone, equalize_iters=0, merge_bn=True)
-    except Exception as err:
+        folded = fold_batchnorm(model)  # the conversion's own folding: same names, same parametrisation
+    except Exception as err:  # FX tracing errors are long; say what failed first
         raise TypeError(f"could not fold the source model's BatchNorm ({type(err).__name__}: {err})") from err
     return {name: m.weight.detach().clone() for name, m in folded.named_modules() if isinstance(m, _FLOAT_LAYERS)}
 
