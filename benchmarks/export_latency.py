@@ -23,11 +23,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hdrq_examples.models import ResNetConfig, build_resnet
-from hdrq_plugin.export import export_float, export_qdq, validate
 
+from hdrq_examples.models import ResNetConfig, build_resnet
 from hdrq_plugin import BitSpec, calibrate_activations, convert_to_brevitas
 from hdrq_plugin._io import write_text_atomic
+from hdrq_plugin.export import export_float, export_qdq, validate
 
 BITS = ("w8a8", "w4a8", "w4a4")
 INPUT_SHAPE = (3, 32, 32)  # CIFAR-style images
@@ -58,9 +58,9 @@ def random_model_and_data(bits: str, args: argparse.Namespace) -> tuple[torch.nn
 
 
 def merged_zoo_model_and_data(bits: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
-    from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
     from torch.utils.data import DataLoader
 
+    from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
     from hdrq_plugin.merge import merge_models
 
     bench = load_or_build_benchmark(BenchmarkRecipe())

@@ -140,8 +140,9 @@ def _barrier(report, bench, hdrq_models, targets, tests, out, clock) -> None:
 
 def _export_and_validate(report, merged, spec, targets, tests, out, clock) -> None:
     """Export the merged HDRQ model to INT8 (or 4-bit-in-int8) and true INT4 and check them in ORT."""
-    from hdrq_plugin.export import export_qdq, validate
     from torch.utils.data import DataLoader
+
+    from hdrq_plugin.export import export_qdq, validate
 
     example = tests[targets[0]][0][0].unsqueeze(0)
     fast = "int8" if spec.weight_bits == 8 else "int4-in-int8"

@@ -13,8 +13,8 @@ from torch import nn
 from .bitspec import BitSpec
 from .calibrate import hdrq_calibrate
 from .checkpoint import quantizer_family
-from .quant_control import bake_learned_rounding
 from .convert import convert_to_brevitas
+from .quant_control import bake_learned_rounding
 from .reconstruction.config import HDRQConfig
 
 

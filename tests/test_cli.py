@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_resnet
 
 from hdrq_plugin.checkpoint import ModelRecipe, save_float_model
 from hdrq_plugin.cli import EXIT_BAD_INPUT, main
-from tiny_models import tiny_resnet
 
 RECIPE = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})
 

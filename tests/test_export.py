@@ -17,6 +17,13 @@ from brevitas.graph.quantize import (
     quantize,
 )
 from brevitas.quant import Int8WeightPerTensorFloat
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from tiny_models import tiny_resnet
+from torch import nn
+
+from hdrq_plugin import calibrate_activations, convert_to_brevitas
 from hdrq_plugin.export import (
     ExportError,
     NotAnHdrqExportError,
@@ -28,13 +35,6 @@ from hdrq_plugin.export import (
 )
 from hdrq_plugin.export.ort_runtime import FLOAT_COMPUTE_OPS, optimized_op_types
 from hdrq_plugin.export.unsigned_grids import shift_clipped_signed_activations
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
-from tiny_models import tiny_resnet
-from torch import nn
-
-from hdrq_plugin import calibrate_activations, convert_to_brevitas
 
 SHAPE = (3, 16, 16)
 FAST = {"batch_sizes": (1, 4), "repeats": 2}  # latency is measured, not judged, in these tests
@@ -50,14 +50,6 @@ def _calibrated(spec: str):
     qmodel = convert_to_brevitas(tiny_resnet(seed=0), spec)
     return calibrate_activations(qmodel, _batches(4, seed=1))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # tiny models: thread start-up and contention with other jobs cost more than they save
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,6 @@ from hdrq_plugin.convert import compute_layers
 from hdrq_plugin.gptq import gptq_calibrate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small overhead-bound models: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     gen = torch.Generator().manual_seed(0)

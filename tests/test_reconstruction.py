@@ -28,14 +28,6 @@ from hdrq_plugin.reconstruction.source import SourceMismatchError, folded_weight
 FEW = 4  # iterations per unit where only the mechanics matter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-1 steps on a tiny model are overhead-bound: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def digits():

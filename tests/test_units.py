@@ -10,15 +10,6 @@ from hdrq_plugin.convert import UnsupportedLayerError, calibrate_activations, co
 from hdrq_plugin.units import find_reconstruction_units, run_model_through_units
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small overhead-bound models: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def qmodel():
     model = convert_to_brevitas(tiny_resnet(seed=0), "w4a4")
