@@ -296,6 +296,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--noise-seeds", type=int, help="re-merges per stochastic rule (default 8; reference 32)")
     parser.add_argument("--ablation-bits", nargs="*", help="bit-widths of the ablations (default w4a4 w3a3)")
     parser.add_argument("--iteration-grid", type=int, nargs="*", help="iterations per unit of the budget sweep")
+    parser.add_argument("--iteration-methods", nargs="+", help="methods of the budget sweep (default qdrop hdrq)")
     parser.add_argument("--rules", nargs="+", help="merge rules (default: all five, see mtda_plan.RULES)")
     parser.add_argument("--ablations", nargs="*", help="no-noise no-distance uniform-noise (default all three)")
     parser.add_argument("--distance-grid", type=float, nargs="*", help="λ_D values (default 5e-3 1e-2 5e-2 1e-1)")
@@ -325,6 +326,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
                "iteration_grid": tuple(args.iteration_grid) if args.iteration_grid is not None else None,
                "ort": False if args.no_ort else None,
                "rules": tuple(args.rules) if args.rules else None,
+               "iteration_methods": tuple(args.iteration_methods) if args.iteration_methods else None,
                "ablations": tuple(args.ablations) if args.ablations is not None else None,
                "distance_grid": tuple(args.distance_grid) if args.distance_grid is not None else None,
                "merge_then_quantize": (tuple(args.merge_then_quantize) if args.merge_then_quantize is not None
