@@ -28,7 +28,7 @@ Granularity = Literal["block", "layer"]
 
 #: Iterations per unit of :meth:`HDRQConfig.cpu_preset`, chosen by measurement
 #: (benchmarks/calibration_cost.py --model handwritten: ResNet-8 32/64/128 adapted optdigits → mnist,
-#: W4A4, two seeds; float 93.7 %, RTN 21.2 %). QDrop / HDRQ test accuracy: 250 it 90.8 / 92.3 (one
+#: W4A4, two seeds; float 93.7 %, RTN 21–22 %). QDrop / HDRQ test accuracy: 250 it 90.8 / 92.3 (one
 #: seed), 500 it 90.7 / 91.9, 1,000 it 92.5 / 91.3, 2,000 it 93.7 / 93.1 — within a point of the
 #: float model only at 2,000, a tenth of the GPU budget, about 2 CPU-minutes per model on one core.
 CPU_ITERATIONS = 2000
