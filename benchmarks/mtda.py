@@ -146,13 +146,19 @@ class BenchmarkRun:
     def key(self, cell: Cell) -> str:
         return cell_key(cell, self.settings, self.recipe_keys[cell.seed], self.variants)
 
+    def is_finished(self, cell: Cell) -> bool:
+        """A record exists and it evaluated every split this run needs (val is added on demand)."""
+        record = self.store.get(self.key(cell))
+        needed = set(cell_splits(cell, self.variants, self.settings))
+        return record is not None and needed <= set(record.get("splits", ["test"]))
+
     def pending(self) -> list[Cell]:
-        return [cell for cell in self.plan if self.key(cell) not in self.store]
+        return [cell for cell in self.plan if not self.is_finished(cell)]
 
     def run(self) -> None:
         bar = tqdm(self.plan, desc="benchmark cells", unit="cell", disable=None)
         for cell in bar:
-            if self.key(cell) in self.store:
+            if self.is_finished(cell):
                 continue
             bar.set_postfix_str(cell.name)
             start = time.perf_counter()
@@ -199,9 +205,11 @@ class BenchmarkRun:
         models = {t: self.quantized(quantize_cell_for(cell, t)) for t in cell.targets}
         variant = self.variants[cell.variant]
         if cell.kind == "merge":
+            splits = cell_splits(cell, self.variants, settings)
             result = cells_.merge_cell(models, cell.targets, cell.rule, bench, variant, cell.bits,
                                        noise_seeds=settings.noise_seeds, trials=settings.trials, seed=cell.seed,
-                                       splits=cell_splits(cell, self.variants, settings))
+                                       splits=splits)
+            result["splits"] = list(splits)
         else:
             result = cells_.barrier_cell(models, cell.targets, bench, variant, cell.bits,
                                          steps=settings.barrier_steps, trials=settings.trials, seed=cell.seed)
@@ -211,9 +219,10 @@ class BenchmarkRun:
         bench = self.bench(cell.seed)
         (target,) = cell.targets
         variant = self.variants[cell.variant]
+        splits = cell_splits(cell, self.variants, self.settings)
         qmodel, family, result = cells_.quantize_cell(bench, variant, cell.bits, target, cell.seed,
-                                                       self.settings.iterations,
-                                                       cell_splits(cell, self.variants, self.settings))
+                                                       self.settings.iterations, splits)
+        result["splits"] = list(splits)
         result["iterations"] = iterations_of(variant, self.settings)  # what the cost model scales from
         key = self.key(cell)
         # the checkpoint first: a record always has its model
@@ -308,6 +317,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", help="model zoo cache (default $HDRQ_CACHE_DIR or ~/.cache/hdrq-plugin)")
     parser.add_argument("--summary", help="where to write the markdown summary (default OUT/BENCHMARKS.md)")
     parser.add_argument("--notes", help="a markdown file whose text heads the summary (findings)")
+    parser.add_argument("--plots", help="folder of the PNG plots (default OUT/plots)")
     parser.add_argument("--keep-going", action="store_true", help="record a failing cell and go on")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the outputs from the cache")
     return parser.parse_args(argv)
@@ -350,7 +360,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         run.run()
     paths = write_outputs(run, command=" ".join(sys.argv), wall_seconds=time.perf_counter() - start,
-                          summary=args.summary, notes=args.notes)
+                          summary=args.summary, notes=args.notes, plots_dir=args.plots)
     print("\n".join(str(p) for p in paths), file=sys.stderr)
     return 1 if run.failures else 0
 

@@ -151,7 +151,7 @@ class BenchmarkSettings:
 
     @classmethod
     def quick(cls) -> BenchmarkSettings:
-        """The ``--quick`` run, under 10 minutes on 2 cores (about 6 CPU minutes measured): two
+        """The ``--quick`` run, under 10 minutes on 2 cores (measured: 4 min 11 s with the zoo cached): two
         targets (one merge), W4A4, one seed, 100 iterations per unit, 250 test images per target,
         2 noise seeds × 30 trials, no ablations, one 3-point barrier per method."""
         return cls(targets=("mnist", "optdigits"), test_images=250, seeds=(0,), bits=("w4a4",),
@@ -242,7 +242,9 @@ def cell_key(cell: Cell, settings: BenchmarkSettings, recipe_key: str, variants:
                      "n_calib": settings.n_calib, "test_images": settings.test_images}
     if cell.kind in ("quantize", "merge", "barrier", "merge-then-quantize"):
         payload["variant"] = variants[cell.variant].describe(cell.seed, settings.iterations)
-        payload["splits"] = list(cell_splits(cell, variants, settings))
+        # Every record reports the test split; val rows are extra, added to a record when a run
+        # needs them (mtda.BenchmarkRun.is_finished), so they are not part of the key.
+        payload["splits"] = ["test"]
     if cell.kind == "merge" and cell.rule in STOCHASTIC_RULES:
         payload["noise"] = {"noise_seeds": settings.noise_seeds, "trials": settings.trials}
     if cell.kind == "barrier":

@@ -41,11 +41,13 @@ def results_report(run, command: str, wall_seconds: float) -> Report:
 
 
 def write_outputs(run, *, command: str, wall_seconds: float, summary: str | None = None,
-                  notes: str | None = None) -> list[Path]:
+                  notes: str | None = None, plots_dir: str | None = None) -> list[Path]:
+    """``OUT/results.json``, the summary (default ``OUT/BENCHMARKS.md``) and the plots (default
+    ``OUT/plots``); the summary links the plots relative to its own folder."""
     out = run.store.folder
     report = results_report(run, command, wall_seconds)
     results = write_text_atomic(out / "results.json", json.dumps(report.to_dict(), indent=1, default=str))
-    plot_paths = write_plots(run, report, out / "plots")
+    plot_paths = write_plots(run, report, Path(plots_dir) if plots_dir else out / "plots")
     summary_path = Path(summary) if summary else out / "BENCHMARKS.md"
     notes_text = Path(notes).read_text(encoding="utf-8") if notes else ""
     write_text_atomic(summary_path, summary_markdown(run, report, plot_paths, summary_path.parent, notes_text))
@@ -123,7 +125,8 @@ def summary_markdown(run, report: Report, plot_paths: list[Path], base: Path, no
     lines += ["## Single-model accuracy (each θt quantized, on its own target; mean over targets)", "",
               tables.single_table(rows, quantizers, bits_list), ""]
     for bits in bits_list:
-        lines += [f"## Tie rules at {bits} (pairs; `{DEQUANTIZED_AVERAGE}` is off-grid, the ceiling)", "",
+        lines += [f"## Tie rules at {bits} (pairs; `{DEQUANTIZED_AVERAGE}`: the off-grid average of the "
+                  "dequantized weights, not deployable, what every re-rounding rule approximates)", "",
                   tables.rule_table(rows, quantizers, settings.rules, bits=bits, scope="pairs",
                                     all_targets=all_targets), ""]
     references = ["float-merge"] + [f"float-merge→{m}" for m in settings.merge_then_quantize]
@@ -150,9 +153,9 @@ def summary_markdown(run, report: Report, plot_paths: list[Path], base: Path, no
                                                  all_targets=all_targets, split=split)
                       for m in settings.iteration_methods}
             lines += [f"## Accuracy against iterations per unit ({bits}, {MAIN_RULE}, {split} splits)", "",
-                      tables.iteration_table(series), ""]
+                      tables.iteration_table(series, tables.scopes_for(all_targets)), ""]
     barrier_methods = ["float"] + quantizers
-    lines += ["## Error barriers (max over λ of the loss above the endpoints' line)", "",
+    lines += ["## Error barriers on the union of the pair's test splits (B(½) signed / max over λ ≥ 0)", "",
               tables.barrier_table(report.extra["barriers"], barrier_methods, ["fp32"] + list(bits_list)), ""]
     lines += ["## Calibration time", "", tables.timing_table(run.finished_records(), list(run.variants)), ""]
     lines += _estimate_lines(estimate, report)

@@ -146,7 +146,10 @@ def ablation_table(rows, quantizers: Sequence[str], *, bits: str, rules: Sequenc
 
 
 def reference_table(rows, bits_list: Sequence[str], *, all_targets: str, methods: Sequence[str]) -> str:
-    """Reference rows (float merge, merge-then-quantize, onnxruntime) per scope and bit-width."""
+    """Reference rows (float merge, merge-then-quantize, onnxruntime) per scope and bit-width; the
+    columns are ``bits_list`` plus any other bit-width a reference row has (onnxruntime's)."""
+    present = {r["bits"] for r in rows if r["method"] in methods and r["bits"] != "fp32"}
+    bits_list = list(bits_list) + sorted(present - set(bits_list))
     body = []
     for method in methods:
         stage = "float_merged" if method == "float-merge" else ("merged_ort" if method.startswith("ort-")
@@ -171,15 +174,20 @@ def float_table(rows, targets: Sequence[str]) -> str:
 
 
 def barrier_table(barriers: Sequence[dict], methods: Sequence[str], bits_list: Sequence[str]) -> str:
-    """Maximum error barrier (loss above the line between the endpoints), mean ± std over seeds and pairs."""
+    """Error barriers, mean ± std over seeds and pairs: ``B(½) = L(θ½) − ½(L1 + L2)`` (signed; negative
+    when the merge is better on the pair's data than its endpoints) and ``max_λ`` of the loss above the
+    line between the endpoints (≥ 0: the endpoints are on the grid)."""
     body = []
     for method in methods:
         cells = []
         for bits in bits_list:
-            values = [b["max_barrier"] for b in barriers if b["method"] == method and b["bits"] == bits]
-            cells.append(format_mean_std(values, scale=1.0, digits=3))
+            chosen = [b for b in barriers if b["method"] == method and b["bits"] == bits]
+            midpoint = [b["midpoint_barrier"] for b in chosen if b.get("midpoint_barrier") is not None]
+            maximum = [b["max_barrier"] for b in chosen]
+            cells.append("—" if not chosen else
+                         f"{format_mean_std(midpoint, scale=1.0, digits=3)} / {format_mean_std(maximum, 1.0, 3)}")
         body.append([method] + cells)
-    return markdown_table(["model"] + list(bits_list), body)
+    return markdown_table(["model (B(½) / max)"] + list(bits_list), body)
 
 
 def timing_table(records: Sequence[dict], quantizers: Sequence[str], reference: str = "qdrop") -> str:
@@ -213,7 +221,10 @@ def iteration_series(rows, method: str, iteration_labels: dict[str, int], *, bit
     return series
 
 
-def iteration_table(series_by_method: dict[str, list]) -> str:
-    body = [[method, str(count), format_mean_std(single), format_mean_std(pairs), format_mean_std(all_)]
-            for method, series in series_by_method.items() for count, single, pairs, all_ in series]
-    return markdown_table(["method", "iterations / unit", "single", "merged HM pairs", "merged HM all"], body)
+def iteration_table(series_by_method: dict[str, list], scopes: Sequence[str] = SCOPES) -> str:
+    """Single accuracy and merged harmonic means (``scopes``) against iterations per unit."""
+    columns = [index for index, scope in ((2, "pairs"), (3, "all")) if scope in scopes]
+    body = [[method, str(entry[0]), format_mean_std(entry[1])] + [format_mean_std(entry[i]) for i in columns]
+            for method, series in series_by_method.items() for entry in series]
+    header = ["method", "iterations / unit", "single"] + [f"merged HM {('pairs', 'all')[i - 2]}" for i in columns]
+    return markdown_table(header, body)
