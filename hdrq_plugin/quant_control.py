@@ -65,25 +65,22 @@ def _unique(params: Iterator[nn.Parameter]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
+def _set_on_pseudo_quants(module: nn.Module, attribute: str, value) -> int:
+    """Set ``attribute`` on every HDRQ quantizer under ``module``; returns how many changed."""
+    quants = [m for m in module.modules() if isinstance(m, PseudoQuantIntQuant)]
+    for m in quants:
+        setattr(m, attribute, value)
+    return len(quants)
+
+
 def set_quant_mode(module: nn.Module, mode: QuantMode | str) -> int:
     """Set the training-mode rounding of every HDRQ weight and activation quantizer under ``module``."""
-    mode = QuantMode(mode)
-    changed = 0
-    for m in module.modules():
-        if isinstance(m, PseudoQuantIntQuant):
-            m.quant_mode = mode
-            changed += 1
-    return changed
+    return _set_on_pseudo_quants(module, "quant_mode", QuantMode(mode))
 
 
 def set_noise_shape(module: nn.Module, shape: str) -> int:
     """Noise of every HDRQ quantizer under ``module``: ``"histogram"`` (the method) or ``"uniform"``."""
-    changed = 0
-    for m in module.modules():
-        if isinstance(m, PseudoQuantIntQuant):
-            m.noise_shape = shape
-            changed += 1
-    return changed
+    return _set_on_pseudo_quants(module, "noise_shape", shape)
 
 
 def set_activation_drop(module: nn.Module, probability: float) -> int:
