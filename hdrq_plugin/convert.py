@@ -128,7 +128,7 @@ def convert_to_brevitas(
 
     float_copy = _deepcopy_eval(model)
     try:
-        graph_model = preprocess_for_quantize(float_copy, equalize_iters=0, merge_bn=True)
+        graph_model = _trace_and_fold(float_copy)
     except Exception as err:  # FX tracing errors are long; say what is needed first
         raise TypeError(
             f"could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
@@ -178,7 +178,19 @@ def fold_batchnorm(model: nn.Module) -> torch.fx.GraphModule:
     The float counterpart of what :func:`convert_to_brevitas` quantizes: merging folded float
     models is the reference every quantized merge is compared with.
     """
-    return preprocess_for_quantize(_deepcopy_eval(model), equalize_iters=0, merge_bn=True)
+    return _trace_and_fold(_deepcopy_eval(model))
+
+
+def _trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
+    """Brevitas' FX trace with BatchNorm folded (MergeBatchNorm) and cross-layer equalisation off
+    (it would rescale each target's model differently, and merged layers must share one basis).
+
+    Brevitas 0.13's backported tracer calls a pytree API that torch 2.13 deprecates, once per
+    trace; that FutureWarning says nothing to our users, so only it is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*treespec\.children_specs.* is deprecated", category=FutureWarning)
+        return preprocess_for_quantize(model, equalize_iters=0, merge_bn=True)
 
 
 def _quantize_graph(graph_model, identity_map, compute_map, act_map) -> torch.fx.GraphModule:

@@ -1,0 +1,61 @@
+"""The ``hdrq demo`` pipeline end to end on the tiny recipe: every stage reported, files written."""
+
+import json
+
+import pytest
+
+from hdrq_plugin.cli import main
+from hdrq_plugin.report import STAGES
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HDRQ_CACHE_DIR", str(cache))
+        code = main(["demo", "--size", "tiny", "--iterations", "8", "--out", str(out)])
+    return code, out
+
+
+def test_demo_writes_a_tidy_report_with_every_stage(demo_run):
+    code, out = demo_run
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]
+    assert rows and all({"method", "bits", "stage", "target", "accuracy"} <= row.keys() for row in rows)
+    assert {row["stage"] for row in rows} == set(STAGES)
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
+    assert report["recipe"]["iterations_per_unit"] == 8
+    assert "zoo_s" in report["timings"] and "quantize_hdrq_s" in report["timings"]
+    assert (out / "report.md").read_text().startswith("# hdrq-plugin report")
+
+
+def test_demo_merges_every_pair_and_all_targets_with_both_rtn_rules(demo_run):
+    _, out = demo_run
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    merged = {(row["method"], row["merged_targets"]) for row in rows if row["stage"] == "merged"}
+    subsets = {m for _, m in merged}
+    assert subsets == {"mnist+optdigits", "mnist+mnistm", "optdigits+mnistm", "mnist+optdigits+mnistm"}
+    for rule in ("rtn+naive", "rtn+half-to-even", "hdrq+noise-sampling", "hdrq+half-to-even"):
+        assert (rule, "mnist+optdigits+mnistm") in merged
+        assert (f"{rule} [mnist+optdigits]", "mnist+optdigits") in merged
+
+
+def test_demo_exports_onnx_files_that_match_the_merged_model(demo_run):
+    _, out = demo_run
+    assert (out / "merged-hdrq-int4-in-int8.onnx").is_file() and (out / "merged-hdrq-int4.onnx").is_file()
+    report = json.loads((out / "report.json").read_text())
+    torch_rows = {r["target"]: r["accuracy"] for r in report["rows"]
+                  if r["stage"] == "merged" and r["method"] == "hdrq+noise-sampling"}
+    ort_rows = {r["target"]: r["accuracy"] for r in report["rows"]
+                if r["stage"] == "merged_ort" and r["method"] == "hdrq+noise-sampling[int4-in-int8]"}
+    assert ort_rows == pytest.approx(torch_rows, abs=0.01)
+    assert all(v["ok"] for v in report["validation"].values())
+
+
+def test_demo_refuses_an_unwritable_output_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "--size", "tiny", "--out", str(blocker / "sub")]) == 2
+    assert "demo" not in capsys.readouterr().out
