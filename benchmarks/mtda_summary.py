@@ -125,6 +125,9 @@ def summary_markdown(run, report: Report, plot_paths: list[Path], base: Path, no
     lines += ["## Single-model accuracy (each θt quantized, on its own target; mean over targets)", "",
               tables.single_table(rows, quantizers, bits_list), ""]
     for bits in bits_list:
+        lines += [f"## Single-model accuracy per target at {bits} (each θt on its own target)", "",
+                  tables.single_per_target_table(rows, quantizers, bits, run.targets), ""]
+    for bits in bits_list:
         lines += [f"## Tie rules at {bits} (pairs; `{DEQUANTIZED_AVERAGE}`: the off-grid average of the "
                   "dequantized weights, not deployable, what every re-rounding rule approximates)", "",
                   tables.rule_table(rows, quantizers, settings.rules, bits=bits, scope="pairs",

@@ -103,6 +103,14 @@ def single_table(rows, quantizers: Sequence[str], bits_list: Sequence[str]) -> s
     return markdown_table(["quantizer"] + list(bits_list), body)
 
 
+def single_per_target_table(rows, quantizers: Sequence[str], bits: str, targets: Sequence[str]) -> str:
+    """Single-model accuracy (%) of each quantizer (rows) on each target (columns) at one bit-width."""
+    body = [[q] + [format_mean_std(r["accuracy"] for r in _select(rows, stage="single", method=q, bits=bits,
+                                                                   target=t, split="test")) for t in targets]
+            for q in quantizers]
+    return markdown_table(["quantizer"] + list(targets), body)
+
+
 def rule_table(rows, quantizers: Sequence[str], rules: Sequence[str], *, bits: str, scope: str,
                all_targets: str) -> str:
     """Merged harmonic mean (%) per quantizer (rows) and tie rule (columns) at one bit-width."""
