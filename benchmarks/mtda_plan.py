@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 from dataclasses import dataclass
 
+from hdrq_examples.zoo import merge_subsets  # noqa: F401 - re-exported: the plan's merges
 from hdrq_plugin.bitspec import BitSpec
 from hdrq_plugin.merge_rules import NOISE_TRIALS
 from hdrq_plugin.reconstruction.config import METHODS, HDRQConfig
@@ -162,16 +162,6 @@ class BenchmarkSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def merge_subsets(targets: tuple[str, ...], which: str = "pairs+all") -> list[tuple[str, ...]]:
-    """Every two-target subset and (for more than two targets) all targets together."""
-    if which not in ("pairs", "all", "pairs+all"):
-        raise ValueError(f"merge_subsets must be 'pairs', 'all' or 'pairs+all', got {which!r}")
-    subsets = list(itertools.combinations(targets, 2)) if "pairs" in which else []
-    if "all" in which and (len(targets) > 2 or not subsets):
-        subsets.append(tuple(targets))
-    return subsets
 
 
 def main_variants(methods: tuple[str, ...]) -> dict[str, Variant]:

@@ -6,7 +6,6 @@ grid → exported to ONNX (INT8 / INT4) → validated in onnxruntime, with a rep
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from hdrq_plugin.merge import merge_models
 from hdrq_plugin.quantize import quantize_model
 from hdrq_plugin.report import Report
 
-from .zoo import Benchmark, BenchmarkRecipe, load_or_build_benchmark
+from .zoo import Benchmark, BenchmarkRecipe, load_or_build_benchmark, merge_subsets
 
 #: the two rounding rules every quantized merge is reported with (hdrq.md §5): the biased naive
 #: re-rounding of averaged dequantized weights (what not to do) and integer-code averaging
@@ -60,6 +59,8 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
              iterations: int | None = DEMO_ITERATIONS, export: bool = True) -> Report:
     """Run the whole pipeline and write ``report.json`` / ``report.md`` (and models) into ``out``."""
     spec = BitSpec.parse(bits)
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0):
+        raise ValueError(f"iterations must be a whole number >= 0 (or None for the CPU preset), got {iterations!r}")
     out = ensure_writable_dir(out)  # fail before minutes of work, not after
     recipe = {"demo": BenchmarkRecipe, "tiny": BenchmarkRecipe.tiny}[size]
     recipe = recipe(seed=seed) if size == "demo" else _with_seed(recipe(), seed)
@@ -92,24 +93,23 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
                           {t: accuracy(bn_averaged, tests[t]) for t in targets})
     save_float_model(out / "source.pt", bench.source_model, float_recipe(bench))
 
-    quantized: dict[str, list] = {}
+    quantized: dict[str, dict[str, tuple]] = {}  # method → target → (quantized θt, quantizer family)
     for method in ("rtn", "hdrq"):
-        models = []
+        quantized[method] = {}
         for t in targets:
             with clock(f"quantize_{method}_s"):
                 qmodel, family = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec,
                                                 method=method, source=bench.source_model, seed=seed,
                                                 iterations=iterations)
             report.add(method, str(spec), "single", t, accuracy(qmodel, tests[t]))
-            models.append((qmodel, family))
-        quantized[method] = models
+            quantized[method][t] = (qmodel, family)
 
     # every pair (where ties between two integer codes decide the rounding) and all targets
     merged_models = {}
     for method, rules in (("rtn", NAIVE_MERGES), ("hdrq", ("noise-sampling", "half-to-even"))):
         for rounding in rules:
             for subset in merge_subsets(targets):
-                members = [quantized[method][targets.index(t)][0] for t in subset]
+                members = [quantized[method][t][0] for t in subset]
                 with clock(f"merge_{method}_{rounding}_s"):
                     merged = merge_models(members, rounding=rounding, seed=seed)
                 label = _merge_label(f"{method}+{rounding}", subset, targets)
@@ -117,7 +117,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
                                       merged_targets="+".join(subset))
                 merged_models[label] = merged
     hdrq_merged = merged_models["hdrq+noise-sampling"]
-    family = quantized["hdrq"][0][1]
+    family = quantized["hdrq"][targets[0]][1]
     save_quantized(out / "merged-hdrq.pt", hdrq_merged, recipe=float_recipe(bench), bits=spec,
                    family=family, metadata={"method": "hdrq", "merged_from": targets,
                                             "rounding": "noise-sampling", "seed": seed})
@@ -127,12 +127,6 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
         _export_and_validate(report, hdrq_merged, spec, targets, tests, out, clock)
     report.write(out)
     return report
-
-
-def merge_subsets(targets: list[str]) -> list[tuple[str, ...]]:
-    """Every pair of targets, then all of them (when there are more than two)."""
-    pairs = list(itertools.combinations(targets, 2))
-    return pairs + ([tuple(targets)] if len(targets) > 2 or not pairs else [])
 
 
 def _merge_label(method: str, subset: tuple[str, ...], targets: list[str]) -> str:
@@ -158,7 +152,7 @@ def _barrier(report, bench, hdrq_models, targets, tests, out, clock) -> None:
     data = ConcatDataset([tests[t] for t in pair])
     with clock("barrier_s"):
         float_curve = error_barrier(bench.adapted[pair[0]], bench.adapted[pair[1]], data, steps=6)
-        quant_curve = error_barrier(hdrq_models[0][0], hdrq_models[1][0], data, steps=6, quantized=True)
+        quant_curve = error_barrier(hdrq_models[pair[0]][0], hdrq_models[pair[1]][0], data, steps=6, quantized=True)
     plot_barrier([float_curve, quant_curve], out / "barrier.png")
     report.extra["barrier"] = {"pair": pair, "float": float_curve.to_dict(), "hdrq": quant_curve.to_dict()}
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import platform
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -121,6 +123,17 @@ class BenchmarkRecipe:
             "versions": library_versions(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def merge_subsets(targets: Sequence[str], which: str = "pairs+all") -> list[tuple[str, ...]]:
+    """The target subsets a multi-target evaluation merges: every pair and (for more than two
+    targets) all of them together; ``which`` keeps only the ``"pairs"`` or the ``"all"`` merge."""
+    if which not in ("pairs", "all", "pairs+all"):
+        raise ValueError(f"merge_subsets must be 'pairs', 'all' or 'pairs+all', got {which!r}")
+    subsets = list(itertools.combinations(targets, 2)) if "pairs" in which else []
+    if "all" in which and (len(targets) > 2 or not subsets):
+        subsets.append(tuple(targets))
+    return subsets
 
 
 def library_versions() -> dict[str, str]:

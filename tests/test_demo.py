@@ -58,4 +58,13 @@ def test_demo_refuses_an_unwritable_output_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert main(["demo", "--size", "tiny", "--out", str(blocker / "sub")]) == 2
-    assert "demo" not in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out and str(blocker) in captured.err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_demo_refuses_negative_iterations_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--size", "tiny", "--iterations", "-1", "--out", str(out)]) == 2
+    assert "iterations must be" in capsys.readouterr().err
+    assert not out.exists()
