@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[examples,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[examples,dev,distributed]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/mtda.py --quick --out runs/mtda-quick     # < 10 min on 2 cores
     .venv/bin/python benchmarks/mtda.py --out runs/mtda                   # the full grid (hours)
+    .venv/bin/python benchmarks/mtda.py --out runs/mtda --ray             # its cells as Ray tasks (mtda_tasks)
 
 For every seed (the zoo's seed: source model, adapted models and splits; and the calibration
 seed) each adapted model θt is quantized with its own target's 32 calibration images by every
@@ -35,19 +36,15 @@ import torch
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from benchmarks import mtda_cells as cells_
+from benchmarks import mtda_tasks as tasks_
 from benchmarks.mtda_estimate import CostModel, estimate_plan
-from benchmarks.mtda_ort import ort_quantize_static_accuracies
 from benchmarks.mtda_plan import (
-    ORT_TYPES,
-    ORT_VARIANTS,
     BenchmarkSettings,
     Cell,
     build_plan,
     cell_key,
     cell_splits,
     iterations_of,
-    merge_subsets,
     quantize_cell_for,
 )
 from benchmarks.mtda_store import CellStore
@@ -55,7 +52,7 @@ from benchmarks.mtda_summary import write_outputs
 from hdrq_examples.demo import float_recipe
 from hdrq_examples.zoo import Benchmark, BenchmarkRecipe, cache_path_for, load_or_build_benchmark
 from hdrq_plugin.checkpoint import CheckpointError, load_quantized, save_quantized
-from hdrq_plugin.float_merge import average_float_models
+from hdrq_plugin.distributed import make_runner
 from hdrq_plugin.reconstruction.config import HDRQConfig
 
 #: zoo recipes by name; "fashion" needs Debian's dataset-fashion-mnist (the zoo says so if absent)
@@ -185,45 +182,22 @@ class BenchmarkRun:
 
     def compute(self, cell: Cell) -> dict:
         torch.manual_seed(cell.seed)
-        bench, settings = self.bench(cell.seed), self.settings
-        if cell.kind == "float":
-            subsets = merge_subsets(self.targets, settings.merge_subsets)
-            pairs = [s for s in subsets if len(s) == 2]
-            pairs = pairs[:1] if settings.barrier_pairs == "first" else pairs
-            with cells_.stopwatch(timings := {}):
-                result = cells_.float_cell(bench, self.targets, subsets, pairs, settings.barrier_steps, cell.seed)
-            return self.store.put(cell, self.key(cell), {**result, "full_test_sizes": self.full_test_sizes,
-                                                         **timings})
+        bench = self.bench(cell.seed)
         if cell.kind == "quantize":
             return self.quantize(cell)[1]
-        if cell.kind == "merge-then-quantize":
-            result = cells_.merge_then_quantize_cell(bench, self.variants[cell.variant], cell.bits, cell.targets,
-                                                     cell.seed, settings.iterations)
-            return self.store.put(cell, self.key(cell), result)
-        if cell.kind == "ort":
-            return self.store.put(cell, self.key(cell), self.ort(cell, bench))
-        models = {t: self.quantized(quantize_cell_for(cell, t)) for t in cell.targets}
-        variant = self.variants[cell.variant]
-        if cell.kind == "merge":
-            splits = cell_splits(cell, self.variants, settings)
-            result = cells_.merge_cell(models, cell.targets, cell.rule, bench, variant, cell.bits,
-                                       noise_seeds=settings.noise_seeds, trials=settings.trials, seed=cell.seed,
-                                       splits=splits)
-            result["splits"] = list(splits)
-        else:
-            result = cells_.barrier_cell(models, cell.targets, bench, variant, cell.bits,
-                                         steps=settings.barrier_steps, trials=settings.trials, seed=cell.seed)
-        return self.store.put(cell, self.key(cell), result)
+        models = {}
+        if cell.kind in ("merge", "barrier"):
+            models = {t: self.quantized(quantize_cell_for(cell, t)) for t in cell.targets}
+        return self.store.put(cell, self.key(cell), tasks_.cell_record(cell, bench, self.context(cell), models))
+
+    def context(self, cell: Cell) -> tasks_.CellContext:
+        return tasks_.CellContext(self.settings, self.variants, self.targets,
+                                  cell_splits(cell, self.variants, self.settings), self.full_test_sizes,
+                                  str(self.store.folder))
 
     def quantize(self, cell: Cell) -> tuple[torch.nn.Module, dict]:
         bench = self.bench(cell.seed)
-        (target,) = cell.targets
-        variant = self.variants[cell.variant]
-        splits = cell_splits(cell, self.variants, self.settings)
-        qmodel, family, result = cells_.quantize_cell(bench, variant, cell.bits, target, cell.seed,
-                                                       self.settings.iterations, splits)
-        result["splits"] = list(splits)
-        result["iterations"] = iterations_of(variant, self.settings)  # what the cost model scales from
+        qmodel, family, result = tasks_.quantize_record(cell, bench, self.context(cell))
         key = self.key(cell)
         # the checkpoint first: a record always has its model
         save_quantized(self.store.model_path(key), qmodel, recipe=float_recipe(bench), bits=cell.bits,
@@ -252,21 +226,6 @@ class BenchmarkRun:
             self._models.clear()
             self._group = group
         self._models[key] = model
-
-    def ort(self, cell: Cell, bench: Benchmark) -> dict:
-        (weight_type, activation_type), = [(w, a) for bits, w, a in ORT_TYPES if bits == cell.bits]
-        calibration = ORT_VARIANTS[cell.variant]
-        pool = cells_.pooled_calibration(bench, cell.targets)
-        with cells_.stopwatch(timings := {}):
-            merged = average_float_models([bench.adapted[t] for t in cell.targets])
-            accuracies = ort_quantize_static_accuracies(
-                merged, pool, {t: bench.domains[t].test for t in cell.targets}, weight_type=weight_type,
-                activation_type=activation_type, calibration_method=calibration, workdir=self.store.folder)
-        rows = cells_.accuracy_rows(cell.variant, cell.bits, "merged_ort", accuracies, seed=cell.seed,
-                                    merge=cells_.merge_label(cell.targets), quantizer=cell.variant,
-                                    rounding="merge-then-quantize", weight_type=weight_type,
-                                    activation_type=activation_type, time_s=timings["seconds"])
-        return {"rows": rows, **timings}
 
     # --- results --------------------------------------------------------------------------------
     def finished_records(self) -> list[dict]:
@@ -320,6 +279,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plots", help="folder of the PNG plots (default OUT/plots)")
     parser.add_argument("--keep-going", action="store_true", help="record a failing cell and go on")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the outputs from the cache")
+    parser.add_argument("--ray", action="store_true",
+                        help="run the cells as Ray tasks (hdrq-plugin[distributed]; mtda_tasks)")
+    parser.add_argument("--tasks", action="store_true",
+                        help="run the cells as tasks one after another: --ray's path without Ray")
+    parser.add_argument("--address", help="Ray cluster to join (implies --ray; default $RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all cores)")
     return parser.parse_args(argv)
 
 
@@ -357,7 +322,14 @@ def main(argv=None) -> int:
     pending = len(run.pending())
     print(f"{len(run.plan)} cells, {len(run.plan) - pending} cached in {run.store.folder}, {pending} to run",
           file=sys.stderr)
-    if not args.report_only:
+    if not args.report_only and (args.ray or args.address or args.tasks):
+        runner = make_runner(args.ray or bool(args.address), address=args.address, num_cpus=args.num_cpus)
+        try:
+            counts = tasks_.run_with_runner(run, runner)
+        finally:
+            runner.shutdown()
+        print(f"{runner.name} runner: {counts}", file=sys.stderr)
+    elif not args.report_only:
         run.run()
     paths = write_outputs(run, command=" ".join(sys.argv), wall_seconds=time.perf_counter() - start,
                           summary=args.summary, notes=args.notes, plots_dir=args.plots)

@@ -1,4 +1,4 @@
-"""The ``hdrq`` command line: demo, quantize, merge, export, validate, barrier.
+"""The ``hdrq`` command line: demo, quantize, merge, export, validate, barrier, quantize-targets.
 
 A face over the library: it parses arguments, loads and saves files, and turns failures into
 one-line messages with a non-zero exit code. No algorithm lives here.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_VALIDATION_FAILED = 3
+EXIT_TASKS_FAILED = 4  # quantize-targets: some targets failed; the finished ones are kept
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
     bar.add_argument("--steps", type=int, default=11)
     bar.add_argument("--quantized", action="store_true", help="re-merge every point on the integer grid")
     bar.add_argument("--out", required=True, help="PNG plot to write (JSON beside it)")
+    _add_quantize_targets(sub)
     return parser
+
+
+def _add_quantize_targets(sub) -> None:
+    pipe = sub.add_parser("quantize-targets",
+                          help="θ0 + per-target models/data → quantized checkpoints, merge, ONNX, validation")
+    pipe.add_argument("--source", help="float source model θ0 checkpoint (distance regulariser)")
+    pipe.add_argument("--target", nargs=3, action="append", required=True, metavar=("NAME", "MODEL", "CALIBRATION"),
+                      help="a target: its name, its adapted float checkpoint and its calibration data "
+                           "(.pt tensor or domain:NAME); repeat for every target")
+    pipe.add_argument("--test", nargs=2, action="append", default=[], metavar=("NAME", "DATA"),
+                      help="labelled test data of target NAME for the validation (domain:NAME or .pt)")
+    pipe.add_argument("--method", default="hdrq", choices=("rtn", "adaround", "brecq", "qdrop", "hdrq"))
+    pipe.add_argument("--bits", default="w4a4")
+    pipe.add_argument("--iterations", type=int, default=None, help="iterations per unit (default: the CPU preset)")
+    pipe.add_argument("--rounding", default="noise-sampling",
+                      choices=("noise-sampling", "half-to-even", "random", "naive"))
+    pipe.add_argument("--trials", type=int, default=100)
+    pipe.add_argument("--weights", default="int8", choices=("int8", "int4", "int4-in-int8"))
+    pipe.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    pipe.add_argument("--ray", action="store_true", help="run the targets as Ray tasks (needs hdrq-plugin[distributed])")
+    pipe.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    pipe.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    pipe.add_argument("--cpus-per-task", type=int, default=1, help="torch threads per target (default 1)")
+    _add_common(pipe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +269,60 @@ def cmd_barrier(args) -> int:
     return 0
 
 
+def calibration_tensor(spec: str):
+    """Calibration images of ``spec`` (see :func:`load_inputs`) as one N×C×H×W tensor."""
+    import torch
+
+    data = load_inputs(spec)
+    if hasattr(data, "tensors"):  # an example domain's calibration split
+        return data.tensors[0]
+    return torch.cat(list(data))
+
+
+def cmd_quantize_targets(args) -> int:
+    from .checkpoint import load_float_model
+    from .distributed import make_runner
+    from .pipeline import PipelineSettings, TargetInputs, TargetsFailedError, quantize_targets
+
+    names = [name for name, _, _ in args.target]
+    unknown = [name for name, _ in args.test if name not in names]
+    if unknown:
+        raise ValueError(f"--test names unknown targets {unknown}; the targets are {names}")
+    tests = {name: next(iter(load_labelled([spec]).values())) for name, spec in args.test}
+    targets, recipes = [], {}
+    for name, model_path, calibration in args.target:
+        model, info = load_float_model(model_path)
+        recipes[model_path] = info["recipe"]
+        targets.append(TargetInputs(name, model, calibration_tensor(calibration), tests.get(name)))
+    first = next(iter(recipes.values()))
+    different = [path for path, recipe in recipes.items() if recipe != first]
+    if different:
+        raise ValueError(f"target models {different} are not of the architecture of {args.target[0][1]}: "
+                         "merging needs one architecture")
+    source = load_float_model(args.source)[0] if args.source else None
+    settings = PipelineSettings(bits=args.bits, method=args.method, iterations=args.iterations, seed=args.seed,
+                                rounding=args.rounding, trials=args.trials, weights=args.weights,
+                                cpus_per_task=args.cpus_per_task)
+    runner = make_runner(args.ray, address=args.address, num_cpus=args.num_cpus)
+    try:
+        result = quantize_targets(source, targets, first, args.out, settings, runner=runner)
+    except TargetsFailedError as err:
+        print(f"hdrq quantize-targets: error: {err}", file=sys.stderr)
+        return EXIT_TASKS_FAILED
+    finally:
+        runner.shutdown()
+    reused = [n for n in names if n not in result.quantized_now]
+    print(f"quantized {', '.join(result.quantized_now) or 'nothing'}"
+          + (f" (reused {', '.join(reused)})" if reused else "")
+          + f"; wrote {result.merged}, {result.onnx}, {Path(args.out) / 'validation.json'}, {result.summary}")
+    if not result.ok:
+        print("validation FAILED: " + "; ".join(result.failures), file=sys.stderr)
+        return EXIT_VALIDATION_FAILED
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "quantize": cmd_quantize, "merge": cmd_merge, "export": cmd_export,
-            "validate": cmd_validate, "barrier": cmd_barrier}
+            "validate": cmd_validate, "barrier": cmd_barrier, "quantize-targets": cmd_quantize_targets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

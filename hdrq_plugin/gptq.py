@@ -70,7 +70,11 @@ def gptq_calibrate(
     batches = list(inputs.split(batch_size))
     qmodel.eval()
     calibrate_activations(qmodel, batches)
-    with gptq_mode(qmodel, act_order=act_order, use_quant_activations=True) as gptq:
+    # create_weight_orig=False: Brevitas would keep each layer's float weights in a `weight_orig`
+    # buffer and use them whenever weight quantization is off; the model would then not reload
+    # from a checkpoint (unexpected keys) and a quantization-disabled evaluation (a merge's
+    # dequantized average) would silently run the pre-GPTQ float weights
+    with gptq_mode(qmodel, act_order=act_order, use_quant_activations=True, create_weight_orig=False) as gptq:
         for _ in tqdm(range(gptq.num_layers), desc="GPTQ", unit="layer", disable=None):
             for batch in batches:
                 gptq.model(batch)

@@ -37,3 +37,15 @@ def test_gptq_refuses_weight_scales_recomputed_from_statistics(data):
 def test_gptq_rejects_a_too_small_calibration_set(data):
     with pytest.raises(ValueError, match="has 8 samples"):
         gptq_calibrate(convert_to_brevitas(tiny_resnet(seed=0), "w4a4"), data[0][:8])
+
+
+def test_a_gptq_model_reloads_from_its_checkpoint_and_keeps_no_float_copy(data, tmp_path):
+    from hdrq_plugin.checkpoint import ModelRecipe, load_quantized, save_quantized
+
+    recipe = ModelRecipe("tiny_models:tiny_resnet", {"seed": 0})
+    gptq = gptq_calibrate(convert_to_brevitas(recipe.build(), "w4a4"), data[0])
+    assert not any(name.endswith("weight_orig") for name in gptq.state_dict())
+    save_quantized(tmp_path / "gptq.pt", gptq, recipe=recipe, bits="w4a4", family="rtn")
+    reloaded, _ = load_quantized(tmp_path / "gptq.pt")
+    with torch.no_grad():
+        assert torch.equal(reloaded(data[1]), gptq(data[1]))

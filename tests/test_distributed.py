@@ -1,0 +1,225 @@
+"""Per-target quantization and benchmark cells as tasks: Ray and the sequential runner agree, a killed
+worker is retried, an interrupted run resumes without redoing finished work."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_resnet
+from torch.utils.data import TensorDataset
+
+from hdrq_plugin.checkpoint import ModelRecipe, save_float_model
+from hdrq_plugin.cli import EXIT_TASKS_FAILED, main
+from hdrq_plugin.distributed import (
+    RayRunner,
+    RayUnavailableError,
+    SequentialRunner,
+    Task,
+    TaskFailure,
+    make_runner,
+)
+from hdrq_plugin.export.model_facts import model_sha256
+from hdrq_plugin.pipeline import (
+    PipelineSettings,
+    TargetInputs,
+    finished_checkpoint,
+    quantize_target,
+    quantize_targets,
+    target_task_key,
+)
+
+TESTS = Path(__file__).resolve().parent
+RECIPE = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})
+SETTINGS = PipelineSettings(bits="w4a8", method="hdrq", iterations=4, seed=0, trials=5)
+NO_RAY = "Ray is not installed (pip install 'hdrq-plugin[distributed]'); the Ray runner tests need it"
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole session: 2 CPUs, no dashboard, workers that import the tests' models."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+def data(seed: int) -> tuple[torch.Tensor, TensorDataset]:
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(40, 3, 16, 16, generator=gen)
+    labels = tiny_resnet(seed=1)(inputs[32:]).argmax(1)
+    return inputs[:32], TensorDataset(inputs[32:], labels)
+
+
+def targets() -> list[TargetInputs]:
+    return [TargetInputs(name, tiny_resnet(seed=seed), *data(seed)) for name, seed in (("a", 1), ("b", 2))]
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_state(path_a: Path, path_b: Path) -> None:
+    a, b = state(path_a), state(path_b)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{path_a.name}: tensors differ: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def sequential_run(tmp_path_factory):
+    """The reference: both targets quantized one after another, merged, exported, validated."""
+    out = tmp_path_factory.mktemp("sequential")
+    result = quantize_targets(tiny_resnet(seed=0), targets(), RECIPE, out, SETTINGS, runner=SequentialRunner())
+    return out, result
+
+
+def test_sequential_pipeline_writes_every_file_and_a_valid_merge(sequential_run):
+    out, result = sequential_run
+    assert result.ok, result.failures
+    assert result.quantized_now == ["a", "b"]
+    for name in ("quantized/a.pt", "quantized/b.pt", "merged.pt", "merged.onnx", "validation.json", "pipeline.json"):
+        assert (out / name).is_file(), name
+
+
+def test_ray_runner_writes_the_same_checkpoints_as_the_sequential_runner(local_ray, sequential_run, tmp_path):
+    reference, _ = sequential_run
+    result = quantize_targets(tiny_resnet(seed=0), targets(), RECIPE, tmp_path, SETTINGS, runner=RayRunner())
+    assert result.ok, result.failures
+    for name in ("quantized/a.pt", "quantized/b.pt", "merged.pt"):
+        assert_same_state(reference / name, tmp_path / name)
+
+
+def test_another_seed_gives_another_checkpoint(sequential_run, tmp_path):
+    """The identity above is not vacuous: the checkpoint does depend on the task's seed."""
+    reference, _ = sequential_run
+    target = targets()[0]
+    quantize_target(target.model, target.calibration, tiny_resnet(seed=0), name="a", bits=SETTINGS.bits,
+                    method=SETTINGS.method, seed=1, iterations=SETTINGS.iterations, recipe=RECIPE,
+                    path=str(tmp_path / "a.pt"), key="seed 1")
+    a, b = state(reference / "quantized/a.pt"), state(tmp_path / "a.pt")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def die_on_first_attempt(marker: str, *args, **kwargs):
+    """A task whose worker process is killed (SIGKILL) the first time it runs, mid-task."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return quantize_target(*args, **kwargs)
+
+
+def _dying_task(marker: Path, out: Path) -> Task:
+    target = targets()[0]
+    return Task("quantize a", die_on_first_attempt,
+                (str(marker), target.model, target.calibration, tiny_resnet(seed=0)),
+                {"name": "a", "bits": SETTINGS.bits, "method": SETTINGS.method, "seed": SETTINGS.seed,
+                 "iterations": SETTINGS.iterations, "recipe": RECIPE, "path": str(out), "key": "a"},
+                seed=SETTINGS.seed)
+
+
+def test_a_worker_killed_mid_task_is_retried_and_gives_the_same_checkpoint(local_ray, sequential_run, tmp_path):
+    reference, _ = sequential_run
+    out = tmp_path / "a.pt"
+    [(_, outcome)] = list(RayRunner().as_completed([_dying_task(tmp_path / "died", out)]))
+    assert not isinstance(outcome, TaskFailure), outcome
+    assert (tmp_path / "died").exists()  # it did die once
+    assert_same_state(reference / "quantized/a.pt", out)
+
+
+def test_without_retries_a_killed_worker_is_reported_as_a_failure_and_writes_nothing(local_ray, tmp_path):
+    out = tmp_path / "a.pt"
+    [(_, outcome)] = list(RayRunner(max_retries=0).as_completed([_dying_task(tmp_path / "died", out)]))
+    assert isinstance(outcome, TaskFailure) and outcome.name == "quantize a"
+    assert not out.exists() and not list(tmp_path.glob(".a.pt.*"))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The reference's inputs as files: float checkpoints and calibration / test .pt files."""
+    folder = tmp_path_factory.mktemp("files")
+    save_float_model(folder / "source.pt", tiny_resnet(seed=0), RECIPE)
+    for target in targets():
+        save_float_model(folder / f"{target.name}.pt", target.model, RECIPE)
+        torch.save({"inputs": target.calibration}, folder / f"calib-{target.name}.pt")
+        inputs, labels = target.test.tensors
+        torch.save({"inputs": inputs, "labels": labels}, folder / f"test-{target.name}.pt")
+    torch.save({"inputs": targets()[1].calibration[:4]}, folder / "calib-too-small.pt")
+    return folder
+
+
+def _cli(ws: Path, out: Path, calib_b: str) -> list[str]:
+    return ["quantize-targets", "--source", str(ws / "source.pt"),
+            "--target", "a", str(ws / "a.pt"), str(ws / "calib-a.pt"),
+            "--target", "b", str(ws / "b.pt"), str(ws / calib_b),
+            "--test", "a", str(ws / "test-a.pt"), "--test", "b", str(ws / "test-b.pt"),
+            "--bits", SETTINGS.bits, "--iterations", str(SETTINGS.iterations), "--trials", str(SETTINGS.trials),
+            "--out", str(out)]
+
+
+def test_a_failed_target_keeps_the_finished_one_and_a_rerun_quantizes_only_the_missing_one(
+        workspace, sequential_run, tmp_path, capsys):
+    reference, _ = sequential_run
+    assert main(_cli(workspace, tmp_path, "calib-too-small.pt")) == EXIT_TASKS_FAILED
+    assert "quantize b" in capsys.readouterr().err
+    kept = tmp_path / "quantized/a.pt"
+    assert kept.is_file() and not (tmp_path / "quantized/b.pt").exists() and not (tmp_path / "merged.pt").exists()
+    (tmp_path / "quantized/.b.pt.half-written.tmp").write_bytes(b"\x00killed")  # what a kill leaves at worst
+    written = kept.stat().st_mtime_ns
+
+    assert main(_cli(workspace, tmp_path, "calib-b.pt")) == 0
+    assert "quantized b (reused a)" in capsys.readouterr().out
+    assert kept.stat().st_mtime_ns == written  # not recomputed, not rewritten
+    for name in ("quantized/a.pt", "quantized/b.pt", "merged.pt"):  # and the CLI's files equal the API's
+        assert_same_state(reference / name, tmp_path / name)
+
+
+def test_a_checkpoint_is_reused_only_for_the_inputs_and_settings_that_made_it(sequential_run):
+    reference, _ = sequential_run
+    target = targets()[0]
+    source = model_sha256(tiny_resnet(seed=0))
+    key = target_task_key(target, source, SETTINGS)
+    assert finished_checkpoint(reference / "quantized/a.pt", key) is not None
+    changed = [target_task_key(target, source, dataclasses.replace(SETTINGS, iterations=5)),
+               target_task_key(target, source, dataclasses.replace(SETTINGS, seed=1)),
+               target_task_key(dataclasses.replace(target, calibration=target.calibration + 1e-3), source, SETTINGS),
+               target_task_key(target, None, SETTINGS)]
+    assert key not in changed
+    assert finished_checkpoint(reference / "quantized/a.pt", changed[0]) is None
+
+
+def test_asking_for_ray_without_the_extra_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray looks like to import
+    with pytest.raises(RayUnavailableError, match=r"hdrq-plugin\[distributed\]"):
+        make_runner(use_ray=True)
+    assert isinstance(make_runner(use_ray=False), SequentialRunner)
+
+
+# --- the benchmark grid through the same runner ---------------------------------------------------
+def test_benchmark_cells_run_as_ray_tasks_and_a_rerun_computes_only_the_missing_cell(local_ray, tmp_path):
+    from benchmarks.mtda import BenchmarkRun
+    from benchmarks.mtda_plan import BenchmarkSettings
+    from benchmarks.mtda_tasks import run_with_runner
+
+    settings = BenchmarkSettings(recipe="tiny", targets=("mnist", "mnistm"), test_images=16, seeds=(0,),
+                                 bits=("w4a4",), methods=("gptq",), rules=("half-to-even",), noise_seeds=1, trials=2,
+                                 ablation_bits=(), merge_then_quantize=(), ort=False, barrier_steps=2,
+                                 barrier_pairs="first")
+    run = BenchmarkRun(settings, tmp_path)
+    assert run_with_runner(run, RayRunner()) == {"submitted": 5, "finished": 5, "failed": 0}
+    assert BenchmarkRun(settings, tmp_path).pending() == []
+    assert len(list((tmp_path / "models").glob("*.pt"))) == 2  # one checkpoint per quantize cell
+
+    merge = next(c for c in run.plan if c.kind == "merge")
+    before = [(r["target"], r["accuracy"]) for r in run.store.get(run.key(merge))["rows"]]
+    run.store.forget(merge, run.key(merge))  # as if killed before its record was written
+    assert BenchmarkRun(settings, tmp_path).pending() == [merge]  # what a restarted run sees
+    assert run_with_runner(run, RayRunner()) == {"submitted": 1, "finished": 1, "failed": 0}
+    assert [(r["target"], r["accuracy"]) for r in run.store.get(run.key(merge))["rows"]] == before
