@@ -7,6 +7,8 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -109,10 +111,13 @@ def test_another_seed_gives_another_checkpoint(sequential_run, tmp_path):
 
 
 def die_on_first_attempt(marker: str, *args, **kwargs):
-    """A task whose worker process is killed (SIGKILL) the first time it runs, mid-task."""
+    """A task whose worker process is killed (SIGKILL) half a second into its first attempt, while it
+    calibrates (or, on a fast machine, before it could return): the first attempt never finishes."""
     if not os.path.exists(marker):
         Path(marker).touch()
-        os.kill(os.getpid(), signal.SIGKILL)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        quantize_target(*args, **{**kwargs, "path": marker + ".pt"})
+        time.sleep(60)
     return quantize_target(*args, **kwargs)
 
 
@@ -203,6 +208,7 @@ def test_asking_for_ray_without_the_extra_names_the_extra(monkeypatch):
 
 
 # --- the benchmark grid through the same runner ---------------------------------------------------
+@pytest.mark.slow  # ~20-30 s on the 2 shared cores: the tiny zoo's data, 5 cells, a resumed cell
 def test_benchmark_cells_run_as_ray_tasks_and_a_rerun_computes_only_the_missing_cell(local_ray, tmp_path):
     from benchmarks.mtda import BenchmarkRun
     from benchmarks.mtda_plan import BenchmarkSettings
