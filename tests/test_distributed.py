@@ -229,3 +229,13 @@ def test_benchmark_cells_run_as_ray_tasks_and_a_rerun_computes_only_the_missing_
     assert BenchmarkRun(settings, tmp_path).pending() == [merge]  # what a restarted run sees
     assert run_with_runner(run, RayRunner()) == {"submitted": 1, "finished": 1, "failed": 0}
     assert [(r["target"], r["accuracy"]) for r in run.store.get(run.key(merge))["rows"]] == before
+
+
+def test_the_cluster_estimate_gives_each_task_to_the_first_free_worker():
+    from benchmarks.distributed_estimate import list_schedule, wave_summary
+
+    assert list_schedule([16.0, 16.0, 18.0], workers=2) == 34.0  # the third target waits for a worker
+    assert list_schedule([5.0] * 64, workers=64) == 5.0
+    assert list_schedule([], workers=64) == 0.0
+    wave = wave_summary([240.0] + [1.0] * 100, workers=64)
+    assert wave["lower_bound_s"] == 240.0 and wave["simulated_s"] == 240.0  # one long task bounds the wave
