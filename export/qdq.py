@@ -34,7 +34,7 @@ from .model_facts import (
     require_fitting_input,
     summarize_quantization,
 )
-from .unsigned_grids import shift_clipped_signed_activations
+from .unsigned_grids import shift_clipped_signed_activations, store_wide_weights_as_uint8
 
 WEIGHT_STORAGES = ("int8", "int4", "int4-in-int8")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
@@ -107,6 +107,7 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
         onnx_model = onnx.load(tmp)
         _require_integer_graph(onnx_model)
         shift_clipped_signed_activations(onnx_model)  # lets onnxruntime fuse sub-8-bit layers
+        store_wide_weights_as_uint8(onnx_model)  # no int16 saturation on x86 CPUs without VNNI
         if weights == "int4":
             onnx_model, rewritten = rewrite_weights_to_int4(onnx_model)
             expected = len(_four_bit_layers(summary))

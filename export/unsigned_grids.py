@@ -69,3 +69,67 @@ def shift_clipped_signed_activations(model: onnx.ModelProto) -> int:
         rewritten += 1
     drop_unused_initializers(graph)
     return rewritten
+
+
+#: The largest weight code magnitude onnxruntime's u8s8 kernels can take without overflow on
+#: every x86 CPU: without VNNI (AVX2, e.g. Haswell..Zen 3) MLAS multiplies uint8 activations by
+#: int8 weights with vpmaddubsw, which adds each pair of adjacent products into a *saturating*
+#: int16; 2 x 255 x 64 = 32,640 <= 32,767, 2 x 255 x 65 is not (onnxruntime's own answer to the
+#: same overflow is ``reduce_range``: 7-bit weights).
+SATURATION_FREE_WEIGHT_CODE = 64
+
+
+def _weight_codes(name: str, inits: dict, users: dict) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
+    """``(clip or None, dequantizers)`` when ``name`` is an int8 weight read only through them."""
+    readers = users.get(name, [])
+    if len(readers) == 1 and readers[0].op_type == "Clip" and len(readers[0].input) == 3 \
+            and all(bound in inits for bound in readers[0].input[1:]):
+        clip = readers[0]
+        return clip, users.get(clip.output[0], [])
+    return None, readers
+
+
+def store_wide_weights_as_uint8(model: onnx.ModelProto) -> list[str]:
+    """Store int8 weights whose codes exceed +-64 as uint8 with zero point + 128, in place.
+
+    Why: onnxruntime turns int8 activations into uint8 (+128) on x86, so such a layer runs a
+    u8s8 kernel, and on CPUs without VNNI that kernel saturates pairs of products in int16
+    (see :data:`SATURATION_FREE_WEIGHT_CODE`): the file then computes another function than
+    the model on those CPUs only (issue 9: the demo's 8-bit stem and classifier, measured
+    under ``qemu-x86_64 -cpu Haswell``: logits off by up to 1.08, relative L2 error 2.2e-2,
+    while this machine's VNNI kernels agreed exactly). uint8 weights select MLAS' u8u8 kernels,
+    which widen to 16 bits before multiplying and cannot saturate. The shift is exact, as for
+    activations above. Returns the names of the rewritten weights.
+    """
+    graph = model.graph
+    inits, users = initializers(graph), consumers(graph)
+    rewritten = []
+    for tensor in list(graph.initializer):
+        if tensor.data_type != TensorProto.INT8:
+            continue
+        clip, dequantizers = _weight_codes(tensor.name, inits, users)
+        if not dequantizers or any(dq.op_type != "DequantizeLinear" or dq.input[0] != (clip.output[0] if clip else tensor.name)
+                                   or len(dq.input) < 3 or dq.input[2] not in inits for dq in dequantizers):
+            continue
+        zero_points = {dq.input[2] for dq in dequantizers}
+        if len(zero_points) != 1:
+            continue
+        zero_point = numpy_helper.to_array(inits[zero_points.pop()])
+        if zero_point.dtype != np.int8 or np.any(zero_point != 0):
+            continue  # weights here are symmetric; anything else is left as Brevitas wrote it
+        codes = numpy_helper.to_array(tensor)
+        if np.abs(codes.astype(np.int16)).max(initial=0) <= SATURATION_FREE_WEIGHT_CODE:
+            continue
+        tensor.CopyFrom(_shifted(tensor, tensor.name))
+        unsigned_zero_point = _shifted(numpy_helper.from_array(zero_point), f"{tensor.name}_uint8_zero_point")
+        graph.initializer.append(unsigned_zero_point)
+        if clip is not None:
+            for index in (1, 2):
+                bound = _shifted(inits[clip.input[index]], f"{clip.output[0]}_uint8_bound{index}")
+                graph.initializer.append(bound)
+                clip.input[index] = bound.name
+        for dq in dequantizers:
+            dq.input[2] = unsigned_zero_point.name
+        rewritten.append(tensor.name)
+    drop_unused_initializers(graph)
+    return rewritten

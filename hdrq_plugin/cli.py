@@ -220,7 +220,7 @@ def cmd_validate(args) -> int:
         write_text_atomic(args.json, text)
     print(text)
     if not report.ok:
-        print("validation FAILED: " + "; ".join(report.failures), file=sys.stderr)
+        print(f"hdrq validate: {report.summary()}", file=sys.stderr)
         return EXIT_VALIDATION_FAILED
     return 0
 
@@ -248,9 +248,19 @@ COMMANDS = {"demo": cmd_demo, "quantize": cmd_quantize, "merge": cmd_merge, "exp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from hdrq_plugin.export.errors import NotAnHdrqExportError, ValidationError
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except NotAnHdrqExportError as err:
+        print(f"hdrq {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValidationError as err:
+        # an exported file does not compute the model: one line naming file, target and figure;
+        # everything measured before is already on disk (reports are written stage by stage)
+        print(f"hdrq {args.command}: {err}", file=sys.stderr)
+        return EXIT_VALIDATION_FAILED
     except (ValueError, TypeError, OSError, ImportError, KeyError) as err:
         # bad input: one clear line, no traceback, nothing half-written (writers are atomic)
         print(f"hdrq {args.command}: error: {err}", file=sys.stderr)
