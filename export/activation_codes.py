@@ -92,12 +92,13 @@ class OnnxCodeReader:
         self.input_name = self.session.get_inputs()[0].name
         self._names = [output.name for output in self._instrumented.get_outputs()]
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Output of the deployed graph and the centred codes (int16) of every activation quantizer."""
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Output of the deployed graph, output of the instrumented twin, and the twin's centred
+        codes (int16) of every activation quantizer."""
         output = self.session.run(None, {self.input_name: x})[0]
         values = dict(zip(self._names, self._instrumented.run(None, {self.input_name: x}), strict=True))
         codes = [values[site.codes_tensor].astype(np.int16) - np.int16(site.zero_point) for site in self.sites]
-        return output, codes
+        return output, values[self._names[0]], codes
 
 
 @dataclass

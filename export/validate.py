@@ -158,8 +158,9 @@ class _ParityRun:
     """Runs both sides batch by batch and tallies one dataset; explains diverging samples."""
 
     def __init__(self, reader: OnnxCodeReader, model: nn.Module, output_step_: float | None,
-                 tolerance: ParityTolerance) -> None:
+                 bound_steps: float | None, tolerance: ParityTolerance) -> None:
         self.reader, self.model, self.step, self.tolerance = reader, model, output_step_, tolerance
+        self.bound_steps = bound_steps
         self._model64: nn.Module | None = None  # the float64 copy, made on the first divergence
         self.misaligned: list[str] | None = None  # set on the first batch; codes are compared only if empty
 
@@ -179,7 +180,7 @@ class _ParityRun:
             with torch.no_grad(), capture_activation_codes(self.model) as captured:
                 reference = self.model(x)
             reference = getattr(reference, "value", reference).numpy()
-            candidate, onnx_codes = self.reader.run(x.numpy())
+            candidate, twin, onnx_codes = self.reader.run(x.numpy())
             if self.misaligned is None:
                 self.misaligned = alignment_problems(captured, self.reader.sites)
             if self.misaligned:  # outputs only: no code is known to agree
@@ -188,13 +189,37 @@ class _ParityRun:
                 continue
             ours = [record.codes for record in captured]
             first = first_diverging_layer(ours, onnx_codes)
-            tally.add_outputs(reference, candidate, None if y is None else y.numpy(), self.step, first < 0)
+            twin_is_deployed = self._within_bound(twin, candidate)
+            tally.add_outputs(reference, candidate, None if y is None else y.numpy(), self.step,
+                              (first < 0) & twin_is_deployed)
+            if not twin_is_deployed.all():
+                self._judge_against_float64(tally, x, reference, candidate, ~twin_is_deployed)
             tally.add_code_mismatches([record.name for record in captured], ours, onnx_codes, first)
             room = self.tolerance.explained_samples - tally.examined_samples
             diverging = np.flatnonzero(first >= 0)[:max(room, 0)]
             if diverging.size:
                 self._explain(tally, x, first, onnx_codes, diverging)
         return tally
+
+    def _steps(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64)).reshape(len(a), -1).max(axis=1)
+        return diff / self.step if self.step else diff
+
+    def _within_bound(self, twin: np.ndarray, deployed: np.ndarray) -> np.ndarray:
+        """Per sample: does the instrumented twin compute what the deployed graph computes?"""
+        return self._steps(twin, deployed) <= (self.bound_steps or 0.0)
+
+    def _judge_against_float64(self, tally: DatasetParity, x: torch.Tensor, reference: np.ndarray,
+                               deployed: np.ndarray, samples: np.ndarray) -> None:
+        """Samples where exposing the activations changed onnxruntime's kernels (parity.py, point 3):
+        the deployed output must be no farther from the float64 model than PyTorch's float32 is."""
+        if self._model64 is None:
+            self._model64 = copy.deepcopy(self.model).double().eval()
+        with torch.no_grad():
+            exact = self._model64(x.double())
+        exact = getattr(exact, "value", exact).numpy()
+        tally.add_deployed_only(self._steps(deployed, exact)[samples], self._steps(reference, exact)[samples],
+                                self.bound_steps or 0.0)
 
     def _explain(self, tally: DatasetParity, x: torch.Tensor, first: np.ndarray, onnx_codes: list[np.ndarray],
                  samples: np.ndarray) -> None:
@@ -265,7 +290,8 @@ def validate(onnx_path: str | os.PathLike, model: nn.Module, data: object, *,
     was_training = model.training
     model.eval()
     try:
-        run = _ParityRun(OnnxCodeReader(path, threads), model, report.output_step, tolerance)
+        run = _ParityRun(OnnxCodeReader(path, threads), model, report.output_step, report.output_bound_steps,
+                         tolerance)
         inputs: list[torch.Tensor] = []
         for name, batches in _as_datasets(data).items():
             tally = run.dataset(name, batches, max_batches, inputs)

@@ -147,7 +147,8 @@ def test_a_classifier_off_by_one_percent_fails_although_every_code_agrees(w4a4, 
 
     report = validate(_edited(w4a4_file, tmp_path, scale_classifier), w4a4, {"a": _batches(2, seed=9)}, **FAST)
     assert report.parity["a"].samples_with_code_divergence == 0
-    assert any("where every activation code agrees" in failure for failure in report.failures)
+    assert any("where every activation code agrees" in failure or "farther from the float64 model" in failure
+               for failure in report.failures), report.failures
 
 
 def test_the_output_bound_is_the_float32_error_of_the_last_layer(w4a4_file):
