@@ -14,8 +14,11 @@ first backward pass (one calibration batch). The forward pass is untouched (floa
 Depthwise / grouped convs, convs with non-zero padding modes or string padding, and subclasses
 that override ``forward`` (e.g. Brevitas Quant* layers) keep their float backward and are listed
 in ``session.skipped``. Biases keep a float gradient; no parameter is added or removed.
-Integer GEMMs use ``torch._int_mm`` (measured 2–9× faster than float32 matmul at these shapes on
-this machine's CPU; ``HOTConfig.integer_gemm=False`` multiplies the same codes in float32).
+GEMMs (``HOTConfig.gemm``): ``torch._int_mm`` on int8 codes was 2–9× faster than a float32
+matmul of the same shapes on this machine's CPU, so Linear and 1×1 convs use it; for k×k convs
+the im2col/col2im that an integer GEMM needs cost more than it saves (aten::copy_/im2col/col2im
+dominated the profile), so they multiply the same integer codes with torch's float conv kernels
+(exact: integer products summed in float32). ``benchmarks/hot_memory.py`` times all three modes.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ class HOTConfig:
     grad_weight_bits: int = 8  # HLA operands and the saved activation INT8 (paper §3.2)
     per_token_gain: float = 0.5  # LQS: per-token when it more than halves the 4-bit error (§3.3)
     quantize: bool = True  # False keeps only the transforms (exact at hla_rank == hla_order)
-    integer_gemm: bool = True  # torch._int_mm; measured faster than float32 here (benchmarks/hot_memory.py)
+    # "auto": Linear / 1×1 GEMMs via torch._int_mm, k×k convs via float conv kernels on the
+    # integer codes (im2col + col2im cost more than the GEMM saves on CPU; benchmarks/hot_memory.py);
+    # "int": every GEMM via torch._int_mm (convs through im2col); "float": float kernels everywhere.
+    gemm: str = "auto"
     seed: int = 0  # stochastic rounding stream
 
     def __post_init__(self) -> None:
@@ -55,6 +61,8 @@ class HOTConfig:
         for name in ("grad_input_bits", "grad_weight_bits"):
             if not 2 <= getattr(self, name) <= 8:
                 raise ValueError(f"HOTConfig.{name} must be in 2..8 (int8 codes), got {getattr(self, name)}")
+        if self.gemm not in ("auto", "int", "float"):
+            raise ValueError(f"HOTConfig.gemm must be 'auto', 'int' or 'float', got {self.gemm!r}")
         if not 0.0 < self.per_token_gain <= 1.0:
             raise ValueError(f"HOTConfig.per_token_gain must be in (0, 1], got {self.per_token_gain}")
 
@@ -99,7 +107,7 @@ class HOTSession:
                 name=name or "<root>", kind=kind,
                 hq_block=largest_power_of_two_block(out_features, config.hq_max_block), basis=basis,
                 grad_input_bits=config.grad_input_bits, grad_weight_bits=config.grad_weight_bits,
-                quantize=config.quantize, use_int_mm=config.integer_gemm,
+                quantize=config.quantize, gemm=config.gemm,
                 per_token_gain=config.per_token_gain, generator=self.generator,
             )
             self.modules[name or "<root>"] = module

@@ -16,8 +16,9 @@ the weight gradient, a 1×1 stride-1 unpadded conv *is* a Linear on channels-las
 HLA unchanged. For a k×k conv the projection of the im2col matrix would hold k² shifted copies
 of x (9/8 of the float input at r/n = 1/2 for 3×3: no saving); here the projection is applied
 to x itself along L = batch×height×width (channels-last), the saved buffer is again r/n of the
-rows in int8, and at backward x̂ = Pᵀ·Q(P·x)/n = Π·x is unfolded, re-quantized to INT8 (SAWB)
-and multiplied with Q₈ˢ(g) in one integer GEMM over L. The bias gradient is float (Σ g).
+rows in int8, and at backward x̂ = Pᵀ·Q(P·x)/n = Π·x is re-quantized to INT8 (SAWB) and
+correlated with Q₈ˢ(g) over the full L (conv weight gradient on integer codes). The bias
+gradient is float (Σ g).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .hadamard import (
     block_hadamard,
@@ -50,7 +52,7 @@ class LayerState:
     grad_input_bits: int
     grad_weight_bits: int
     quantize: bool
-    use_int_mm: bool
+    gemm: str  # "int": every GEMM via torch._int_mm; "float": float kernels on the codes; "auto": see HOTConfig
     per_token_gain: float
     generator: torch.Generator
     per_token: bool | None = None  # layer-wise quantizer selection; None until the first backward
@@ -69,13 +71,14 @@ class LayerState:
         return self.basis.shape[0]
 
 
+_UNIT = torch.ones(())
+
+
 def _compress_rows(rows: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
     """ABC: P·x as int8 codes + scale (or the float projection when quantization is off)."""
     projected = project_low_sequency(rows.float(), state.basis)
     state.rows, state.stored_rows = rows.shape[0], projected.shape[0]
-    if not state.quantize:
-        return projected, torch.ones(())
-    return quantize_nearest(projected, sawb_clip(projected), state.grad_weight_bits)
+    return _quantize_activation_int8(projected, state)
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -93,45 +96,52 @@ def _select_quantizer(rows: torch.Tensor, state: LayerState) -> None:
     state.per_token = errors[1] < state.per_token_gain * errors[0]
 
 
-def hq_input_gradient(grad_rows: torch.Tensor, weight_matrix: torch.Tensor, state: LayerState) -> torch.Tensor:
-    """HQ: g·w through the block Hadamard along O, both operands INT4 (L×I result, float32)."""
+def hq_operands(grad_rows: torch.Tensor, weight_matrix: torch.Tensor, state: LayerState):
+    """HQ's two operands (g·H_b, H_b·w) as (codes, scale) pairs: INT4 stochastic / INT4 SAWB.
+
+    With quantization off they are the float transformed matrices with unit scales.
+    """
     block = state.hq_block
     grad_h = block_hadamard(grad_rows.float(), block, dim=1)
     weight_h = block_hadamard(weight_matrix.float(), block, dim=0)
     if not state.quantize:
-        return grad_h @ weight_h / block
+        return (grad_h, _UNIT), (weight_h, _UNIT)
     if state.per_token is None:
         _select_quantizer(grad_h, state)
-    grad_codes, grad_scale = quantize_stochastic(
-        grad_h, state.grad_input_bits, per_row=bool(state.per_token), generator=state.generator
-    )
-    weight_codes, weight_scale = quantize_nearest(weight_h, sawb_clip(weight_h), state.grad_input_bits)
-    product = integer_matmul(grad_codes, weight_codes, use_int_mm=state.use_int_mm)
-    return product * (grad_scale * weight_scale / block)
+    grad = quantize_stochastic(grad_h, state.grad_input_bits, per_row=bool(state.per_token), generator=state.generator)
+    return grad, quantize_nearest(weight_h, sawb_clip(weight_h), state.grad_input_bits)
+
+
+def hq_input_gradient(grad_rows: torch.Tensor, weight_matrix: torch.Tensor, state: LayerState) -> torch.Tensor:
+    """HQ: g·w through the block Hadamard along O, both operands INT4 (L×I result, float32)."""
+    (grad_codes, grad_scale), (weight_codes, weight_scale) = hq_operands(grad_rows, weight_matrix, state)
+    product = _matmul(grad_codes, weight_codes, state)
+    return product * (grad_scale * weight_scale / state.hq_block)
+
+
+def _matmul(left: torch.Tensor, right: torch.Tensor, state: LayerState) -> torch.Tensor:
+    if left.dtype == torch.int8:
+        return integer_matmul(left, right, use_int_mm=state.gemm != "float")
+    return left @ right
 
 
 def hla_weight_gradient(grad_rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, state: LayerState) -> torch.Tensor:
     """HLA: (P·g)ᵀ·(P·x)/n with P·x already saved (O×I result, float32); g quantized to INT8."""
     projected_grad = project_low_sequency(grad_rows.float(), state.basis)
-    if not state.quantize:
-        return projected_grad.t() @ codes / state.order
-    grad_codes, grad_scale = quantize_stochastic(
-        projected_grad, state.grad_weight_bits, per_row=False, generator=state.generator
-    )
-    product = integer_matmul(grad_codes.t(), codes, use_int_mm=state.use_int_mm)
-    return product * (grad_scale * scale / state.order)
+    grad_codes, grad_scale = _quantize_grad_int8(projected_grad, state)
+    return _matmul(grad_codes.t(), codes, state) * (grad_scale * scale / state.order)
 
 
-def full_length_weight_gradient(grad_rows: torch.Tensor, columns: torch.Tensor, state: LayerState) -> torch.Tensor:
-    """gᵀ·X over the full L with both operands INT8 (g stochastic, X SAWB): k×k convs."""
+def _quantize_grad_int8(rows: torch.Tensor, state: LayerState):
     if not state.quantize:
-        return grad_rows.float().t() @ columns
-    grad_codes, grad_scale = quantize_stochastic(
-        grad_rows.float(), state.grad_weight_bits, per_row=False, generator=state.generator
-    )
-    column_codes, column_scale = quantize_nearest(columns, sawb_clip(columns), state.grad_weight_bits)
-    product = integer_matmul(grad_codes.t(), column_codes, use_int_mm=state.use_int_mm)
-    return product * (grad_scale * column_scale)
+        return rows, _UNIT
+    return quantize_stochastic(rows, state.grad_weight_bits, per_row=False, generator=state.generator)
+
+
+def _quantize_activation_int8(values: torch.Tensor, state: LayerState):
+    if not state.quantize:
+        return values, _UNIT
+    return quantize_nearest(values, sawb_clip(values), state.grad_weight_bits)
 
 
 class HOTLinearFunction(torch.autograd.Function):
@@ -195,25 +205,47 @@ class HOTConv2dFunction(torch.autograd.Function):
         kernel = (kernel_h, kernel_w)
         grad_rows = grad_output.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·Ho·Wo) × O
         grad_input = grad_weight = grad_bias = None
+        conv_args = (geometry.stride, geometry.padding, geometry.dilation)
+        on_columns = state.gemm == "int"  # im2col + torch._int_mm; else float conv kernels on the codes
         if ctx.needs_input_grad[0]:
-            columns = hq_input_gradient(grad_rows, weight.reshape(out_channels, -1), state)  # (B·Ho·Wo) × C·k²
-            columns = columns.reshape(batch, -1, columns.shape[1]).transpose(1, 2)
-            grad_input = F.fold(columns, (height, width), kernel, geometry.dilation, geometry.padding, geometry.stride)
+            if on_columns:
+                columns = hq_input_gradient(grad_rows, weight.reshape(out_channels, -1), state)  # (B·Ho·Wo) × C·k²
+                columns = columns.reshape(batch, -1, columns.shape[1]).transpose(1, 2)
+                grad_input = F.fold(columns, (height, width), kernel, geometry.dilation, geometry.padding, geometry.stride)
+            else:
+                (grad_codes, grad_scale), (weight_codes, weight_scale) = hq_operands(
+                    grad_rows, weight.reshape(out_channels, -1), state)
+                grad_map = _rows_to_map(grad_codes.float() * grad_scale, grad_output.shape)
+                grad_input = conv2d_input(ctx.input_shape, (weight_codes.float() * weight_scale).reshape(weight.shape),
+                                          grad_map, *conv_args) / state.hq_block
             grad_input = grad_input.to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
             if kernel == (1, 1) and geometry.pointwise_identity:
                 matrix = hla_weight_gradient(grad_rows, codes, scale, state)
             else:
-                stored = codes if not state.quantize else _dequantize(codes, scale)
-                rows = reconstruct_low_sequency(stored, state.basis, batch * height * width)
-                approx_input = rows.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-                columns = F.unfold(approx_input, kernel, geometry.dilation, geometry.padding, geometry.stride)
-                columns = columns.transpose(1, 2).reshape(-1, columns.shape[1])  # (B·Ho·Wo) × C·k²
-                matrix = full_length_weight_gradient(grad_rows, columns, state)
+                rows = reconstruct_low_sequency(codes.float() * scale, state.basis, batch * height * width)
+                input_codes, input_scale = _quantize_activation_int8(rows, state)  # x̂ = Π·x, INT8 SAWB
+                input_map = _rows_to_map(input_codes.float(), ctx.input_shape)
+                grad_codes, grad_scale = _quantize_grad_int8(grad_rows.float(), state)
+                if on_columns:
+                    columns = F.unfold(input_map, kernel, geometry.dilation, geometry.padding, geometry.stride)
+                    columns = columns.transpose(1, 2).reshape(-1, columns.shape[1])  # (B·Ho·Wo) × C·k²
+                    if state.quantize:
+                        columns = columns.to(torch.int8)
+                    matrix = _matmul(grad_codes.t(), columns, state) * (grad_scale * input_scale)
+                else:
+                    grad_map = _rows_to_map(grad_codes.float(), grad_output.shape)
+                    matrix = conv2d_weight(input_map, weight.shape, grad_map, *conv_args) * (grad_scale * input_scale)
             grad_weight = matrix.reshape(weight.shape).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.sum((0, 2, 3)).to(weight.dtype)
         return grad_input, grad_weight, grad_bias, None, None
+
+
+def _rows_to_map(rows: torch.Tensor, shape) -> torch.Tensor:
+    """Channels-last rows (B·H·W) × C back to an N×C×H×W map."""
+    batch, channels, height, width = shape
+    return rows.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def predicted_saved_bytes(rows: int, features: int, order: int, rank: int, quantize: bool = True) -> int:

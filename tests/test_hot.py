@@ -36,13 +36,14 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def _state(quantize=True, per_token=False, hq_block=16, rank=8, order=16, seed=0) -> LayerState:
     return LayerState(
         name="layer", kind="linear", hq_block=hq_block, basis=low_sequency_basis(order, rank),
-        grad_input_bits=4, grad_weight_bits=8, quantize=quantize, use_int_mm=True, per_token_gain=0.5,
+        grad_input_bits=4, grad_weight_bits=8, quantize=quantize, gemm="auto", per_token_gain=0.5,
         generator=torch.Generator().manual_seed(seed), per_token=per_token,
     )
 
 
 def _gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: HOTConfig | None):
     model.zero_grad(set_to_none=True)
+    inputs.grad = None
     if config is None:
         F.cross_entropy(model(inputs), labels).backward()
     else:
@@ -115,17 +116,29 @@ def test_sawb_clip_is_positive_and_at_most_the_peak_even_for_flat_magnitudes():
 # --- exactness with quantization off -------------------------------------------------------
 
 
+@pytest.mark.parametrize("gemm", ["auto", "int", "float"])
 @pytest.mark.parametrize("batch", [4, 3])  # 3: L = 3·8·8 and 3·4·4 have no factor 16 → padded
-def test_gradients_equal_autograd_when_quantization_is_off(batch):
+def test_gradients_equal_autograd_when_quantization_is_off(batch, gemm):
     torch.manual_seed(0)
     model = _Mixed()
     inputs = torch.randn(batch, 3, 16, 16, requires_grad=True)
     labels = torch.randint(0, 10, (batch,))
     reference = _gradients(model, inputs, labels, None)
     inputs.grad = None
-    hot = _gradients(model, inputs, labels, HOTConfig(quantize=False, hla_rank=16))
+    hot = _gradients(model, inputs, labels, HOTConfig(quantize=False, hla_rank=16, gemm=gemm))
     for name, expected in reference.items():
         assert _relative_error(hot[name], expected) < FLOAT32_SUM_RTOL, name
+
+
+def test_integer_and_float_gemm_paths_give_the_same_quantized_gradients():
+    """Same codes (same seed), multiplied by torch._int_mm (im2col) or float conv kernels."""
+    torch.manual_seed(0)
+    model = _Mixed()
+    inputs, labels = torch.randn(4, 3, 16, 16, requires_grad=True), torch.randint(0, 10, (4,))
+    by_mode = {gemm: _gradients(model, inputs, labels, HOTConfig(gemm=gemm)) for gemm in ("int", "float", "auto")}
+    for name, expected in by_mode["int"].items():
+        for gemm in ("float", "auto"):
+            assert _relative_error(by_mode[gemm][name], expected) < FLOAT32_SUM_RTOL, (gemm, name)
 
 
 def test_forward_is_unchanged_and_bias_free_layers_stay_bias_free():
