@@ -146,6 +146,32 @@ def backward_times(model: nn.Module, shape, batch: int, steps: int) -> dict[str,
     return {mode: statistics.median(values) for mode, values in times.items()}
 
 
+def gemm_times(repeats: int = 20) -> list[dict]:
+    """torch._int_mm vs float32 matmul of the same int8 codes, at HOT's Linear / 1×1 GEMM shapes."""
+    from hdrq_plugin.hadamard import integer_matmul
+
+    shapes = {  # (rows, inner, cols): HQ g·w and HLA (P·g)ᵀ·(P·x) of the layers that use _int_mm
+        "resnet8 fc HQ (64×10 · 10×128)": (64, 10, 128),
+        "resnet8 fc HLA (10×32 · 32×128)": (10, 32, 128),
+        "resnet18 1×1-like HQ (6272×128 · 128×64)": (6272, 128, 64),
+        "resnet18 1×1-like HLA (128×3136 · 3136×64)": (128, 3136, 64),
+    }
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for label, (m, k, n) in shapes.items():
+        left = torch.randint(-7, 8, (m, k), generator=generator, dtype=torch.int8)
+        right = torch.randint(-127, 128, (k, n), generator=generator, dtype=torch.int8)
+        timing = {}
+        for use_int_mm in (True, False):
+            integer_matmul(left, right, use_int_mm=use_int_mm)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                integer_matmul(left, right, use_int_mm=use_int_mm)
+            timing["int_mm" if use_int_mm else "float"] = (time.perf_counter() - start) / repeats
+        rows.append({"gemm": label, **timing})
+    return rows
+
+
 def _current_rss_kb() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
@@ -181,6 +207,7 @@ def run_memory(steps: int) -> dict:
             row[mode]["peak"] = _peak(name, mode)
         row["backward_s"] = backward_times(model, shape, batch, steps)
         results[name] = row
+    results["gemm_s"] = gemm_times()
     return results
 
 
@@ -193,6 +220,8 @@ def print_memory(results: dict) -> None:
           "| peak step MB plain → HOT (ratio) | backward s plain / HOT auto / all-int8 / all-float GEMM (HOT÷plain) |")
     print("|---|---|---|---|---|---|")
     for name, row in results.items():
+        if name == "gemm_s":
+            continue
         p, h = row["plain"], row["hot"]
         def ratio(key, p=p, h=h):
             return p[key] / h[key]
@@ -204,6 +233,9 @@ def print_memory(results: dict) -> None:
               f"| {_mb(peak_p)} → {_mb(peak_h)} ({peak_p / max(peak_h, 1):.2f}×) "
               f"| {t['plain']:.3f} / {t['hot']:.3f} / {t['hot-int-gemm']:.3f} / {t['hot-float-gemm']:.3f} "
               f"({t['hot'] / t['plain']:.2f}×) |")
+    print("\n| GEMM on int8 codes | torch._int_mm ms | float32 matmul ms | float ÷ int |\n|---|---|---|---|")
+    for row in results.get("gemm_s", []):
+        print(f"| {row['gemm']} | {1e3 * row['int_mm']:.3f} | {1e3 * row['float']:.3f} | {row['float'] / row['int_mm']:.2f}× |")
 
 
 def _merge_json(section: str, payload: dict) -> None:

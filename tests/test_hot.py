@@ -373,3 +373,21 @@ def test_hot_adaptation_has_its_own_cache_key_and_trains_a_usable_model():
     # HOT moves the weights about as far as plain SGD (same steps, ~0.95 cosine gradients)
     assert 0.5 < sum(moved) / len(moved) < 2.0
     assert all("forward" not in m.__dict__ for m in hot.modules())
+
+
+def test_weight_gradient_path_uses_8_bits_even_when_per_token_is_selected(monkeypatch):
+    """The reference code's LQS silently ran HLA at the input-gradient bit-width (4)."""
+    calls = []
+    original = hot_backward.quantize_stochastic
+
+    def recording(values, bits, *, per_row, generator):
+        calls.append((bits, per_row))
+        return original(values, bits, per_row=per_row, generator=generator)
+
+    monkeypatch.setattr(hot_backward, "quantize_stochastic", recording)
+    layer = nn.Linear(32, 16)
+    skewed_rows = torch.randn(64, 32) * torch.logspace(-3, 0, 64).unsqueeze(1)
+    with hot_mode(layer, HOTConfig()) as session:
+        (layer(skewed_rows.requires_grad_()) * torch.logspace(-3, 0, 64).unsqueeze(1)).sum().backward()
+    assert session.states["<root>"].per_token is True
+    assert sorted(calls) == [(4, True), (8, False)]
