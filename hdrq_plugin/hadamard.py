@@ -116,9 +116,11 @@ def sawb_clip(values: torch.Tensor) -> torch.Tensor:
     both cases fall back to max|x|, so the clip is always a usable positive range.
     """
     c1, c2 = SAWB_COEFFICIENTS
-    values = values.float()
-    peak = values.abs().max()
-    clip = c1 * values.square().mean().sqrt() - c2 * values.abs().mean()
+    magnitudes = values.float().abs()  # the one temporary: activations can be large
+    peak, mean_abs = magnitudes.max(), magnitudes.mean()
+    rms = torch.linalg.vector_norm(magnitudes) / math.sqrt(max(magnitudes.numel(), 1))
+    del magnitudes
+    clip = c1 * rms - c2 * mean_abs
     return torch.where((clip > 0) & (clip < peak), clip, peak)
 
 
@@ -132,7 +134,7 @@ def quantize_nearest(values: torch.Tensor, clip: torch.Tensor, bits: int) -> tup
     """Clip to ±clip and round to nearest: (int8 codes, scale) with values ≈ codes·scale."""
     levels = _levels(bits)
     scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = torch.round(values.float() / scale).clamp_(-levels, levels)
+    codes = torch.div(values.float(), scale).round_().clamp_(-levels, levels)
     return codes.to(torch.int8), scale.float()
 
 
@@ -146,9 +148,9 @@ def quantize_stochastic(
     levels = _levels(bits)
     magnitude = values.abs().amax(dim=1, keepdim=True) if per_row else values.abs().max()
     scale = (magnitude.float() / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    noise = torch.rand(values.shape, generator=generator, dtype=torch.float32)
-    codes = torch.floor(values.float() / scale + noise).clamp_(-levels, levels)
-    return codes.to(torch.int8), scale
+    codes = torch.rand(values.shape, generator=generator, dtype=torch.float32)  # u, then in place
+    codes.addcdiv_(values.float(), scale.expand_as(values) if scale.dim() else scale.expand(values.shape))
+    return codes.floor_().clamp_(-levels, levels).to(torch.int8), scale
 
 
 def integer_matmul(left: torch.Tensor, right: torch.Tensor, *, use_int_mm: bool) -> torch.Tensor:

@@ -82,7 +82,8 @@ def _compress_rows(rows: torch.Tensor, state: LayerState) -> tuple[torch.Tensor,
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return codes.float() * scale
+    """codes·scale with one float temporary (in place on the float copy of the codes)."""
+    return codes.to(torch.float32, copy=True).mul_(scale)
 
 
 def _select_quantizer(rows: torch.Tensor, state: LayerState) -> None:
@@ -215,17 +216,21 @@ class HOTConv2dFunction(torch.autograd.Function):
             else:
                 (grad_codes, grad_scale), (weight_codes, weight_scale) = hq_operands(
                     grad_rows, weight.reshape(out_channels, -1), state)
-                grad_map = _rows_to_map(grad_codes.float() * grad_scale, grad_output.shape)
-                grad_input = conv2d_input(ctx.input_shape, (weight_codes.float() * weight_scale).reshape(weight.shape),
-                                          grad_map, *conv_args) / state.hq_block
+                grad_map = _rows_to_map(_dequantize(grad_codes, grad_scale), grad_output.shape)
+                del grad_codes
+                grad_input = conv2d_input(ctx.input_shape, _dequantize(weight_codes, weight_scale).reshape(weight.shape),
+                                          grad_map, *conv_args).div_(state.hq_block)
+                del grad_map
             grad_input = grad_input.to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
             if kernel == (1, 1) and geometry.pointwise_identity:
                 matrix = hla_weight_gradient(grad_rows, codes, scale, state)
             else:
-                rows = reconstruct_low_sequency(codes.float() * scale, state.basis, batch * height * width)
+                rows = reconstruct_low_sequency(_dequantize(codes, scale), state.basis, batch * height * width)
                 input_codes, input_scale = _quantize_activation_int8(rows, state)  # x̂ = Π·x, INT8 SAWB
+                del rows
                 input_map = _rows_to_map(input_codes.float(), ctx.input_shape)
+                del input_codes
                 grad_codes, grad_scale = _quantize_grad_int8(grad_rows.float(), state)
                 if on_columns:
                     columns = F.unfold(input_map, kernel, geometry.dilation, geometry.padding, geometry.stride)
