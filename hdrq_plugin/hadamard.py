@@ -156,9 +156,10 @@ def quantize_stochastic(
 def integer_matmul(left: torch.Tensor, right: torch.Tensor, *, use_int_mm: bool) -> torch.Tensor:
     """Exact product of two int8 code matrices as float32.
 
-    ``torch._int_mm`` (int8×int8→int32) was 2–9× faster than float32 ``@`` on this machine's
-    CPU at HOT's GEMM shapes (benchmarks/hot_memory.py measures it per run); the float path
-    multiplies the same integer values in float32, exact while partial sums stay below 2²⁴.
+    ``torch._int_mm`` (int8×int8→int32) was 3–21× faster than float32 ``@`` of the same codes
+    on this machine's CPU at 1×1-conv shapes, on par at a 10-class head (benchmarks/hot_memory.py
+    measures it per run); the float path multiplies the same integers in float32, exact while
+    partial sums stay below 2²⁴.
     """
     if use_int_mm:
         return torch._int_mm(left.contiguous(), right.contiguous()).float()

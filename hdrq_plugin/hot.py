@@ -14,8 +14,9 @@ first backward pass (one calibration batch). The forward pass is untouched (floa
 Depthwise / grouped convs, convs with non-zero padding modes or string padding, and subclasses
 that override ``forward`` (e.g. Brevitas Quant* layers) keep their float backward and are listed
 in ``session.skipped``. Biases keep a float gradient; no parameter is added or removed.
-GEMMs (``HOTConfig.gemm``): ``torch._int_mm`` on int8 codes was 2–9× faster than a float32
-matmul of the same shapes on this machine's CPU, so Linear and 1×1 convs use it; for k×k convs
+GEMMs (``HOTConfig.gemm``): ``torch._int_mm`` on int8 codes was 3–21× faster than a float32
+matmul of the same codes at 1×1-conv shapes on this machine's CPU (on par for a 10-class
+head), so Linear and 1×1 convs use it; for k×k convs
 the im2col/col2im that an integer GEMM needs cost more than it saves (aten::copy_/im2col/col2im
 dominated the profile), so they multiply the same integer codes with torch's float conv kernels
 (exact: integer products summed in float32). ``benchmarks/hot_memory.py`` times all three modes.
