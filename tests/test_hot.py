@@ -391,3 +391,21 @@ def test_weight_gradient_path_uses_8_bits_even_when_per_token_is_selected(monkey
         (layer(skewed_rows.requires_grad_()) * torch.logspace(-3, 0, 64).unsqueeze(1)).sum().backward()
     assert session.states["<root>"].per_token is True
     assert sorted(calls) == [(4, True), (8, False)]
+
+
+def test_demo_cli_passes_hot_to_the_adaptation(monkeypatch, tmp_path):
+    import hdrq_examples.demo as demo
+    from hdrq_plugin.cli import main
+
+    seen = {}
+
+    def fake_run_demo(**kwargs):  # stands in for the minutes-long demo; records the request
+        seen.update(kwargs)
+        raise ValueError("stop after parsing")
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--hot", "--size", "tiny", "--out", str(tmp_path)]) == 2
+    assert seen["hot"] is True
+    seen.clear()
+    main(["demo", "--size", "tiny", "--out", str(tmp_path)])
+    assert "hot" not in seen
