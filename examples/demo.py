@@ -56,7 +56,7 @@ class _Clock:
 
 
 def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, size: str = "demo",
-             iterations: int | None = DEMO_ITERATIONS, export: bool = True) -> Report:
+             iterations: int | None = DEMO_ITERATIONS, export: bool = True, hot: bool = False) -> Report:
     """Run the whole pipeline and write ``report.json`` / ``report.md`` (and models) into ``out``."""
     spec = BitSpec.parse(bits)
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0):
@@ -64,6 +64,8 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
     out = ensure_writable_dir(out)  # fail before minutes of work, not after
     recipe = {"demo": BenchmarkRecipe, "tiny": BenchmarkRecipe.tiny}[size]
     recipe = recipe(seed=seed) if size == "demo" else _with_seed(recipe(), seed)
+    if hot:  # adapt every θt with HOT back-propagation (hdrq_plugin.hot); its own cache entry
+        recipe = recipe.with_hot_adaptation()
     report = Report(recipe={"benchmark": recipe.to_dict(), "bits": str(spec), "seed": seed,
                             "iterations_per_unit": iterations or "cpu-preset"})
     clock = _Clock(report.timings)

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="benchmark size: 'demo' (default) or 'tiny' (seconds; for smoke tests)")
     demo.add_argument("--iterations", type=int, default=None,
                       help="reconstruction iterations per unit (default 500, a quarter of the CPU preset)")
+    demo.add_argument("--hot", action="store_true",
+                      help="adapt θ0 to each target with HOT back-propagation (Hadamard, INT4/INT8)")
     _add_common(demo)
 
     quant = sub.add_parser("quantize", help="quantize one target model with its calibration data")
@@ -150,6 +152,8 @@ def cmd_demo(args) -> int:
     from hdrq_examples.demo import run_demo
 
     kwargs = {} if args.iterations is None else {"iterations": args.iterations}
+    if args.hot:
+        kwargs["hot"] = True
     report = run_demo(bits=args.bits, out=args.out, seed=args.seed, size=args.size, **kwargs)
     print(f"wrote {Path(args.out) / 'report.json'} and report.md ({len(report.rows)} rows)")
     return 0
