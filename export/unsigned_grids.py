@@ -1,5 +1,5 @@
-"""Store clipped signed activations (QuantizeLinear int8 -> Clip -> DequantizeLinear) as uint8
-with zero point + 128, so onnxruntime on x86 fuses the layers around them into integer kernels.
+"""Store signed activations (QuantizeLinear int8 -> [Clip ->] DequantizeLinear) as uint8 with
+zero point + 128, so onnxruntime on x86 fuses the layers around them into integer kernels.
 
 Brevitas writes a sub-8-bit activation as an int8 QuantizeLinear followed by a Clip to the
 narrow range (e.g. -8..7) and a DequantizeLinear. onnxruntime's x86 QDQ fusions want uint8
@@ -8,7 +8,11 @@ the two are adjacent: the Clip in between blocks the conversion, and the Conv/Ad
 stay float (measured: 5 of 9 convs and all 3 residual adds of a W4A4 ResNet-8). Shifting codes
 by 128 is exact: saturate_u8(round(x/s) + z + 128) - (z + 128) equals
 saturate_s8(round(x/s) + z) - z for every x, and the Clip bounds shift with it.
-This is hand-written because no onnx or onnxruntime pass covers the Q->Clip->DQ form.
+The same blockage happens without a Clip when the DequantizeLinear has several consumers
+(onnxruntime duplicates it per consumer first, and its converter then no longer sees one pair):
+measured on MobileNet-style blocks, the SE and Hardswish inputs and the shortcut of an inverted
+residual left the convs around them in float. So every int8 activation pair is shifted.
+This is hand-written because no onnx or onnxruntime pass covers these forms.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ def _shifted(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
 
 
 def shift_clipped_signed_activations(model: onnx.ModelProto) -> int:
-    """Rewrite every int8 ``QuantizeLinear -> Clip -> DequantizeLinear`` chain in place to uint8.
+    """Rewrite every int8 ``QuantizeLinear -> [Clip ->] DequantizeLinear`` chain in place to uint8.
 
     A chain qualifies when the QuantizeLinear has a constant int8 zero point, feeds only Clips
-    with constant int8 bounds, and each Clip feeds only DequantizeLinear nodes sharing that
-    zero point. Returns the number of rewritten QuantizeLinear nodes. Shared initializers are
+    with constant int8 bounds or DequantizeLinear nodes, and each Clip feeds only
+    DequantizeLinear nodes; every DequantizeLinear shares that zero point. Returns the number of rewritten QuantizeLinear nodes. Shared initializers are
     never modified (weights may read them): new ones are added, unread ones removed.
     """
     graph = model.graph
@@ -45,11 +49,13 @@ def shift_clipped_signed_activations(model: onnx.ModelProto) -> int:
         zero_point = inits.get(quantize.input[2])
         if zero_point is None or zero_point.data_type != TensorProto.INT8:
             continue
-        clips = users.get(quantize.output[0], [])
-        if not clips or any(clip.op_type != "Clip" or len(clip.input) != 3
-                            or any(bound not in inits for bound in clip.input[1:]) for clip in clips):
+        direct = users.get(quantize.output[0], [])
+        clips = [node for node in direct if node.op_type == "Clip"]
+        if not direct or any(clip.op_type != "Clip" or len(clip.input) != 3
+                             or any(bound not in inits for bound in clip.input[1:]) for clip in clips):
             continue
-        dequantizers = [dq for clip in clips for dq in users.get(clip.output[0], [])]
+        dequantizers = ([node for node in direct if node.op_type != "Clip"]
+                        + [dq for clip in clips for dq in users.get(clip.output[0], [])])
         codes_zero = numpy_helper.to_array(zero_point)
         if not dequantizers or any(dq.op_type != "DequantizeLinear" or len(dq.input) < 3
                                    or dq.input[2] not in inits

@@ -26,6 +26,7 @@ from .op_policy import (
     UnsupportedOpError,  # noqa: F401  (re-exported: both errors live with the op policy)
     check_supported_calls,
     functions_to_modules,
+    quantize_concat_outputs,
     quantize_float_activation_outputs,
     spatial_means_to_pools,
     widen_float_activation_inputs,
@@ -256,6 +257,7 @@ def _quantize_graph(graph_model, identity_map, compute_map, act_map, gate_quant)
         graph_model = act_handler(graph_model, layer_map=act_map)
         graph_model = quantize_float_activation_outputs(graph_model, identity_map, gate_quant)
         graph_model = add_output_quant_handler(graph_model, identity_map, act_map, UNSIGNED_ACT_TUPLE)
+        graph_model = quantize_concat_outputs(graph_model, identity_map, act_map, UNSIGNED_ACT_TUPLE)
         graph_model = layer_handler(graph_model, layer_map=compute_map, requantize_output=True,
                                     quant_identity_map=identity_map, quant_act_map=act_map,
                                     unsigned_act_tuple=UNSIGNED_ACT_TUPLE)

@@ -14,6 +14,9 @@ The table in the README ("Which ops are quantized") is this module in prose. In 
 * Elementwise multiplies (the SE product), residual adds and concatenations take the float
   values of their inputs: each input keeps its own grid (onnxruntime's QDQ Add/Mul/Concat take
   per-input scales), and the result is requantized by whatever consumes it.
+* A concatenation's output gets one quantizer shared by all its consumers (as Brevitas does for
+  residual adds), so onnxruntime runs it as one QLinearConcat instead of a float Concat
+  requantized once per consumer.
 * Pooling, flatten and dropout add no quantizer: max pooling keeps the grid, average pooling's
   result is requantized by its consumer, dropout is removed at conversion (Brevitas'
   ``RemoveStochasticModules``).
@@ -34,6 +37,7 @@ from torch import nn
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # optional CUDA kernel missing: irrelevant here
     import brevitas.nn as qnn
+    from brevitas.graph.quantize_impl import output_quant_handler
     from brevitas.nn.quant_layer import QuantNonLinearActLayer
 
 #: Float activations evaluated between a quantized input and a quantized output, with the
@@ -186,6 +190,21 @@ def quantize_float_activation_outputs(graph_model: torch.fx.GraphModule, identit
             user.replace_input_with(node, quant_node)
     graph.lint()
     graph_model.recompile()
+    return graph_model
+
+
+def quantize_concat_outputs(graph_model: torch.fx.GraphModule, identity_map: dict, act_map: dict,
+                            unsigned_act_tuple: tuple) -> torch.fx.GraphModule:
+    """One requantizer after every ``torch.cat`` (Brevitas' ``output_quant_handler``, the rule it
+    applies to adds: unsigned when every input is, else signed)."""
+    rewriters: list = []
+    for node in graph_model.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.cat, torch.concat):
+            output_quant_handler(graph_model, node, rewriters, is_sign_preserving=True,
+                                 quant_identity_map=identity_map, quant_act_map=act_map,
+                                 unsigned_act_tuple=unsigned_act_tuple)
+    for rewriter in rewriters:
+        graph_model = rewriter.apply(graph_model)
     return graph_model
 
 
