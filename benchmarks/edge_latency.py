@@ -44,6 +44,7 @@ from hdrq_plugin._io import write_text_atomic
 from hdrq_plugin.calibrate import calibrate_with_report
 from hdrq_plugin.checkpoint import quantizer_family
 from hdrq_plugin.export import export_float, export_qdq
+from hdrq_plugin.export.graph_facts import output_step
 from hdrq_plugin.export.ort_runtime import (
     INTEGER_KERNELS,
     cpu_session,
@@ -123,10 +124,18 @@ def hdrq_w4a8(model, calibration: torch.Tensor, iterations: int) -> tuple[torch.
                     "threads": torch.get_num_threads()}
 
 
-def top1_agreement(path: Path, reference: np.ndarray, images: np.ndarray) -> float:
+def top1_agreement(path: Path, reference: np.ndarray, images: np.ndarray, differences: dict | None = None,
+                   label: str = "") -> float:
+    """Share of images whose onnxruntime top-1 equals the reference's; the largest logit
+    difference (absolute and in steps of the file's output grid) goes into ``differences``."""
     session = cpu_session(path, threads=2)
     name = session.get_inputs()[0].name
     got = np.concatenate([session.run(None, {name: b})[0] for b in np.split(images, len(images) // 16)])
+    if differences is not None:
+        step = output_step(onnx.load(str(path)))
+        worst = float(np.abs(got - reference).max())
+        differences[label] = {"max_abs_logit_diff": worst, "output_step": step,
+                              "max_diff_in_output_steps": worst / step if step else None}
     return float((got.argmax(1) == reference.argmax(1)).mean())
 
 
@@ -147,6 +156,7 @@ def build_files(name: str, args, folder: Path) -> tuple[dict, dict]:
     files: dict[str, Path] = {"fp32": export_float(model, folder / f"{name}_fp32.onnx", example)}
     float_logits = logits(model, images)
     agreement = {"fp32": top1_agreement(files["fp32"], float_logits, images)}
+    info["logit_differences"] = differences = {}
     print(f"[{name}] hdrq w4a8 calibration: {args.hdrq_iterations} iterations/unit on "
           f"{args.calibration_images} images", flush=True)
     w4a8, info["hdrq_calibration"] = hdrq_w4a8(model, calibration, args.hdrq_iterations)
@@ -158,8 +168,9 @@ def build_files(name: str, args, folder: Path) -> tuple[dict, dict]:
     for label, bits, weights in (("w8a8", "w8a8", "int8"), ("w4a8-in-int8", "w4a8", "int4-in-int8"),
                                  ("w4a4-in-int8", "w4a4", "int4-in-int8"), ("w4a8-int4", "w4a8", "int4")):
         files[label] = export_qdq(models[bits], folder / f"{name}_{label}.onnx", example, weights=weights)
-        agreement[label] = top1_agreement(files[label], logits(models[bits], images), images)
-        print(f"[{name}] {label}: top-1 agreement with Brevitas {agreement[label]:.3f}", flush=True)
+        agreement[label] = top1_agreement(files[label], logits(models[bits], images), images, differences, label)
+        print(f"[{name}] {label}: top-1 agreement with Brevitas {agreement[label]:.3f}, largest logit "
+              f"difference {differences[label]['max_diff_in_output_steps']:.0f} output steps", flush=True)
     files["ort-quantize-static"] = ort_quantize_static(files["fp32"], folder / f"{name}_ort_qs.onnx",
                                                        calibration.numpy())
     agreement["ort-quantize-static"] = top1_agreement(files["ort-quantize-static"], float_logits, images)

@@ -88,6 +88,8 @@ def check_supported(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if list(module.children()):
             continue
+        if not type(module).__module__.startswith("torch.nn") and not isinstance(module, SUPPORTED_LAYERS):
+            continue  # the user's own module: FX traces through its forward, and the graph is checked
         if not isinstance(module, SUPPORTED_LAYERS):
             supported = ", ".join(sorted(t.__name__ for t in SUPPORTED_LAYERS))
             raise UnsupportedLayerError(

@@ -147,6 +147,17 @@ class UnsupportedOpError(UnsupportedLayerError):
             "ReLU6, pooling, Flatten, Dropout) or as add/mul/cat/flatten/view/reshape/mean over H,W")
 
 
+class ReLU6Clamp(nn.Module):
+    """``min(max(x, 0), 6)``. Not an ``nn.ReLU6``: Brevitas disables any ``nn.Hardtanh`` subclass
+    given as ``act_impl`` next to a quantizer, on the assumption that the quantizer clamps there."""
+
+    def __init__(self) -> None:  # explicit: Brevitas' injector rejects an inherited *args signature
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x)
+
+
 class QuantReLU6(QuantNonLinearActLayer):
     """ReLU6 followed by an unsigned activation quantizer (Brevitas' ``QuantReLU`` drops the clamp).
 
@@ -156,7 +167,7 @@ class QuantReLU6(QuantNonLinearActLayer):
 
     def __init__(self, act_quant=None, input_quant=None, return_quant_tensor: bool = False, **kwargs) -> None:
         QuantNonLinearActLayer.__init__(
-            self, act_impl=nn.ReLU6, passthrough_act=False, input_quant=input_quant, act_quant=act_quant,
+            self, act_impl=ReLU6Clamp, passthrough_act=False, input_quant=input_quant, act_quant=act_quant,
             return_quant_tensor=return_quant_tensor, **kwargs)
 
 
