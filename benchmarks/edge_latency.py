@@ -241,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the calibration and the Brevitas references; ORT sets its own
     results = {}
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
     with tempfile.TemporaryDirectory(prefix="hdrq-edge-") as folder:
         for name in args.models:
             results[name] = measure(name, args, Path(folder))
+            # written after every model, so a long run that is stopped keeps what it measured
+            write_text_atomic(args.out, json.dumps({"settings": settings, "results": results}, indent=2, default=str))
     print_tables(results)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    write_text_atomic(args.out, json.dumps({"settings": settings, "results": results}, indent=2, default=str))
     print(f"wrote {args.out}")
     return 0

@@ -9,7 +9,8 @@ benchmarks/export_latency.py --size 224):
 * ``Clip(0, 6) -> QuantizeLinear`` after a ReLU6: the Clip sits between the Conv and its
   QuantizeLinear. When the grid saturates at or below the Clip's bounds the Clip changes no
   quantized value (QuantizeLinear is monotone: Q(clip(x, lo, hi)) = Q(x) for every x iff
-  Q(lo) = q_min and Q(hi) = q_max), so it is dropped;
+  Q(lo) = q_min and Q(hi) = q_max, where a sub-8-bit grid's q_min/q_max are the bounds of the
+  integer Clip after the QuantizeLinear), so it is dropped;
 * ``GlobalAveragePool -> Flatten -> QuantizeLinear`` (the classifier's input): the pool cannot
   be fused because no QuantizeLinear follows it. Flatten only moves values, so
   Q(Flatten(x)) = Flatten(Q(x)) for a per-tensor grid: a copy of the QuantizeLinear /
@@ -58,6 +59,20 @@ def _quantized(value: float, scale: np.float32, zero_point: int, low: int, high:
     return int(np.clip(np.rint(np.float32(value) / scale) + zero_point, low, high))
 
 
+def _narrowed_range(quantize: onnx.NodeProto, full: tuple[int, int], inits: dict, users: dict) -> tuple[int, int]:
+    """The codes a QuantizeLinear can hand on: a sub-8-bit grid is its type's range narrowed by
+    the integer Clip(s) Brevitas puts after it (``Q -> Clip(0, 15) -> DQ`` for 4 bits)."""
+    after = users.get(quantize.output[0], [])
+    clips = [n for n in after if n.op_type == "Clip" and len(n.input) == 3 and all(b in inits for b in n.input[1:])]
+    if not after or len(clips) != len(after):
+        return full
+    bounds = {tuple(int(numpy_helper.to_array(inits[b])) for b in c.input[1:]) for c in clips}
+    if len(bounds) != 1:
+        return full
+    (low, high), = bounds
+    return max(low, full[0]), min(high, full[1])
+
+
 def drop_redundant_clips(model: onnx.ModelProto) -> int:
     """Remove every Clip whose only consumer is a QuantizeLinear that already saturates inside it."""
     graph = model.graph
@@ -73,6 +88,7 @@ def drop_redundant_clips(model: onnx.ModelProto) -> int:
         bounds = list(clip.input[1:]) + [""] * (3 - len(clip.input))
         if grid is None or any(name and name not in inits for name in bounds):
             continue
+        grid = (*grid[:2], *_narrowed_range(following[0], grid[2:], inits, users))
         low_ok = not bounds[0] or _quantized(numpy_helper.to_array(inits[bounds[0]]), *grid) == grid[2]
         high_ok = not bounds[1] or _quantized(numpy_helper.to_array(inits[bounds[1]]), *grid) == grid[3]
         if low_ok and high_ok:

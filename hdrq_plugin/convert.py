@@ -28,6 +28,7 @@ from .op_policy import (
     functions_to_modules,
     quantize_concat_outputs,
     quantize_float_activation_outputs,
+    remove_dropout,
     spatial_means_to_pools,
     widen_float_activation_inputs,
 )
@@ -212,7 +213,7 @@ def _trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
         warnings.filterwarnings("ignore", message=r".*treespec\.children_specs.* is deprecated", category=FutureWarning)
         # relu6_to_relu=False: ReLU6 keeps its clamp (op_policy)
         graph_model = preprocess_for_quantize(model, equalize_iters=0, merge_bn=True, relu6_to_relu=False)
-    return functions_to_modules(spatial_means_to_pools(graph_model))
+    return functions_to_modules(spatial_means_to_pools(remove_dropout(graph_model)))
 
 
 def _check_traced(graph_model: torch.fx.GraphModule) -> None:

@@ -70,6 +70,20 @@ SUPPORTED_METHODS = ("add", "add_", "mul", "mul_", "flatten", "view", "reshape",
 _SPATIAL_DIMS = ((2, 3), (3, 2), (-2, -1), (-1, -2))
 
 
+def remove_dropout(graph_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drop every dropout module call: the quantized model is an inference model (Brevitas'
+    ``RemoveStochasticModules`` only removes stochastic depth)."""
+    graph = graph_model.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(graph_model.get_submodule(node.target), nn.modules.dropout._DropoutNd):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            graph_model.delete_submodule(node.target)
+    graph.lint()
+    graph_model.recompile()
+    return graph_model
+
+
 def functions_to_modules(graph_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Replace functional activations (FUNCTIONS_TO_MODULES) by module calls on their input.
 

@@ -55,42 +55,41 @@ def _top1_agreement(path, model: nn.Module, images: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def merged_models():
-    """name -> merged Brevitas model of two fine-tuned, HDRQ-calibrated copies (built once)."""
+def exported(tmp_path_factory):
+    """name -> (merged Brevitas model of two fine-tuned, HDRQ-calibrated copies, {weights: ONNX path})."""
+    folder = tmp_path_factory.mktemp("block-models")
     built = {}
     for name in BLOCK_MODELS:
         source = block_model(name)
         targets = [_fine_tuned(source, seed) for seed in (1, 2)]
         for target in targets:
             assert any(not torch.equal(a, b) for a, b in zip(source.parameters(), target.parameters(), strict=True))
-        built[name] = merge_models([_quantized(t, source, seed) for seed, t in zip((3, 4), targets, strict=True)])
+        merged = merge_models([_quantized(t, source, seed) for seed, t in zip((3, 4), targets, strict=True)]).eval()
+        paths = {weights: export_qdq(merged, folder / f"{name}_{weights}.onnx", _images(2, seed=6), weights=weights)
+                 for weights in ("int4-in-int8", "int4")}
+        built[name] = (merged, paths)
     return built
 
 
 @pytest.mark.parametrize("name", list(BLOCK_MODELS))
 @pytest.mark.parametrize("weights", ["int4-in-int8", "int4"])
-def test_every_block_exports_and_onnxruntime_agrees_on_every_top1(merged_models, name, weights, tmp_path):
-    model = merged_models[name].eval()
-    images = _images(64, seed=5)
-    path = export_qdq(model, tmp_path / f"{name}.onnx", images[:2], weights=weights)
-    assert _top1_agreement(path, model, images) == 1.0
+def test_every_block_exports_and_onnxruntime_agrees_on_every_top1(exported, name, weights):
+    model, paths = exported[name]
+    assert _top1_agreement(paths[weights], model, _images(32, seed=5)) == 1.0
 
 
 @pytest.mark.parametrize("name", list(BLOCK_MODELS))
-def test_in_the_int8_container_every_conv_and_linear_runs_on_integer_kernels(merged_models, name, tmp_path):
-    model = merged_models[name]
-    path = export_qdq(model, tmp_path / f"{name}.onnx", _images(2, seed=6), weights="int4-in-int8")
-    ops = optimized_op_types(path, threads=1)
+def test_in_the_int8_container_every_conv_and_linear_runs_on_integer_kernels(exported, name):
+    ops = optimized_op_types(exported[name][1]["int4-in-int8"], threads=1)
     assert not {op: n for op, n in ops.items() if op in FLOAT_COMPUTE_OPS}
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in block_model(name).modules())
     assert sum(n for op, n in ops.items() if op in INTEGER_KERNELS) == layers
 
 
-def test_top1_agreement_catches_a_broken_export(merged_models, tmp_path):
-    model = merged_models["inverted_residual"]
-    images = _images(64, seed=5)
-    path = export_qdq(model, tmp_path / "ok.onnx", images[:2], weights="int4-in-int8")
-    broken = onnx.load(path)
+def test_top1_agreement_catches_a_broken_export(exported, tmp_path):
+    model, paths = exported["inverted_residual"]
+    images = _images(32, seed=5)
+    broken = onnx.load(paths["int4-in-int8"])
     for tensor in broken.graph.initializer:  # negate every int8 weight: the logits change sign
         if tensor.data_type == onnx.TensorProto.INT8 and len(tensor.dims) >= 2:
             codes = numpy_helper.to_array(tensor).astype(np.int16)
