@@ -26,9 +26,19 @@ from .graph_facts import consumers, drop_unused_initializers, initializers
 _SHIFT = 128  # int8 -> uint8 offset
 
 
-def _shifted(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
-    values = numpy_helper.to_array(tensor).astype(np.int16) + _SHIFT
-    return numpy_helper.from_array(values.astype(np.uint8), name)
+class _SharedConstants:
+    """One uint8 initializer per distinct value (a per-node copy would grow small files by ~10 %)."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph, self.names = graph, {}
+
+    def shifted(self, tensor: onnx.TensorProto) -> str:
+        values = (numpy_helper.to_array(tensor).astype(np.int16) + _SHIFT).astype(np.uint8)
+        key = (values.shape, values.tobytes())
+        if key not in self.names:
+            self.names[key] = f"hdrq_uint8_constant_{len(self.names)}"
+            self.graph.initializer.append(numpy_helper.from_array(values, self.names[key]))
+        return self.names[key]
 
 
 def shift_clipped_signed_activations(model: onnx.ModelProto) -> int:
@@ -36,13 +46,15 @@ def shift_clipped_signed_activations(model: onnx.ModelProto) -> int:
 
     A chain qualifies when the QuantizeLinear has a constant int8 zero point, feeds only Clips
     with constant int8 bounds or DequantizeLinear nodes, and each Clip feeds only
-    DequantizeLinear nodes; every DequantizeLinear shares that zero point. Returns the number of rewritten QuantizeLinear nodes. Shared initializers are
-    never modified (weights may read them): new ones are added, unread ones removed.
+    DequantizeLinear nodes; every DequantizeLinear shares that zero point. Returns the number
+    of rewritten QuantizeLinear nodes. Shared initializers are never modified (weights may read
+    them): new ones are added (one per distinct value), unread ones removed.
     """
     graph = model.graph
     inits = initializers(graph)
     users = consumers(graph)
     rewritten = 0
+    shared = _SharedConstants(graph)
     for quantize in list(graph.node):
         if quantize.op_type != "QuantizeLinear" or len(quantize.input) < 3:
             continue
@@ -62,16 +74,13 @@ def shift_clipped_signed_activations(model: onnx.ModelProto) -> int:
                                    or not np.array_equal(numpy_helper.to_array(inits[dq.input[2]]), codes_zero)
                                    for dq in dequantizers):
             continue
-        unsigned_zero_point = _shifted(zero_point, f"{quantize.output[0]}_uint8_zero_point")
-        graph.initializer.append(unsigned_zero_point)
-        quantize.input[2] = unsigned_zero_point.name
+        unsigned_zero_point = shared.shifted(zero_point)
+        quantize.input[2] = unsigned_zero_point
         for clip in clips:
             for index in (1, 2):
-                bound = _shifted(inits[clip.input[index]], f"{clip.output[0]}_uint8_bound{index}")
-                graph.initializer.append(bound)
-                clip.input[index] = bound.name
+                clip.input[index] = shared.shifted(inits[clip.input[index]])
         for dq in dequantizers:
-            dq.input[2] = unsigned_zero_point.name
+            dq.input[2] = unsigned_zero_point
         rewritten += 1
     drop_unused_initializers(graph)
     return rewritten

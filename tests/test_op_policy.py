@@ -146,3 +146,37 @@ def test_a_signed_activation_read_by_several_consumers_is_stored_as_uint8_withou
     assert zero_point.data_type == TensorProto.UINT8
     x = np.random.default_rng(1).normal(0, 8, size=256).astype(np.float32)
     assert _run(shifted, x).tobytes() == _run(original, x).tobytes()
+
+
+def test_a_relu6_clip_before_a_four_bit_grid_is_judged_against_the_four_bit_range():
+    # Clip(0, 6) -> Q(uint8, step 0.4) -> Clip(0, 15) -> DQ: the 4-bit grid tops out at 6, so the
+    # first Clip is redundant although the uint8 type would reach 102
+    graph = helper.make_graph(
+        [helper.make_node("Clip", ["x", "lo", "hi"], ["c"]),
+         helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["q"]),
+         helper.make_node("Clip", ["q", "qlo", "qhi"], ["qc"]),
+         helper.make_node("DequantizeLinear", ["qc", "s", "zp"], ["out"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [256])],
+        [numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi"),
+         numpy_helper.from_array(np.float32(0.4), "s"), numpy_helper.from_array(np.uint8(0), "zp"),
+         numpy_helper.from_array(np.uint8(0), "qlo"), numpy_helper.from_array(np.uint8(15), "qhi")])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    rewritten = copy.deepcopy(original)
+    assert drop_redundant_clips(rewritten) == 1
+    x = np.linspace(-3, 12, 256, dtype=np.float32)
+    assert _run(rewritten, x).tobytes() == _run(original, x).tobytes()
+
+
+def test_relu6_layers_at_w4a4_run_on_integer_kernels(tmp_path):
+    from block_models import INPUT_SHAPE, block_model
+
+    from hdrq_plugin import calibrate_activations
+    from hdrq_plugin.export import export_qdq
+    from hdrq_plugin.export.ort_runtime import FLOAT_COMPUTE_OPS, optimized_op_types
+
+    images = torch.randn(8, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    qmodel = calibrate_activations(convert_to_brevitas(block_model("inverted_residual"), "w4a4"), [images])
+    ops = optimized_op_types(export_qdq(qmodel, tmp_path / "m.onnx", images[:1]), threads=1)
+    assert not {op: n for op, n in ops.items() if op in FLOAT_COMPUTE_OPS}
+    assert ops["QLinearConv"] == 10
