@@ -82,8 +82,6 @@ RTNWeightPerChannel = Int8WeightPerChannelFloat.let(
     scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS, narrow_range=False)
 
 
-
-
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`UnsupportedLayerError` naming the first unsupported leaf layer."""
     for name, module in model.named_modules():

@@ -1,6 +1,6 @@
 """What the conversion quantizes around each non-compute op of a CNN, and to how many bits.
 
-The table in the README ("Which ops are quantized") is this module in prose. In short:
+The README table "Per op, what the conversion quantizes" is this module in prose. In short:
 
 * ReLU and ReLU6 outputs are the unsigned activation grid (``act_bits``); ReLU6 keeps its clamp
   at 6 (Brevitas' ``preprocess_for_quantize`` would turn it into a ReLU by default, which changes
@@ -18,8 +18,10 @@ The table in the README ("Which ops are quantized") is this module in prose. In 
   residual adds), so onnxruntime runs it as one QLinearConcat instead of a float Concat
   requantized once per consumer.
 * Pooling, flatten and dropout add no quantizer: max pooling keeps the grid, average pooling's
-  result is requantized by its consumer, dropout is removed at conversion (Brevitas'
-  ``RemoveStochasticModules``).
+  result is requantized by its consumer, dropout is removed at conversion (:func:`remove_dropout`).
+
+Anything else in ``forward`` (another function, a weight read by a functional call, another
+module type) raises :class:`UnsupportedLayerError` / :class:`UnsupportedOpError` naming it.
 
 The 8-bit boundaries only touch values that leave the integer path for a float op; every
 Conv/Linear input stays on the ``act_bits`` grid (or 8 bits at the network's edges).
