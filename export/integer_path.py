@@ -30,6 +30,9 @@ from onnx import TensorProto, helper, numpy_helper
 from .graph_facts import consumers, drop_unused_initializers, initializers, producers
 from .unsigned_grids import shift_clipped_signed_activations
 
+#: Name suffix of the QuantizeLinear copies put before a reshape: a copy of a quantizer the model
+#: runs once, which parity checks (activation_codes.py) must not count as a quantizer of its own.
+COPIED_QUANTIZE_SUFFIX = "_quantize_before"
 _RANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255)}
 _RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
 
@@ -123,7 +126,7 @@ def quantize_before_reshapes(model: onnx.ModelProto) -> int:
         quantize = following[0]
         name = f"{reshape.input[0]}_hdrq_requantized"
         copy_q = helper.make_node("QuantizeLinear", [reshape.input[0], *quantize.input[1:3]], [f"{name}_q"],
-                                  name=f"{reshape.name}_quantize_before")
+                                  name=f"{reshape.name}{COPIED_QUANTIZE_SUFFIX}")
         copy_dq = helper.make_node("DequantizeLinear", [f"{name}_q", *quantize.input[1:3]], [name],
                                    name=f"{reshape.name}_dequantize_before")
         reshape.input[0] = name
