@@ -13,11 +13,11 @@ from hdrq_plugin._io import ensure_writable_dir
 from hdrq_plugin.bitspec import BitSpec
 from hdrq_plugin.checkpoint import ModelRecipe, save_float_model, save_quantized
 from hdrq_plugin.convert import fold_batchnorm
-from hdrq_plugin.evaluation import accuracy
+from hdrq_plugin.evaluation import accuracy, harmonic_mean
 from hdrq_plugin.float_merge import average_float_models
 from hdrq_plugin.merge import merge_models
 from hdrq_plugin.quantize import quantize_model
-from hdrq_plugin.report import Report
+from hdrq_plugin.report import HARMONIC_MEAN, Report
 
 from .zoo import Benchmark, BenchmarkRecipe, load_or_build_benchmark, merge_subsets
 
@@ -56,7 +56,7 @@ class _Clock:
 
 
 def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, size: str = "demo",
-             iterations: int | None = DEMO_ITERATIONS, export: bool = True) -> Report:
+             iterations: int | None = DEMO_ITERATIONS, export: bool = True, hot: bool = False) -> Report:
     """Run the whole pipeline and write ``report.json`` / ``report.md`` (and models) into ``out``."""
     spec = BitSpec.parse(bits)
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0):
@@ -64,6 +64,8 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
     out = ensure_writable_dir(out)  # fail before minutes of work, not after
     recipe = {"demo": BenchmarkRecipe, "tiny": BenchmarkRecipe.tiny}[size]
     recipe = recipe(seed=seed) if size == "demo" else _with_seed(recipe(), seed)
+    if hot:  # adapt every θt with HOT back-propagation (hdrq_plugin.hot); its own cache entry
+        recipe = recipe.with_hot_adaptation()
     report = Report(recipe={"benchmark": recipe.to_dict(), "bits": str(spec), "seed": seed,
                             "iterations_per_unit": iterations or "cpu-preset"})
     clock = _Clock(report.timings)
@@ -92,6 +94,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
     report.add_per_target("float-merge-bn-averaged", "fp32", "float_merged",
                           {t: accuracy(bn_averaged, tests[t]) for t in targets})
     save_float_model(out / "source.pt", bench.source_model, float_recipe(bench))
+    report.write(out)  # every stage below rewrites the report: a late failure keeps the earlier ones
 
     quantized: dict[str, dict[str, tuple]] = {}  # method → target → (quantized θt, quantizer family)
     for method in ("rtn", "hdrq"):
@@ -103,6 +106,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
                                                 iterations=iterations)
             report.add(method, str(spec), "single", t, accuracy(qmodel, tests[t]))
             quantized[method][t] = (qmodel, family)
+            report.write(out)
 
     # every pair (where ties between two integer codes decide the rounding) and all targets
     merged_models = {}
@@ -116,6 +120,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
                 report.add_per_target(label, str(spec), "merged", {t: accuracy(merged, tests[t]) for t in subset},
                                       merged_targets="+".join(subset))
                 merged_models[label] = merged
+        report.write(out)
     hdrq_merged = merged_models["hdrq+noise-sampling"]
     family = quantized["hdrq"][targets[0]][1]
     save_quantized(out / "merged-hdrq.pt", hdrq_merged, recipe=float_recipe(bench), bits=spec,
@@ -123,9 +128,9 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
                                             "rounding": "noise-sampling", "seed": seed})
 
     _barrier(report, bench, quantized["hdrq"], targets, tests, out, clock)
+    report.write(out)
     if export:
         _export_and_validate(report, hdrq_merged, spec, targets, tests, out, clock)
-    report.write(out)
     return report
 
 
@@ -158,10 +163,14 @@ def _barrier(report, bench, hdrq_models, targets, tests, out, clock) -> None:
 
 
 def _export_and_validate(report, merged, spec, targets, tests, out, clock) -> None:
-    """Export the merged HDRQ model to INT8 (or 4-bit-in-int8) and true INT4 and check them in ORT."""
+    """Export the merged HDRQ model to INT8 (or 4-bit-in-int8) and true INT4 and check them in ORT.
+
+    Every file is validated and reported (rows, and the whole validation under
+    ``validation``) before any failure is raised, so the report always holds every figure.
+    """
     from torch.utils.data import DataLoader
 
-    from hdrq_plugin.export import export_qdq, validate
+    from hdrq_plugin.export import ValidationError, export_qdq, validate
 
     example = tests[targets[0]][0][0].unsqueeze(0)
     fast = "int8" if spec.weight_bits == 8 else "int4-in-int8"
@@ -169,19 +178,26 @@ def _export_and_validate(report, merged, spec, targets, tests, out, clock) -> No
     if spec.weight_bits <= 4:
         files["int4"] = out / "merged-hdrq-int4.onnx"
     loaders = {t: DataLoader(tests[t], batch_size=256) for t in targets}
-    validation = {}
+    report.extra["validation"] = {}
+    failed = []
     for weights, path in files.items():
         with clock(f"export_{weights}_s"):
             export_qdq(merged, path, example, weights=weights, overwrite=True,
                        metadata={"method": "hdrq", "merged_targets": ",".join(targets)})
         with clock(f"validate_{weights}_s"):
             result = validate(path, merged, loaders)
-        validation[weights] = result.to_dict()
+        report.extra["validation"][weights] = result.to_dict()
+        label = f"hdrq+noise-sampling[{weights}]"
+        for t in targets:  # each target's row carries its own agreement with PyTorch
+            report.add(label, str(spec), "merged_ort", t, result.accuracy[t]["onnxruntime"],
+                       top1_agreement=result.top1_agreement[t], validation_ok=result.ok)
+        report.add(label, str(spec), "merged_ort", HARMONIC_MEAN,
+                   harmonic_mean([result.accuracy[t]["onnxruntime"] for t in targets]), validation_ok=result.ok)
+        report.write(out)
         if not result.ok:
-            raise RuntimeError(f"validation of {path} failed: {'; '.join(result.failures)}")
-        report.add_per_target(f"hdrq+noise-sampling[{weights}]", str(spec), "merged_ort",
-                              {t: result.accuracy[t]["onnxruntime"] for t in targets})
-    report.extra["validation"] = validation
+            failed.append(result.summary())
+    if failed:
+        raise ValidationError("; ".join(failed))
 
 
 __all__ = ["run_demo", "float_recipe"]

@@ -8,7 +8,9 @@ drawn from the given seed so that a recipe always yields the same weights on one
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
+
+from hdrq_plugin.hot import HOTConfig, hot_mode
 
 from .augment import AugmentConfig, augment_batch
 from .models import CifarResNet, ResNetConfig, build_resnet
@@ -34,6 +38,7 @@ class TrainConfig:
     warmup_fraction: float = 0.0  # share of the steps with a linear warm-up from 0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     freeze_batchnorm_stats: bool = False  # keep θ0's running statistics while fine-tuning
+    hot: HOTConfig | None = None  # back-propagate Conv2d/Linear with HOT (hdrq_plugin.hot); None: plain
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
@@ -42,6 +47,12 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.hot is True:
+            object.__setattr__(self, "hot", HOTConfig())
+        elif self.hot is False:
+            object.__setattr__(self, "hot", None)
+        elif self.hot is not None and not isinstance(self.hot, HOTConfig):
+            raise TypeError(f"hot must be a HOTConfig, True/False or None, got {type(self.hot).__name__}")
 
 
 def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +101,18 @@ def train_classifier(model: nn.Module, data: Dataset, config: TrainConfig, *, se
     optimizer = _make_optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _learning_rate_factor(s, total_steps, warmup))
     _train_mode(model, config.freeze_batchnorm_stats)
+    # HOT's stochastic-rounding stream follows the run's seed, so seeds differ in rounding too.
+    hot = dataclasses.replace(config.hot, seed=config.hot.seed + seed) if config.hot is not None else None
+    with hot_mode(model, hot) if hot is not None else contextlib.nullcontext():
+        recent_losses = _run_steps(model, images, labels, config, optimizer, schedule, generator, desc)
+    model.eval()
+    return sum(recent_losses) / len(recent_losses)
+
+
+def _run_steps(model, images, labels, config, optimizer, schedule, generator, desc) -> list[float]:
+    """The SGD loop of :func:`train_classifier`; returns the losses of the last epoch's batches."""
+    batches_per_epoch = math.ceil(len(images) / config.batch_size)
+    total_steps = max(1, round(config.epochs * batches_per_epoch))
     recent_losses: list[float] = []
     order = torch.empty(0, dtype=torch.long)
     with tqdm(total=total_steps, desc=desc, disable=None, leave=False) as progress:
@@ -110,8 +133,7 @@ def train_classifier(model: nn.Module, data: Dataset, config: TrainConfig, *, se
             recent_losses.append(loss.item())
             progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             progress.update()
-    model.eval()
-    return sum(recent_losses) / len(recent_losses)
+    return recent_losses
 
 
 def train_source(data: Dataset, architecture: ResNetConfig, config: TrainConfig, *, seed: int) -> CifarResNet:
@@ -123,8 +145,16 @@ def train_source(data: Dataset, architecture: ResNetConfig, config: TrainConfig,
     return model
 
 
-def adapt_to_target(source: nn.Module, data: Dataset, config: TrainConfig, *, seed: int, desc: str = "adapt") -> nn.Module:
-    """A copy of ``source`` fine-tuned on one target's labelled ``data``: θt (``source`` is untouched)."""
+def adapt_to_target(
+    source: nn.Module, data: Dataset, config: TrainConfig, *, seed: int, desc: str = "adapt",
+    hot: bool | HOTConfig | None = None,
+) -> nn.Module:
+    """A copy of ``source`` fine-tuned on one target's labelled ``data``: θt (``source`` is untouched).
+
+    ``hot=True`` (or a :class:`HOTConfig`) back-propagates with HOT; ``None`` keeps ``config.hot``.
+    """
+    if hot is not None:
+        config = dataclasses.replace(config, hot=hot)
     model = copy.deepcopy(source)
     train_classifier(model, data, config, seed=seed, desc=desc)
     return model

@@ -28,6 +28,7 @@ from torch.utils.data import ConcatDataset
 from tqdm.auto import tqdm
 
 from hdrq_plugin._io import atomic_write_path
+from hdrq_plugin.hot import HOTConfig
 
 from .augment import AugmentConfig
 from .domains import FASHION_DOMAIN_NAMES, RENDERED_DEFAULT_IMAGES, DomainSplits, load_domain
@@ -113,16 +114,29 @@ class BenchmarkRecipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def with_hot_adaptation(self, hot: HOTConfig | bool = True) -> BenchmarkRecipe:
+        """This recipe with every θt adapted by HOT back-propagation (a different cache entry)."""
+        return dataclasses.replace(self, adaptation=dataclasses.replace(self.adaptation, hot=hot))
+
     def cache_key(self) -> str:
         """SHA-256 of the recipe, the code revision and the library versions."""
         payload = {
-            "recipe": self.to_dict(),
+            "recipe": _without_plain_backprop(self.to_dict()),
             "cache_format": CACHE_FORMAT,
             "code_revision": CODE_REVISION,
             "python": platform.python_version_tuple()[:2],
             "versions": library_versions(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _without_plain_backprop(recipe: dict) -> dict:
+    """The recipe dict without ``hot: None`` entries: plain-backprop recipes keep the cache keys
+    they had before HOT existed, while any HOT setting changes the key."""
+    for training in ("source_training", "adaptation"):
+        if recipe[training].get("hot", "absent") is None:
+            recipe[training] = {k: v for k, v in recipe[training].items() if k != "hot"}
+    return recipe
 
 
 def merge_subsets(targets: Sequence[str], which: str = "pairs+all") -> list[tuple[str, ...]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 # Ops whose second input is a weight that must come from DequantizeLinear on the integer path.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -91,3 +91,75 @@ def output_step(model: onnx.ModelProto) -> float | None:
     except KeyError:  # a scale computed at run time
         return None
     return None
+
+
+_FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
+_INTEGER_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.INT4: (-8, 7),
+                   TensorProto.UINT4: (0, 15), TensorProto.INT32: (-2 ** 31, 2 ** 31 - 1)}
+
+
+def _codes_behind(dq: onnx.NodeProto, model: onnx.ModelProto) -> tuple[np.ndarray | None, tuple[int, int], int]:
+    """For a DequantizeLinear: its constant codes (None if computed), their range and zero point."""
+    made_by, inits = producers(model.graph), initializers(model.graph)
+    zero_point = 0
+    zp_type = TensorProto.INT8
+    if len(dq.input) > 2 and dq.input[2]:
+        zp_type = inits[dq.input[2]].data_type if dq.input[2] in inits else zp_type
+        zero_point = int(np.asarray(_constant(dq.input[2], model)).reshape(-1)[0])
+    source = dq.input[0]
+    low, high = _INTEGER_RANGES.get(zp_type, (-128, 127))
+    clip = made_by.get(source)
+    if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3:
+        low, high = (int(np.asarray(_constant(bound, model)).reshape(-1)[0]) for bound in clip.input[1:])
+        source = clip.input[0]
+    if source in inits:
+        codes = numpy_helper.to_array(inits[source]).astype(np.int64) - zero_point
+        return codes, (low - zero_point, high - zero_point), zero_point
+    return None, (low - zero_point, high - zero_point), zero_point
+
+
+def output_float_error_steps(model: onnx.ModelProto) -> float | None:
+    """Bound, in output steps, on how far two correct float32 evaluations of the output can
+    differ when every activation code agrees (parity.py, point 2).
+
+    Output made by DequantizeLinear: 0 (same codes, same scale). Output made by a Gemm/Conv/
+    MatMul on dequantized integers: the dot products of K integer codes scaled to float32
+    round with error at most (K + 2) u sum|x w| on one side (Higham, "Accuracy and Stability of
+    Numerical Algorithms", §3.1) and 2u |acc| on the other (float32 multiplier applied to an
+    exact int32 accumulator), hence (K + 4) u (Q_in max_row sum|w_codes| + max|b_codes|) steps.
+    None when the output is made any other way.
+    """
+    made_by = producers(model.graph)
+    name = model.graph.output[0].name
+    while name in made_by and made_by[name].op_type in _VALUE_PRESERVING_OPS:
+        name = made_by[name].input[0]
+    node = made_by.get(name)
+    if node is None:
+        return None
+    if node.op_type == "DequantizeLinear":
+        return 0.0
+    if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
+        return None
+    data_dq, weight_dq = made_by.get(node.input[0]), made_by.get(node.input[1])
+    if any(dq is None or dq.op_type != "DequantizeLinear" for dq in (data_dq, weight_dq)):
+        return None
+    try:
+        weights, _, _ = _codes_behind(weight_dq, model)
+        _, (low, high), _ = _codes_behind(data_dq, model)
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias_dq = made_by.get(node.input[2])
+            bias = _codes_behind(bias_dq, model)[0] if bias_dq is not None and bias_dq.op_type == "DequantizeLinear" else None
+            if bias is None:
+                return None
+    except KeyError:
+        return None
+    if weights is None:
+        return None
+    transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    rows = weights if node.op_type in ("Conv", "ConvTranspose") or transposed else weights.T
+    rows = np.abs(rows.reshape(rows.shape[0], -1))
+    terms = rows.shape[1]
+    largest_input = max(abs(low), abs(high))
+    largest_bias = float(np.abs(bias).max()) if bias is not None else 0.0
+    return (terms + 4) * _FLOAT32_UNIT_ROUNDOFF * (largest_input * float(rows.sum(axis=1).max()) + largest_bias)

@@ -2,8 +2,9 @@
 
 Brevitas' QCDQ exporter on the TorchScript path (toolchain-facts.md, "Export") writes integer
 weight initializers and keeps Int32Bias; this module adds the dynamic batch axis, checks that
-every weight layer is on the integer path, stores clipped signed activations as uint8 (so
-onnxruntime fuses sub-8-bit layers, :mod:`.unsigned_grids`), optionally rewrites <=4-bit weights
+every weight layer is on the integer path, applies exact rewrites that keep onnxruntime's
+integer kernels connected (:mod:`.integer_path`: uint8 activations, redundant ReLU6 Clips,
+a quantizer before Flatten), optionally rewrites <=4-bit weights
 to true INT4 (:mod:`.int4`), and writes the ``hdrq.*`` metadata, fully checked and atomically.
 """
 
@@ -25,6 +26,7 @@ from hdrq_plugin._io import atomic_write_path
 from .errors import ExportError
 from .graph_facts import float_weight_nodes, nonstandard_nodes
 from .int4 import rewrite_weights_to_int4
+from .integer_path import keep_integer_path
 from .metadata import quantized_metadata_props, set_metadata, user_metadata_props
 from .model_facts import (
     QuantizationSummary,
@@ -34,7 +36,7 @@ from .model_facts import (
     require_fitting_input,
     summarize_quantization,
 )
-from .unsigned_grids import shift_clipped_signed_activations
+from .unsigned_grids import store_wide_weights_as_uint8
 
 WEIGHT_STORAGES = ("int8", "int4", "int4-in-int8")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
@@ -106,7 +108,8 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
         write_brevitas_qcdq(model, example_input, tmp)
         onnx_model = onnx.load(tmp)
         _require_integer_graph(onnx_model)
-        shift_clipped_signed_activations(onnx_model)  # lets onnxruntime fuse sub-8-bit layers
+        keep_integer_path(onnx_model)  # exact rewrites so onnxruntime fuses every layer
+        store_wide_weights_as_uint8(onnx_model)  # no int16 saturation on x86 CPUs without VNNI
         if weights == "int4":
             onnx_model, rewritten = rewrite_weights_to_int4(onnx_model)
             expected = len(_four_bit_layers(summary))

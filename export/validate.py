@@ -1,13 +1,21 @@
 """``validate``: does an exported file compute the Brevitas model, on integer kernels, how fast?
 
-Checks on onnxruntime's CPU provider (ORT_ENABLE_ALL): parity with the model on the data
-(:mod:`.parity`), the op types of the optimized graph (int8 files must run QLinearConv/QGemm),
-accuracy per dataset, median latency against the float32 twin at batch 1 and a serving batch,
-and file sizes. Failed checks are listed in ``ValidationReport.failures``; nothing is a warning.
+Checks on onnxruntime's CPU provider (ORT_ENABLE_ALL), per dataset: parity on the integer grid
+(every activation quantizer's codes compared with PyTorch's, differing codes judged by
+:mod:`.parity`), top-1 agreement, the largest output difference in output steps, the first
+diverging layer, and the accuracy on both sides; then the op types of the optimized graph
+(int8 files must run QLinearConv/QGemm), median latency against the float32 twin at batch 1
+and a serving batch, and file sizes. Failed checks are listed in ``ValidationReport.failures``,
+one line each naming the file's dataset, the layer and the figure; nothing is a warning.
+
+The arithmetic behind the parity check: :mod:`.parity`. Issue 9 (the demo's merged W4A4 file
+failing on a fresh machine, exact here) was a CPU-dependent kernel, not accumulation order:
+:func:`.unsigned_grids.store_wide_weights_as_uint8`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -20,9 +28,10 @@ import onnx
 import torch
 from torch import nn
 
+from .activation_codes import OnnxCodeReader, alignment_problems, capture_activation_codes
 from .errors import ValidationError
 from .float_export import export_float
-from .graph_facts import output_step
+from .graph_facts import output_float_error_steps, output_step
 from .metadata import QDQ_FORMAT, read_metadata
 from .model_facts import model_sha256, require_brevitas_model
 from .ort_runtime import (
@@ -32,7 +41,7 @@ from .ort_runtime import (
     median_latencies_ms,
     optimized_op_types,
 )
-from .parity import ParityTally, ParityTolerance
+from .parity import DatasetParity, ParityTolerance, first_diverging_layer, judge_first_divergence
 
 DEFAULT_BATCH_SIZES = (1, 64)  # issue 4: batch 1 and a serving batch
 DEFAULT_REPEATS = 30  # timed runs per session and batch size; the median is reported
@@ -51,8 +60,8 @@ class ValidationReport:
     samples: int = 0
     max_abs_diff: float = 0.0
     output_step: float | None = None  # step of the output grid (graph_facts.output_step)
-    relative_error: float = 0.0  # ||onnxruntime - pytorch||_2 / ||pytorch||_2 over all outputs
-    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    output_bound_steps: float | None = None  # allowed output difference where codes agree (parity.py)
+    parity: dict[str, DatasetParity] = field(default_factory=dict)  # dataset -> measurements
     optimized_op_types: dict[str, int] = field(default_factory=dict)
     latency_ms: dict[int, dict[str, float]] = field(default_factory=dict)
     file_bytes: dict[str, int] = field(default_factory=dict)
@@ -67,8 +76,27 @@ class ValidationReport:
         return self.samples > 0 and self.max_abs_diff == 0.0
 
     @property
+    def accuracy(self) -> dict[str, dict[str, float]]:
+        """dataset -> {"onnxruntime", "pytorch", "changed_predictions", "samples"} (labelled data)."""
+        found = {}
+        for name, tally in self.parity.items():
+            accuracy = tally.accuracy()
+            if accuracy is not None:
+                found[name] = {**accuracy, "changed_predictions": tally.samples - tally.top1_agreeing,
+                               "samples": tally.labelled}
+        return found
+
+    @property
+    def top1_agreement(self) -> dict[str, float | None]:
+        return {name: tally.top1_agreement for name, tally in self.parity.items()}
+
+    @property
     def max_diff_in_output_steps(self) -> float | None:
         return None if not self.output_step else self.max_abs_diff / self.output_step
+
+    @property
+    def first_diverging_layer(self) -> dict[str, str | None]:
+        return {name: tally.first_diverging_layer for name, tally in self.parity.items()}
 
     @property
     def integer_kernels(self) -> dict[str, int]:
@@ -80,9 +108,20 @@ class ValidationReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data.update(ok=self.ok, exact=self.exact, max_diff_in_output_steps=self.max_diff_in_output_steps,
+        data["parity"] = {name: tally.to_dict() for name, tally in self.parity.items()}
+        data.update(ok=self.ok, exact=self.exact, accuracy=self.accuracy, top1_agreement=self.top1_agreement,
+                    max_diff_in_output_steps=self.max_diff_in_output_steps,
+                    first_diverging_layer=self.first_diverging_layer,
                     integer_kernels=self.integer_kernels, float_compute_ops=self.float_compute_ops)
         return data
+
+    def summary(self) -> str:
+        """One line: the file and its first failure (or that it passed), for logs and CLIs."""
+        if self.ok:
+            agreement = ", ".join(f"{name} {100 * a:.2f} %" for name, a in self.top1_agreement.items() if a is not None)
+            return f"{self.onnx_path}: validation passed (top-1 agreement {agreement})"
+        more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
+        return f"{self.onnx_path}: validation failed: {self.failures[0]}{more}"
 
     def raise_if_failed(self) -> ValidationReport:
         if self.failures:
@@ -115,14 +154,19 @@ def _split_batch(batch: object, dataset: str) -> tuple[torch.Tensor, torch.Tenso
     raise TypeError(f"dataset {dataset!r} must yield tensors or (input, label) pairs, got {type(batch).__name__}")
 
 
-def _compare_on_data(session, model: nn.Module, datasets: dict[str, Iterable], tally: ParityTally,
-                     max_batches: int | None) -> tuple[dict[str, dict[str, float]], list[torch.Tensor], int]:
-    """Run both models on every batch; return accuracy per dataset, a few inputs, sample count."""
-    accuracy, kept_inputs, samples = {}, [], 0
-    input_name, input_rank = session.get_inputs()[0].name, len(session.get_inputs()[0].shape)
-    for name, batches in datasets.items():
-        correct = {"onnxruntime": 0, "pytorch": 0}
-        labelled = changed = 0
+class _ParityRun:
+    """Runs both sides batch by batch and tallies one dataset; explains diverging samples."""
+
+    def __init__(self, reader: OnnxCodeReader, model: nn.Module, output_step_: float | None,
+                 bound_steps: float | None, tolerance: ParityTolerance) -> None:
+        self.reader, self.model, self.step, self.tolerance = reader, model, output_step_, tolerance
+        self.bound_steps = bound_steps
+        self._model64: nn.Module | None = None  # the float64 copy, made on the first divergence
+        self.misaligned: list[str] | None = None  # set on the first batch; codes are compared only if empty
+
+    def dataset(self, name: str, batches: Iterable, max_batches: int | None, kept: list) -> DatasetParity:
+        tally = DatasetParity()
+        input_rank = len(self.reader.session.get_inputs()[0].shape)
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
@@ -131,25 +175,73 @@ def _compare_on_data(session, model: nn.Module, datasets: dict[str, Iterable], t
                 raise ValueError(f"dataset {name!r} batch {index} has shape {tuple(x.shape)}; the file "
                                  f"takes {input_rank}-D batches (batch axis first)")
             x = x.detach().to(torch.float32).contiguous()
-            with torch.no_grad():
-                reference = model(x)
+            if len(kept) < 64:
+                kept.extend(x[: 64 - len(kept)])
+            with torch.no_grad(), capture_activation_codes(self.model) as captured:
+                reference = self.model(x)
             reference = getattr(reference, "value", reference).numpy()
-            candidate = session.run(None, {input_name: x.numpy()})[0]
-            tally.add(reference, candidate)
-            samples += x.shape[0]
-            if len(kept_inputs) < 64:
-                kept_inputs.extend(x[: 64 - len(kept_inputs)])
-            if y is not None and reference.ndim == 2:
-                labels = y.numpy()
-                correct["pytorch"] += int((reference.argmax(1) == labels).sum())
-                correct["onnxruntime"] += int((candidate.argmax(1) == labels).sum())
-                changed += int((reference.argmax(1) != candidate.argmax(1)).sum())
-                labelled += len(labels)
-        if labelled:
-            accuracy[name] = {"onnxruntime": correct["onnxruntime"] / labelled,
-                              "pytorch": correct["pytorch"] / labelled,
-                              "changed_predictions": changed, "samples": labelled}
-    return accuracy, kept_inputs, samples
+            candidate, twin, onnx_codes = self.reader.run(x.numpy())
+            if self.misaligned is None:
+                self.misaligned = alignment_problems(captured, self.reader.sites)
+            if self.misaligned:  # outputs only: no code is known to agree
+                tally.add_outputs(reference, candidate, None if y is None else y.numpy(), self.step,
+                                  np.zeros(len(x), dtype=bool))
+                continue
+            ours = [record.codes for record in captured]
+            first = first_diverging_layer(ours, onnx_codes)
+            twin_is_deployed = self._within_bound(twin, candidate)
+            tally.add_outputs(reference, candidate, None if y is None else y.numpy(), self.step,
+                              (first < 0) & twin_is_deployed)
+            if not twin_is_deployed.all():
+                self._judge_against_float64(tally, x, reference, candidate, ~twin_is_deployed)
+            tally.add_code_mismatches([record.name for record in captured], ours, onnx_codes, first)
+            room = self.tolerance.explained_samples - tally.examined_samples
+            diverging = np.flatnonzero(first >= 0)[:max(room, 0)]
+            if diverging.size:
+                self._explain(tally, x, first, onnx_codes, diverging)
+        return tally
+
+    def _steps(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64)).reshape(len(a), -1).max(axis=1)
+        return diff / self.step if self.step else diff
+
+    def _within_bound(self, twin: np.ndarray, deployed: np.ndarray) -> np.ndarray:
+        """Per sample: does the instrumented twin compute what the deployed graph computes?"""
+        return self._steps(twin, deployed) <= (self.bound_steps or 0.0)
+
+    def _judge_against_float64(self, tally: DatasetParity, x: torch.Tensor, reference: np.ndarray,
+                               deployed: np.ndarray, samples: np.ndarray) -> None:
+        """Samples where exposing the activations changed onnxruntime's kernels (parity.py, point 3):
+        the deployed output must be no farther from the float64 model than PyTorch's float32 is."""
+        if self._model64 is None:
+            self._model64 = copy.deepcopy(self.model).double().eval()
+        with torch.no_grad():
+            exact = self._model64(x.double())
+        exact = getattr(exact, "value", exact).numpy()
+        tally.add_deployed_only(self._steps(deployed, exact)[samples], self._steps(reference, exact)[samples],
+                                self.bound_steps or 0.0)
+
+    def _explain(self, tally: DatasetParity, x: torch.Tensor, first: np.ndarray, onnx_codes: list[np.ndarray],
+                 samples: np.ndarray) -> None:
+        """Judge diverging samples' first diverging layer against the float64 model (parity.py, 1).
+
+        The float32 model is re-run on the same batch (same kernels, so the same codes) to read
+        the values its quantizers round; the float64 copy gives the exact values.
+        """
+        if self._model64 is None:
+            self._model64 = copy.deepcopy(self.model).double().eval()
+        with torch.no_grad():
+            with capture_activation_codes(self.model, keep_grid_values=True) as run32:
+                self.model(x)
+            with capture_activation_codes(self._model64, keep_grid_values=True) as run64:
+                self._model64(x.double())
+        for sample in samples.tolist():
+            layer = int(first[sample])
+            pick = slice(sample, sample + 1)
+            verdict = judge_first_divergence(run32[layer].codes[pick], onnx_codes[layer][pick],
+                                             run32[layer].grid_value[pick].numpy(),
+                                             run64[layer].grid_value[pick].numpy(), self.tolerance.tie_window_steps)
+            tally.add_verdict(run32[layer].name, verdict)
 
 
 def _kernel_failures(weights: str, op_types: dict[str, int]) -> list[str]:
@@ -180,7 +272,8 @@ def validate(onnx_path: str | os.PathLike, model: nn.Module, data: object, *,
     path = Path(onnx_path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX file at {path}")
-    metadata = read_metadata(onnx.load(path, load_external_data=False), str(path))
+    onnx_model = onnx.load(path)
+    metadata = read_metadata(onnx_model, str(path))
     if metadata["format"] != QDQ_FORMAT:
         raise ValueError(f"{path} is a {metadata['format']} file; validate takes export_qdq files")
     require_brevitas_model(model)
@@ -191,25 +284,32 @@ def validate(onnx_path: str | os.PathLike, model: nn.Module, data: object, *,
     if metadata.get("source_model_sha256") != model_sha256(model):
         report.failures.append("the file was exported from a different model state "
                                "(hdrq.source_model_sha256 does not match the model given)")
+    report.output_step = output_step(onnx_model)
+    report.output_bound_steps = output_float_error_steps(onnx_model)
 
     was_training = model.training
     model.eval()
     try:
-        session = cpu_session(path, threads)
-        tally = ParityTally()
-        report.accuracy, inputs, report.samples = _compare_on_data(
-            session, model, _as_datasets(data), tally, max_batches)
-        report.max_abs_diff, report.relative_error = tally.max_abs_diff, tally.relative_error
-        report.output_step = output_step(onnx.load(path))
-        report.failures += tally.failures(tolerance)
+        run = _ParityRun(OnnxCodeReader(path, threads), model, report.output_step, report.output_bound_steps,
+                         tolerance)
+        inputs: list[torch.Tensor] = []
+        for name, batches in _as_datasets(data).items():
+            tally = run.dataset(name, batches, max_batches, inputs)
+            report.parity[name] = tally
+            report.samples += tally.samples
+            report.failures += tally.failures(name, tolerance, report.output_bound_steps)
+        report.failures += [f"parity: {problem}" for problem in run.misaligned or []]
+        report.max_abs_diff = max((t.max_diff_steps for t in report.parity.values()), default=0.0)
+        if report.output_step:
+            report.max_abs_diff *= report.output_step
         report.optimized_op_types = dict(optimized_op_types(path, threads))
         report.failures += _kernel_failures(report.weights, report.optimized_op_types)
         if inputs:
             with tempfile.TemporaryDirectory(prefix="hdrq-validate-") as folder:
                 twin = Path(float_onnx_path) if float_onnx_path is not None else export_float(
                     model, Path(folder) / "float32.onnx", inputs[0][None])
-                _measure_latency_and_size(report, session, twin, torch.stack(inputs).numpy(),
-                                          batch_sizes, repeats, threads)
+                _measure_latency_and_size(report, cpu_session(path, threads), twin,
+                                          torch.stack(inputs).numpy(), batch_sizes, repeats, threads)
     finally:
         model.train(was_training)
     if raise_on_failure:

@@ -17,8 +17,10 @@ from .checkpoint import CheckpointError, load_quantized, save_quantized
 from .convert import UnsupportedLayerError, calibrate_activations, convert_to_brevitas, fold_batchnorm
 from .evaluation import accuracy, harmonic_mean
 from .float_merge import average_float_models
+from .hot import HOTConfig, hot_mode
 from .learned_round import AdaRoundQuantizer
 from .merge import MergeCompatibilityError, merge_models
+from .op_policy import UnsupportedOpError
 from .quant_control import bake_learned_rounding, integer_weight, swap_weight_quantizer
 from .quantize import quantize_model
 from .quantizers import (
@@ -37,5 +39,6 @@ __all__ = [
     "calibrate_activations", "convert_to_brevitas", "error_barrier", "fold_batchnorm", "harmonic_mean",
     "hdrq_calibrate", "hdrq_mode", "integer_weight", "load_quantized", "merge_models", "plot_barrier",
     "quantize_model", "save_quantized", "swap_weight_quantizer",
+    "HOTConfig", "hot_mode", "UnsupportedOpError",
 ]
 __version__ = "0.1.0"

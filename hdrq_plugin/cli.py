@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="benchmark size: 'demo' (default) or 'tiny' (seconds; for smoke tests)")
     demo.add_argument("--iterations", type=int, default=None,
                       help="reconstruction iterations per unit (default 500, a quarter of the CPU preset)")
+    demo.add_argument("--hot", action="store_true",
+                      help="adapt θ0 to each target with HOT back-propagation (Hadamard, INT4/INT8)")
     _add_common(demo)
 
     quant = sub.add_parser("quantize", help="quantize one target model with its calibration data")
@@ -176,6 +178,8 @@ def cmd_demo(args) -> int:
     from hdrq_examples.demo import run_demo
 
     kwargs = {} if args.iterations is None else {"iterations": args.iterations}
+    if args.hot:
+        kwargs["hot"] = True
     report = run_demo(bits=args.bits, out=args.out, seed=args.seed, size=args.size, **kwargs)
     print(f"wrote {Path(args.out) / 'report.json'} and report.md ({len(report.rows)} rows)")
     return 0
@@ -246,7 +250,7 @@ def cmd_validate(args) -> int:
         write_text_atomic(args.json, text)
     print(text)
     if not report.ok:
-        print("validation FAILED: " + "; ".join(report.failures), file=sys.stderr)
+        print(f"hdrq validate: {report.summary()}", file=sys.stderr)
         return EXIT_VALIDATION_FAILED
     return 0
 
@@ -326,9 +330,19 @@ COMMANDS = {"demo": cmd_demo, "quantize": cmd_quantize, "merge": cmd_merge, "exp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from hdrq_plugin.export.errors import NotAnHdrqExportError, ValidationError
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except NotAnHdrqExportError as err:
+        print(f"hdrq {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValidationError as err:
+        # an exported file does not compute the model: one line naming file, target and figure;
+        # everything measured before is already on disk (reports are written stage by stage)
+        print(f"hdrq {args.command}: {err}", file=sys.stderr)
+        return EXIT_VALIDATION_FAILED
     except (ValueError, TypeError, OSError, ImportError, KeyError) as err:
         # bad input: one clear line, no traceback, nothing half-written (writers are atomic)
         print(f"hdrq {args.command}: error: {err}", file=sys.stderr)

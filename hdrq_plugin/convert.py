@@ -9,7 +9,6 @@ would break the alignment that weight averaging relies on.
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections.abc import Iterable
 
@@ -18,6 +17,21 @@ from torch import nn
 
 from .bitspec import BitSpec
 from .data import iterate_inputs
+from .op_policy import (
+    BOUNDARY_BITS,
+    ELEMENTWISE_FUNCTIONS,
+    FLOAT_ACTIVATIONS,
+    QuantReLU6,
+    UnsupportedLayerError,
+    UnsupportedOpError,  # noqa: F401  (re-exported: both errors live with the op policy)
+    check_supported_calls,
+    functions_to_modules,
+    quantize_concat_outputs,
+    quantize_float_activation_outputs,
+    remove_dropout,
+    spatial_means_to_pools,
+    widen_float_activation_inputs,
+)
 
 with warnings.catch_warnings():
     # Brevitas warns at import when an optional CUDA Hadamard kernel is missing; irrelevant here.
@@ -49,13 +63,13 @@ with warnings.catch_warnings():
     from brevitas.quant_tensor import QuantTensor
 
 #: Leaf module types the conversion knows how to handle (compute layers, folded BN, activations
-#: Brevitas quantizes, and shape/pooling ops that keep the integer grid).
+#: (op_policy says what is quantized around each), and shape/pooling/dropout ops).
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Linear,
     nn.BatchNorm1d, nn.BatchNorm2d,
-    nn.ReLU, nn.ReLU6,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.Flatten, nn.Identity, nn.Dropout,
+    nn.ReLU, nn.ReLU6, *FLOAT_ACTIVATIONS,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
 )
 COMPUTE_LAYERS = (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantLinear)
 
@@ -68,21 +82,21 @@ RTNWeightPerChannel = Int8WeightPerChannelFloat.let(
     scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS, narrow_range=False)
 
 
-class UnsupportedLayerError(TypeError):
-    """The float model contains a layer the conversion cannot quantize."""
-
-
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`UnsupportedLayerError` naming the first unsupported leaf layer."""
     for name, module in model.named_modules():
         if list(module.children()):
             continue
+        if not type(module).__module__.startswith("torch.nn") and not isinstance(module, SUPPORTED_LAYERS):
+            continue  # the user's own module: FX traces through its forward, and the graph is checked
         if not isinstance(module, SUPPORTED_LAYERS):
             supported = ", ".join(sorted(t.__name__ for t in SUPPORTED_LAYERS))
             raise UnsupportedLayerError(
                 f"layer {name!r} of type {type(module).__name__} is not supported by the "
-                f"conversion; supported layers: {supported} (plus residual adds, flatten and "
-                "torch.relu in forward)")
+                f"conversion; supported layers: {supported} (plus, in forward: residual adds, "
+                "multiplies, torch.cat, flatten/view/mean and the torch.nn.functional forms of these "
+                "activations and pools); replace it with one of them or quantize it by hand with "
+                "brevitas.nn")
 
 
 def _with_bits(quant, bits: int):
@@ -133,6 +147,8 @@ def convert_to_brevitas(
         raise TypeError(
             f"could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
             "the conversion needs an FX-traceable model (no data-dependent control flow)") from err
+    _reject_functional_parameters(graph_model)
+    _check_traced(graph_model)
 
     layer_kwargs = {"weight_quant": _with_bits(weight_quant, spec.weight_bits),
                     "bias_quant": Int32Bias}
@@ -147,13 +163,16 @@ def convert_to_brevitas(
         **layer_kwargs, "input_quant": signed, "return_quant_tensor": False})
     act_map = dict(QUANT_ACT_MAP)
     act_map[nn.ReLU] = (qnn.QuantReLU, {"act_quant": unsigned, "return_quant_tensor": True})
+    act_map[nn.ReLU6] = (QuantReLU6, {"act_quant": unsigned, "return_quant_tensor": True})
+    act_map.pop(nn.Sigmoid, None)  # gates: float op between quantizers (op_policy)
     identity_map = {
         "signed": (qnn.QuantIdentity, {"act_quant": signed, "return_quant_tensor": True}),
         "unsigned": (qnn.QuantIdentity, {"act_quant": unsigned, "return_quant_tensor": True}),
     }
     # requantize_layer_handler_output=False: the logits stay float (as in BRECQ/QDrop/HDRQ);
     # every other layer output already meets a quantized activation or residual quantizer.
-    qmodel = _quantize_graph(graph_model, identity_map, compute_map, act_map)
+    qmodel = _quantize_graph(graph_model, identity_map, compute_map, act_map,
+                             gate_quant=_with_bits(act_quant, BOUNDARY_BITS))
 
     layers = compute_layers(qmodel)
     if not layers:
@@ -190,10 +209,36 @@ def _trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*treespec\.children_specs.* is deprecated", category=FutureWarning)
-        return preprocess_for_quantize(model, equalize_iters=0, merge_bn=True)
+        # relu6_to_relu=False: ReLU6 keeps its clamp (op_policy)
+        graph_model = preprocess_for_quantize(model, equalize_iters=0, merge_bn=True, relu6_to_relu=False)
+    return functions_to_modules(spatial_means_to_pools(remove_dropout(graph_model)))
 
 
-def _quantize_graph(graph_model, identity_map, compute_map, act_map) -> torch.fx.GraphModule:
+def _check_traced(graph_model: torch.fx.GraphModule) -> None:
+    """The traced graph may hold modules made from functional calls (``F.leaky_relu`` becomes a
+    LeakyReLU): check those too, and every remaining function or method call."""
+    try:
+        check_supported(graph_model)
+    except UnsupportedLayerError as err:
+        raise UnsupportedLayerError(f"{err} (found after tracing: it may come from a functional call)") from None
+    check_supported_calls(graph_model)
+
+
+def _reject_functional_parameters(graph_model: torch.fx.GraphModule) -> None:
+    """A weight read by a functional call (``F.conv2d(x, self.weight)``) would stay float."""
+    for node in graph_model.graph.nodes:
+        if node.op == "get_attr":
+            value = graph_model
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, nn.Parameter):
+                users = ", ".join(f"{u.op} {getattr(u.target, '__name__', u.target)}" for u in node.users)
+                raise UnsupportedLayerError(
+                    f"parameter {node.target!r} is used by a functional call ({users}); the conversion "
+                    "quantizes layers, not functions: hold the weight in an nn.Conv2d/nn.Linear module")
+
+
+def _quantize_graph(graph_model, identity_map, compute_map, act_map, gate_quant) -> torch.fx.GraphModule:
     """Brevitas' ``quantize()`` pipeline without its residual-alignment pass.
 
     ``residual_handler`` makes both inputs of every residual add share ONE quantizer (needed by
@@ -202,7 +247,8 @@ def _quantize_graph(graph_model, identity_map, compute_map, act_map) -> torch.fx
     residual branch and the shortcut and clips the larger one: measured on a small ResNet,
     W8A8 logits were 16 % off the float model with it. Without it every compute layer output is
     requantized by its own quantizer (so onnxruntime still fuses it into QLinearConv), and the
-    logits, which feed no quantizer, stay float as in BRECQ/QDrop/HDRQ.
+    logits, which feed no quantizer, stay float as in BRECQ/QDrop/HDRQ. Float activations
+    (Hardswish, SiLU, gates) get their quantizers from :mod:`.op_policy`.
     """
     prev = brevitas_config.IGNORE_MISSING_KEYS
     brevitas_config.IGNORE_MISSING_KEYS = True
@@ -210,12 +256,15 @@ def _quantize_graph(graph_model, identity_map, compute_map, act_map) -> torch.fx
         graph_model.eval()
         graph_model = inp_placeholder_handler(graph_model, input_quantizer=identity_map["signed"])
         graph_model = act_handler(graph_model, layer_map=act_map)
+        graph_model = quantize_float_activation_outputs(graph_model, identity_map, gate_quant)
         graph_model = add_output_quant_handler(graph_model, identity_map, act_map, UNSIGNED_ACT_TUPLE)
+        graph_model = quantize_concat_outputs(graph_model, identity_map, act_map, UNSIGNED_ACT_TUPLE)
         graph_model = layer_handler(graph_model, layer_map=compute_map, requantize_output=True,
                                     quant_identity_map=identity_map, quant_act_map=act_map,
                                     unsigned_act_tuple=UNSIGNED_ACT_TUPLE)
+        widen_float_activation_inputs(graph_model, _set_proxy_bits)
         _drop_output_quantizers(graph_model)
-        _dequantize_add_inputs(graph_model)
+        _dequantize_elementwise_inputs(graph_model)
         graph_model = DisableLastReturnQuantTensor().apply(graph_model)
     finally:
         brevitas_config.IGNORE_MISSING_KEYS = prev
@@ -240,25 +289,38 @@ def dequantized(x):
     return x.value if isinstance(x, QuantTensor) else x
 
 
-_ADD_TARGETS = (operator.add, torch.add, operator.iadd)
+_ELEMENTWISE_METHODS = ("add", "add_", "mul", "mul_")
 
 
-def _dequantize_add_inputs(graph_model: torch.fx.GraphModule) -> None:
-    """Feed residual adds with float values: their inputs carry independent scales.
+def _dequantize_elementwise_inputs(graph_model: torch.fx.GraphModule) -> None:
+    """Feed adds, multiplies and concatenations with float values: their inputs carry independent
+    scales.
 
-    Brevitas' QuantTensor addition demands equal scales; onnxruntime does not (a QDQ Add).
+    Brevitas' QuantTensor addition and concatenation demand equal scales; onnxruntime does not
+    (QDQ Add/Mul/Concat take one scale per input). The result is requantized by its consumer.
     """
+    node_type = type(next(iter(graph_model.graph.nodes)))  # Brevitas traces with its backported FX Node
     for node in list(graph_model.graph.nodes):
-        if node.op == "call_function" and node.target in _ADD_TARGETS:
-            new_args = []
-            for arg in node.args:
-                if isinstance(arg, type(node)):  # Brevitas traces with its backported FX Node
-                    with graph_model.graph.inserting_before(node):
-                        arg = graph_model.graph.call_function(dequantized, (arg,))
-                new_args.append(arg)
-            node.args = tuple(new_args)
+        if not ((node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS)
+                or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)):
+            continue
+
+        def wrap(arg, node=node):
+            with graph_model.graph.inserting_before(node):
+                return graph_model.graph.call_function(dequantized, (arg,))
+
+        node.args = tuple(_map_nodes(a, wrap, node_type) for a in node.args)
+        node.kwargs = {k: _map_nodes(v, wrap, node_type) for k, v in node.kwargs.items()}
     graph_model.graph.lint()
     graph_model.recompile()
+
+
+def _map_nodes(value, fn, node_type):
+    if isinstance(value, node_type):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_nodes(v, fn, node_type) for v in value)
+    return value
 
 
 def _deepcopy_eval(model: nn.Module) -> nn.Module:

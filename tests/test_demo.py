@@ -52,6 +52,8 @@ def test_demo_exports_onnx_files_that_match_the_merged_model(demo_run):
                 if r["stage"] == "merged_ort" and r["method"] == "hdrq+noise-sampling[int4-in-int8]"}
     assert ort_rows == pytest.approx(torch_rows, abs=0.01)
     assert all(v["ok"] for v in report["validation"].values())
+    agreement = [r["top1_agreement"] for r in report["rows"] if r["stage"] == "merged_ort" and "top1_agreement" in r]
+    assert agreement and min(agreement) >= 0.999
 
 
 def test_demo_refuses_an_unwritable_output_before_any_work(tmp_path, capsys):
@@ -68,3 +70,34 @@ def test_demo_refuses_negative_iterations_before_any_work(tmp_path, capsys):
     assert main(["demo", "--size", "tiny", "--iterations", "-1", "--out", str(out)]) == 2
     assert "iterations must be" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _corrupt_one_weight(model):
+    """A broken exporter: the first weight initializer's first code is off by one step."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    tensor = next(t for t in model.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 4)
+    codes = numpy_helper.to_array(tensor).copy()
+    codes.flat[: codes.size // 2] += np.int8(1)
+    tensor.CopyFrom(numpy_helper.from_array(codes, tensor.name))
+    return []
+
+
+def test_a_failed_validation_keeps_the_report_and_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
+    from hdrq_plugin.export import qdq
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    monkeypatch.setenv("HDRQ_CACHE_DIR", str(cache))
+    monkeypatch.setattr(qdq, "store_wide_weights_as_uint8", _corrupt_one_weight)
+    code = main(["demo", "--size", "tiny", "--iterations", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "merged-hdrq-int4-in-int8.onnx" in err and "activation codes of" in err
+    report = json.loads((out / "report.json").read_text())
+    stages = {row["stage"] for row in report["rows"]}
+    assert {"single", "merged", "merged_ort"} <= stages  # everything measured before is kept
+    ort_rows = [r for r in report["rows"] if r["stage"] == "merged_ort"]
+    assert ort_rows and not any(r["validation_ok"] for r in ort_rows)
+    assert not all(v["ok"] for v in report["validation"].values())
