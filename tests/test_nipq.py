@@ -294,3 +294,24 @@ def test_mixed_precision_export_runs_exactly_in_onnxruntime(tmp_path, weights):
         ref = model(X).numpy()
     # Int32Bias makes onnxruntime's integer path equal Brevitas up to float32 summation order
     assert np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def test_cli_quantize_nipq_writes_a_checkpoint_that_exports_and_rejects_bad_targets(tmp_path, capsys):
+    from hdrq_plugin.checkpoint import save_float_model
+    from hdrq_plugin.cli import EXIT_BAD_INPUT, main
+
+    recipe = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})
+    save_float_model(tmp_path / "float.pt", recipe.build(), recipe)
+    torch.save({"inputs": X}, tmp_path / "unlabelled.pt")  # distillation from the float model only
+    out = tmp_path / "q.pt"
+    assert main(["quantize", str(tmp_path / "float.pt"), "--calibration", str(tmp_path / "unlabelled.pt"),
+                 "--method", "nipq", "--target-bits", "5", "--epochs", "1", "--out", str(out)]) == 0
+    model, info = load_quantized(out)
+    assert info["family"] == "nipq" and info["cost"]["average_weight_bits"] <= 8
+    assert main(["export", str(out), "--out", str(tmp_path / "q.onnx"), "--input-shape", "1,3,16,16"]) == 0
+    code = main(["quantize", str(tmp_path / "float.pt"), "--calibration", str(tmp_path / "unlabelled.pt"),
+                 "--method", "nipq", "--target-bits", "9", "--out", str(tmp_path / "bad.pt")])
+    assert code == EXIT_BAD_INPUT and "outside 2..8" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()
