@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_write_path, ensure_writable_dir
 from .bitspec import MAX_BITS, MIN_BITS, BitSpec
+from .nipq_budget import freeze_bits
 from .nipq_cost import CostModel, CostReport, average_bits_loss, bops_loss, describe_costs
 from .nipq_quantizers import LearnedBitWidth, LearnedTruncation
 from .quant_control import set_quant_mode
@@ -160,7 +161,8 @@ class NIPQConfig:
 
 @dataclass
 class NIPQResult:
-    """What :func:`nipq_train` did: the cost before/after freezing, timings, the final step."""
+    """What :func:`nipq_train` did: the final cost, the widths as learned (``round(b_c)`` at the
+    end of phase 1, before :func:`freeze_bits` projects them onto the budget), timings, steps."""
 
     target: str
     report: CostReport
@@ -236,59 +238,6 @@ def reestimate_batchnorm(model: nn.Module, data, *, batches: int = 50) -> int:
         for m, momentum in saved:
             m.momentum = momentum
     return len(norms)
-
-
-@torch.no_grad()
-def freeze_bits(model_cost: CostModel, target: NIPQTarget | None = None, *, fit_budget: bool = True,
-                tolerance: float = 0.02) -> CostReport:
-    """Freeze every learned width at ``round(b_c)``; with ``fit_budget`` then project onto the target.
-
-    Our addition to the reference (its continuous cost only approaches the budget, and short
-    schedules stop short of it): widths move one bit at a time, the one whose b_c was nearest to
-    rounding the other way first, round robin (no width moves twice before the others moved once). BOPs: down until at most the target, then up while it stays at
-    most the target (to land within ``tolerance`` below it). Average bits: down, per kind, until
-    the learned tensors' average is at most the target.
-    """
-    learned = [t for t in model_cost.weights + model_cost.activations if not t.bits.pinned]
-    continuous = {id(t.bits): float(t.bits.continuous()) for t in learned}
-    for t in learned:
-        if not t.bits.is_frozen:
-            t.bits.freeze()
-    if fit_budget and target is not None:
-        if target.bops is not None:
-            _fit(lambda: float(model_cost.bops(deployed=True)), target.bops, [t.bits for t in learned],
-                 continuous, tolerance)
-        for kind, bits in (("weights", target.weight_bits), ("activations", target.act_bits)):
-            mine = [t.bits for t in model_cost._tensors(kind) if not t.bits.pinned]
-            if bits is not None and mine:
-                _fit(lambda kind=kind: float(model_cost.average_bits(kind, learned_only=True, deployed=True)),
-                     bits, mine, continuous, None)
-    return model_cost.report()
-
-
-def _fit(measure, budget: float, learned: list[LearnedBitWidth], continuous: dict, tolerance: float | None) -> None:
-    """Greedy one-bit moves onto ``measure() <= budget`` (and ``>= budget·(1-tolerance)`` if given)."""
-    moves = {id(b): 0 for b in learned}  # round robin: a width moves again only after the others
-    while measure() > budget:
-        candidates = [b for b in learned if int(b.frozen_bits) > MIN_BITS]
-        if not candidates:
-            return
-        pick = max(candidates, key=lambda b: (-moves[id(b)], float(b.frozen_bits) - continuous[id(b)]))
-        pick.freeze(int(pick.frozen_bits) - 1)
-        moves[id(pick)] += 1
-    if tolerance is None:
-        return
-    while measure() < budget * (1 - tolerance):
-        ordered = sorted((b for b in learned if int(b.frozen_bits) < MAX_BITS),
-                         key=lambda b: continuous[id(b)] - float(b.frozen_bits), reverse=True)
-        for pick in ordered:
-            pick.freeze(int(pick.frozen_bits) + 1)
-            if measure() <= budget:
-                continuous[id(pick)] = float(pick.frozen_bits)
-                break
-            pick.freeze(int(pick.frozen_bits) - 1)
-        else:
-            return
 
 
 def _inputs(batch) -> Tensor:
@@ -368,9 +317,10 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def _enter_hard_phase(model: nn.Module, cost: CostModel, target: NIPQTarget, config: NIPQConfig, data) -> tuple:
-    report = freeze_bits(cost, target, fit_budget=config.fit_budget, tolerance=config.budget_tolerance)
+    learned = cost.report()  # round(b_c): the widths as learned, before the budget projection
+    freeze_bits(cost, target, fit_budget=config.fit_budget, tolerance=config.budget_tolerance)
     _set_phase(model, noise=False)
-    return report, reestimate_batchnorm(model, data)
+    return learned, reestimate_batchnorm(model, data)
 
 
 def _set_phase(model: nn.Module, *, noise: bool) -> None:
