@@ -20,6 +20,9 @@ from .float_merge import average_float_models
 from .hot import HOTConfig, hot_mode
 from .learned_round import AdaRoundQuantizer
 from .merge import MergeCompatibilityError, merge_models
+from .nipq import NIPQConfig, NIPQResult, NIPQTarget, NIPQTrainingError, nipq_train
+from .nipq_cost import CostReport, NIPQModelError, describe_costs
+from .nipq_quantizers import NIPQActQuantizer, NIPQSignedActQuantizer, NIPQWeightQuantizer
 from .op_policy import UnsupportedOpError
 from .quant_control import bake_learned_rounding, integer_weight, swap_weight_quantizer
 from .quantize import quantize_model
@@ -40,5 +43,8 @@ __all__ = [
     "hdrq_calibrate", "hdrq_mode", "integer_weight", "load_quantized", "merge_models", "plot_barrier",
     "quantize_model", "save_quantized", "swap_weight_quantizer",
     "HOTConfig", "hot_mode", "UnsupportedOpError",
+    # NIPQ (issue 11)
+    "CostReport", "NIPQActQuantizer", "NIPQConfig", "NIPQModelError", "NIPQResult", "NIPQSignedActQuantizer",
+    "NIPQTarget", "NIPQTrainingError", "NIPQWeightQuantizer", "describe_costs", "nipq_train",
 ]
 __version__ = "0.1.0"

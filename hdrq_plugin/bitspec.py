@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 MIN_BITS, MAX_BITS = 2, 8  # integer grids the exporter and onnxruntime's int8 kernels represent
 
+#: Quantizer-family prefixes a spec may carry, e.g. ``"nipq-w4a4"`` (see convert_to_brevitas).
+QUANTIZER_PREFIXES = ("nipq",)
+
 _SPEC = re.compile(r"^w(?P<w>\d+)a(?P<a>\d+)(?P<pc>-per-channel)?$")
 
 
@@ -55,3 +58,12 @@ class BitSpec:
 
     def __str__(self) -> str:
         return f"w{self.weight_bits}a{self.act_bits}" + ("-per-channel" if self.per_channel else "")
+
+
+def split_quantizer_prefix(text: str | BitSpec) -> tuple[str | None, str | BitSpec]:
+    """``"nipq-w4a4"`` -> ``("nipq", "w4a4")``; a spec without a known prefix -> ``(None, text)``."""
+    if isinstance(text, str):
+        head, sep, rest = text.strip().lower().partition("-")
+        if sep and head in QUANTIZER_PREFIXES:
+            return head, rest
+    return None, text

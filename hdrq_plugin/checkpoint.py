@@ -48,7 +48,7 @@ class ModelRecipe:
         return factory(**self.kwargs)
 
 
-QUANTIZER_FAMILIES = ("rtn", "hdrq")
+QUANTIZER_FAMILIES = ("rtn", "hdrq", "nipq")
 
 
 def quantizer_family(name: str) -> dict[str, Any]:
@@ -56,7 +56,8 @@ def quantizer_family(name: str) -> dict[str, Any]:
 
     ``rtn``: Brevitas' own quantizers (stats-initialised parameter scales, ``calibration_mode``
     activations); ``hdrq``: HDRQ weight and activation quantizers — every method of the
-    reconstruction engine ends in it (AdaRound-style models are baked onto it).
+    reconstruction engine ends in it (AdaRound-style models are baked onto it); ``nipq``: NIPQ
+    quantizers, whose learned per-layer widths are restored from the state dict.
     """
     if name == "rtn":
         return {}
@@ -65,6 +66,11 @@ def quantizer_family(name: str) -> dict[str, Any]:
 
         return {"weight_quant": HDRQQuantizer, "act_quant": HDRQActQuantizer,
                 "signed_act_quant": HDRQSignedActQuantizer}
+    if name == "nipq":  # learned per-layer widths live in the state dict (frozen_bits buffers)
+        from .nipq_quantizers import NIPQActQuantizer, NIPQSignedActQuantizer, NIPQWeightQuantizer
+
+        return {"weight_quant": NIPQWeightQuantizer, "act_quant": NIPQActQuantizer,
+                "signed_act_quant": NIPQSignedActQuantizer}
     raise CheckpointError(f"unknown quantizer family {name!r}; known: {', '.join(QUANTIZER_FAMILIES)}")
 
 

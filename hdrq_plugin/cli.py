@@ -44,11 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "domain:NAME for an example domain's calibration split")
     quant.add_argument("--source", help="float source model θ0 checkpoint (distance regulariser)")
     quant.add_argument("--method", default="hdrq",
-                       choices=("rtn", "adaround", "brecq", "qdrop", "hdrq"))
+                       choices=("rtn", "adaround", "brecq", "qdrop", "hdrq", "nipq"))
     quant.add_argument("--bits", default="w4a4")
     quant.add_argument("--iterations", type=int, default=None,
                        help="iterations per unit (default: the CPU preset)")
     quant.add_argument("--out", required=True, help="quantized checkpoint to write")
+    quant.add_argument("--target-bits", type=float, default=None,
+                       help="nipq: average weight and activation bits to learn (2..8; default: --bits)")
+    quant.add_argument("--target-gbops", type=float, default=None, help="nipq: a BOPs budget instead, in GBOPs")
+    quant.add_argument("--epochs", type=int, default=3,
+                       help="nipq: noise epochs (one hard epoch follows); DATA is labelled training "
+                            "data (domain:NAME = its train split), the float model is the teacher")
+    quant.add_argument("--checkpoint-dir", default=None, help="nipq: resumable training checkpoints")
     _add_common(quant)
 
     merge = sub.add_parser("merge", help="merge quantized target models onto one integer grid")
@@ -190,6 +197,8 @@ def cmd_quantize(args) -> int:
     from .quantize import quantize_model
 
     model, info = load_float_model(args.model)
+    if args.method == "nipq":
+        return _quantize_nipq(args, model, info)
     source = load_float_model(args.source)[0] if args.source else None
     qmodel, family = quantize_model(model, load_inputs(args.calibration), bits=args.bits,
                                     method=args.method, source=source, seed=args.seed,
@@ -198,6 +207,46 @@ def cmd_quantize(args) -> int:
                    metadata={"method": args.method, "calibration": args.calibration,
                              "seed": args.seed})
     print(f"wrote {args.out}")
+    return 0
+
+
+def _quantize_nipq(args, model, info) -> int:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from .bitspec import BitSpec
+    from .checkpoint import save_quantized
+    from .convert import convert_to_brevitas
+    from .nipq import NIPQConfig, nipq_train
+
+    if args.target_bits is not None and args.target_gbops is not None:
+        raise ValueError("give --target-bits or --target-gbops, not both")
+    spec = BitSpec.parse(args.bits)
+    target = ({"gbops": args.target_gbops} if args.target_gbops is not None
+              else args.target_bits if args.target_bits is not None else str(spec))
+    if args.calibration.startswith("domain:"):
+        from hdrq_examples.domains import load_domain
+
+        dataset = load_domain(args.calibration.split(":", 1)[1]).train
+    else:
+        payload = torch.load(args.calibration, map_location="cpu", weights_only=True)
+        if isinstance(payload, dict) and {"inputs", "labels"} <= payload.keys():
+            dataset = TensorDataset(payload["inputs"], payload["labels"])
+        else:
+            inputs = payload.get("inputs") if isinstance(payload, dict) else payload
+            if not isinstance(inputs, torch.Tensor):
+                raise ValueError(f"{args.calibration} must hold a tensor or {{'inputs', 'labels'}}")
+            dataset = TensorDataset(inputs)  # unlabelled: distillation from the float model only
+    torch.manual_seed(args.seed)
+    loader = DataLoader(dataset, batch_size=128, shuffle=True)
+    qmodel = convert_to_brevitas(model, "nipq-" + str(spec))
+    result = nipq_train(qmodel, loader, target=target, epochs=args.epochs, teacher=model,
+                        config=NIPQConfig.cpu_preset(seed=args.seed), checkpoint_dir=args.checkpoint_dir)
+    save_quantized(args.out, qmodel, recipe=info["recipe"], bits=spec, family="nipq",
+                   metadata={"method": "nipq", "calibration": args.calibration, "seed": args.seed,
+                             "target": result.target, "cost": result.report.as_dict()})
+    print(f"{result.target}: average weight bits {result.report.average_weight_bits:.3f}, activation bits "
+          f"{result.report.average_act_bits:.3f}, {result.report.gbops:.4g} GBOPs; wrote {args.out}")
     return 0
 
 

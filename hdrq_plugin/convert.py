@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .bitspec import BitSpec
+from .bitspec import BitSpec, split_quantizer_prefix
 from .data import iterate_inputs
 from .op_policy import (
     BOUNDARY_BITS,
@@ -114,7 +114,9 @@ def convert_to_brevitas(
 ) -> torch.fx.GraphModule:
     """Return a Brevitas copy of a float CNN: BN folded, weights and activations quantized.
 
-    ``bits`` is a :class:`BitSpec` or a spec string (``"w4a8"``, ``"w4a4-per-channel"``).
+    ``bits`` is a :class:`BitSpec` or a spec string (``"w4a8"``, ``"w4a4-per-channel"``);
+    ``"nipq-w4a4"`` defaults the three quantizers to NIPQ's (learned per-tensor bits, w4a4 the
+    default average target of ``nipq_train``; the edge layers and the input are pinned at 8).
     ``weight_quant`` / ``act_quant`` (unsigned, after ReLU) / ``signed_act_quant`` (network
     input, residual adds) are Brevitas quantizer classes; their bit width is set from ``bits``.
     The first conv and the last linear layer get ``bits.edge_weight_bits`` weight bits and the
@@ -123,7 +125,16 @@ def convert_to_brevitas(
     The float model is not modified. Activation scales still need calibration
     (:func:`calibrate_activations`).
     """
+    prefix, bits = split_quantizer_prefix(bits)
     spec = BitSpec.parse(bits)
+    if prefix == "nipq":  # "nipq-w4a4": NIPQ quantizers, w4a4 the default average-bit target
+        from .nipq_quantizers import NIPQActQuantizer, NIPQSignedActQuantizer, NIPQWeightQuantizer
+
+        if spec.per_channel:
+            raise ValueError(f"NIPQ learns one truncation and bit-width per tensor; {spec} is per-channel")
+        weight_quant = NIPQWeightQuantizer if weight_quant is None else weight_quant
+        act_quant = NIPQActQuantizer if act_quant is None else act_quant
+        signed_act_quant = NIPQSignedActQuantizer if signed_act_quant is None else signed_act_quant
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, COMPUTE_LAYERS) for m in model.modules()):
@@ -351,8 +362,11 @@ def set_weight_bit_width(layer: nn.Module, bit_width: int) -> None:
 
 
 def _set_proxy_bits(proxy: nn.Module, bit_width: int) -> None:
+    from .nipq_quantizers import pin_learned_bits
+
     proxy.quant_injector = proxy.quant_injector.let(bit_width=bit_width)
     proxy.init_tensor_quant()
+    pin_learned_bits(proxy, bit_width)  # NIPQ: a width set explicitly is fixed, not learned
 
 
 def _set_input_bits(qmodel: torch.fx.GraphModule, bit_width: int) -> None:

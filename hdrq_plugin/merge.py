@@ -34,6 +34,7 @@ from .merge_rules import (
     merge_integer_weights,
     normalize_coefficients,
 )
+from .nipq_merge import average_activation_truncations, nipq_truncation, widen_to_common_bits
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # optional-kernel warnings at Brevitas import
@@ -159,11 +160,14 @@ def _members_and_coefficients(models, coefficients, source):
 def _merge_quantized(members, coefficients, labels, *, first, rounding, trials, generator, tie_tolerance):
     for label, model in zip(labels, members, strict=True):  # first: un-calibrated models lack scale entries
         check_calibrated(model, label)
+    first_index = next(i for i, m in enumerate(members) if m is first)
+    members = widen_to_common_bits(members)  # NIPQ: per-layer widths differ -> the wider (nipq_merge)
     check_same_architecture(members, labels)
-    merged = copy.deepcopy(first)
+    merged = copy.deepcopy(members[first_index])
     layers = quantized_weight_layers(merged)
     owned = _weight_state_keys(merged, layers)
     _average_other_tensors(members, coefficients, merged, owned)
+    average_activation_truncations(members, coefficients, merged)  # NIPQ α: averaged as α, not θ
     member_layers = [dict(m.named_modules()) for m in members]
     for name, layer in layers:
         grids = [read_weight_grid(modules[name], name) for modules in member_layers]
@@ -300,6 +304,13 @@ def write_weight_grid(layer: nn.Module, name: str, codes: Tensor, scale: Tensor)
     The scale parameter is assumed proportional to the scale (true for Brevitas' float-scale
     restrictions); both results are read back and a mismatch raises ``RuntimeError``.
     """
+    truncation = nipq_truncation(layer)
+    if truncation is not None:  # NIPQ: scale = α / qmax(b) with the width frozen, so α ∝ scale
+        current = read_weight_grid(layer, name).scale
+        truncation.set_truncation(float(truncation.truncation()) * float(scale.reshape(-1)[0]) / float(current.reshape(-1)[0]))
+        layer.weight.copy_((codes.to(torch.float64) * scale.to(torch.float64)).to(layer.weight.dtype))
+        _check_written(layer, name, codes, scale)
+        return
     parameter = _scale_parameter(layer, name)
     current = read_weight_grid(layer, name).scale
     if parameter.numel() != current.numel():
@@ -308,6 +319,10 @@ def write_weight_grid(layer: nn.Module, name: str, codes: Tensor, scale: Tensor)
     ratio = parameter.detach().to(torch.float64).reshape(current.shape) / current.to(torch.float64)
     parameter.copy_((scale.to(torch.float64) * ratio).reshape(parameter.shape).to(parameter.dtype))
     layer.weight.copy_((codes.to(torch.float64) * scale.to(torch.float64)).to(layer.weight.dtype))
+    _check_written(layer, name, codes, scale)
+
+
+def _check_written(layer: nn.Module, name: str, codes: Tensor, scale: Tensor) -> None:
     written = read_weight_grid(layer, name)
     if not torch.equal(written.codes, codes.to(torch.int64)):
         wrong = int((written.codes != codes).sum())

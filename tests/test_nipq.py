@@ -1,0 +1,317 @@
+"""NIPQ: learned-bit quantizers, cost terms, the training engine, merging and export of mixed bits."""
+
+import math
+
+import brevitas.nn as qnn
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from tiny_models import tiny_resnet
+
+from hdrq_plugin import convert_to_brevitas, merge_models
+from hdrq_plugin.checkpoint import ModelRecipe, load_quantized, save_quantized
+from hdrq_plugin.export import export_qdq
+from hdrq_plugin.merge import read_weight_grid
+from hdrq_plugin.nipq import NIPQConfig, NIPQTarget, NIPQTrainingError, freeze_bits, nipq_train, parse_target
+from hdrq_plugin.nipq_cost import NIPQModelError, bops_loss, describe_costs
+from hdrq_plugin.nipq_quantizers import (
+    LearnedBitWidth,
+    NIPQSignedActQuantizer,
+    bits_to_logit,
+    continuous_bits,
+)
+from hdrq_plugin.quant_control import set_quant_mode
+
+X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
+
+
+def nipq_model(seed: int = 0):
+    return convert_to_brevitas(tiny_resnet(seed=seed), "nipq-w4a4")
+
+
+def bit_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LearnedBitWidth)}
+
+
+# --- the quantizer -----------------------------------------------------------------------------
+
+def _signed_identity(alpha: float, bits: float):
+    quant = qnn.QuantIdentity(act_quant=NIPQSignedActQuantizer, return_quant_tensor=False)
+    tq = quant.act_quant.fused_activation_quant_proxy.tensor_quant
+    tq.scaling_impl.set_truncation(alpha)
+    with torch.no_grad():
+        tq.msb_clamp_bit_width_impl.theta.fill_(bits_to_logit(bits))
+    tq.msb_clamp_bit_width_impl.stochastic_bit_rounding = False
+    return quant.train(), tq
+
+
+def test_noise_forward_has_the_specified_gradients_for_x_alpha_and_bits():
+    torch.manual_seed(0)
+    quant, tq = _signed_identity(alpha=1.0, bits=4.0)
+    x = torch.linspace(-2, 2, 401, requires_grad=True)
+    y = quant(x)
+    y.sum().backward()
+    alpha, b, q = 1.0, 4.0, 2**3 - 1
+    step = alpha / q
+    inside = x.detach().abs() < alpha
+    eps = ((y.detach() - x.detach()) / step)[inside]
+    assert bool((eps.abs() <= 0.5 + 1e-5).all())
+    assert torch.equal(x.grad, inside.float())  # x: 1 inside, 0 outside
+    theta_a = tq.scaling_impl.theta
+    d_alpha = x.detach()[~inside].sign().sum() + eps.sum() / q  # ±1 outside, ε·∂Δ/∂α inside
+    assert float(theta_a.grad) == pytest.approx(float(d_alpha * torch.sigmoid(theta_a.detach())), rel=1e-4, abs=1e-5)
+    d_step_d_b = -alpha * math.log(2) * 2 ** (b - 1) / q**2  # Δ = α/(2^(b-1)-1)
+    theta_b = tq.msb_clamp_bit_width_impl.theta
+    db_dtheta = 12 * torch.sigmoid(theta_b.detach()) * (1 - torch.sigmoid(theta_b.detach()))
+    assert float(theta_b.grad) == pytest.approx(float(eps.sum() * d_step_d_b * db_dtheta), rel=1e-4)
+
+
+def test_clipped_elements_give_no_bit_gradient():
+    quant, tq = _signed_identity(alpha=0.5, bits=4.0)
+    x = torch.tensor([3.0, -4.0, 10.0])  # all clipped: y = ±α whatever the width
+    quant(x).sum().backward()
+    assert float(tq.msb_clamp_bit_width_impl.theta.grad) == 0.0
+
+
+def test_stochastic_bit_rounding_is_unbiased_and_evaluation_rounds():
+    bits = LearnedBitWidth(4, initial_bit_width=None)
+    with torch.no_grad():
+        bits.theta.fill_(bits_to_logit(4.3))
+    torch.manual_seed(0)
+    samples = torch.stack([bits() for _ in range(4000)]).detach()
+    assert set(samples.tolist()) == {4.0, 5.0}
+    # mean of Bernoulli(0.3) + 4 over 4000 draws: 4.3 ± 3σ, σ = sqrt(0.21/4000) = 0.0072
+    assert abs(float(samples.mean()) - 4.3) < 3 * math.sqrt(0.21 / 4000)
+    assert float(bits.eval()().detach()) == 4.0
+
+
+def test_frozen_bits_are_constant_and_get_no_gradient():
+    bits = LearnedBitWidth(4)
+    assert float(continuous_bits(bits.theta.detach())) == pytest.approx(8.0)  # the reference start
+    bits.freeze(3)
+    out = bits.train()()
+    assert float(out) == 3.0 and not out.requires_grad and not bits.theta.requires_grad
+
+
+def test_hard_phase_forward_is_on_the_integer_grid():
+    quant, tq = _signed_identity(alpha=1.0, bits=3.0)
+    tq.msb_clamp_bit_width_impl.freeze(3)
+    set_quant_mode(quant, "ste")
+    y = quant(torch.linspace(-2, 2, 101))
+    codes = y / (1.0 / 3)
+    codes = codes.detach()
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and float(codes.abs().max().detach()) == pytest.approx(3.0)
+
+
+# --- conversion and costs ----------------------------------------------------------------------
+
+def test_nipq_spec_picks_nipq_quantizers_and_pins_the_edges_at_8_bits():
+    model = nipq_model()
+    cost = describe_costs(model, X)
+    assert {t.name for t in cost.weights if t.bits.pinned} == {"conv1.weight", "fc.weight"}
+    assert all(float(t.bits.frozen_bits) == 8 for t in cost.weights + cost.activations if t.bits.pinned)
+    assert all(not t.bits.is_frozen for t in cost.weights + cost.activations if not t.bits.pinned)
+    assert parse_target(None, cost) == NIPQTarget(weight_bits=4.0, act_bits=4.0)
+    with pytest.raises(ValueError, match="per tensor"):
+        convert_to_brevitas(tiny_resnet(), "nipq-w4a4-per-channel")
+
+
+def test_bops_take_activation_bits_from_each_layers_input_quantizer():
+    model = nipq_model()
+    cost = describe_costs(model, X)
+    layer = next(lc for lc in cost.layers if lc.name == "layer1.0.conv2")
+    assert layer.input_quantizer == "layer1.0.relu.act_quant"  # the ReLU before it, not its output
+    for t in cost.weights + cost.activations:
+        if not t.bits.pinned:
+            t.bits.freeze(6)
+    before = float(cost.bops(deployed=True))
+    layer.input_bits.freeze(2)  # its input quantizer at 2 bits: this layer's term shrinks 3x
+    after = float(cost.bops(deployed=True))
+    consumers = [lc for lc in cost.layers if lc.input_bits is layer.input_bits]
+    expected = sum(lc.macs * 6 * (6 - 2) for lc in consumers)
+    assert before - after == pytest.approx(expected)
+    # the reference's bug costed every layer at 32-bit activations: a target between the true
+    # minimum and that one is reachable here but would be unreachable with the bug
+    low, _ = cost.bops_bounds()
+    buggy_low = sum(lc.macs * (float(lc.weight.bits.frozen_bits) if lc.weight.bits.pinned else 2) * 32
+                    for lc in cost.layers)
+    assert buggy_low > 2 * low
+
+
+def test_unreachable_bops_target_names_the_minimum_and_bad_bits_are_rejected():
+    model = nipq_model()
+    low, _ = describe_costs(model, X).bops_bounds()
+    with pytest.raises(ValueError, match=f"minimum reachable is {low:.4g}".replace("+", r"\+")):
+        nipq_train(model, [(X, Y)], target={"bops": low * 0.5}, epochs=1)
+    for bits in (1.5, 9, 16):
+        with pytest.raises(ValueError, match="outside 2..8"):
+            parse_target(bits)
+
+
+def test_a_layer_without_nipq_quantizers_is_named():
+    model = convert_to_brevitas(tiny_resnet(), "w4a4")
+    with pytest.raises(NIPQModelError, match="conv1"):
+        describe_costs(model, X)
+
+
+def test_bops_target_is_reached_within_2_percent():
+    torch.manual_seed(0)
+    model = nipq_model()
+    cost = describe_costs(model, X)
+    low, high = cost.bops_bounds()
+    target = low + 0.3 * (high - low)
+    params = [m.theta for m in bit_modules(model).values() if m.theta.requires_grad]
+    opt = torch.optim.Adam(params, lr=0.05)
+    for _ in range(150):  # the cost term alone drives the widths toward the budget
+        opt.zero_grad()
+        bops_loss(cost, target).backward()
+        opt.step()
+    continuous = float(cost.bops().detach())
+    assert abs(continuous - target) / target < 0.02  # the loss alone gets there (continuous bits)
+    report = freeze_bits(cost, NIPQTarget(bops=target))
+    assert abs(report.bops - target) / target <= 0.02 and report.bops <= target
+
+
+# --- the training engine -----------------------------------------------------------------------
+
+def _batches(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+
+
+FAST = NIPQConfig.cpu_preset(hard_epochs=1, init_batches=1)
+
+
+def test_training_freezes_bits_and_reports_the_cost(tmp_path):
+    model = nipq_model()
+    result = nipq_train(model, _batches(), target=5, epochs=1, teacher=tiny_resnet(), config=FAST,
+                        checkpoint_dir=tmp_path, progress=False)
+    assert all(m.is_frozen for m in bit_modules(model).values())
+    assert (tmp_path / "nipq_last.pt").is_file() and result.steps == 6
+    assert set(result.report.weight_bits) == {t.name for t in describe_costs(model, X).weights}
+    assert not model.training
+
+
+def test_resumed_training_ends_with_the_same_weights(tmp_path):
+    class Interrupting(list):
+        def __init__(self, batches, after):
+            super().__init__(batches)
+            self.after, self.seen = after, 0
+
+        def __iter__(self):
+            for batch in super().__iter__():
+                if self.seen == self.after:
+                    raise KeyboardInterrupt
+                self.seen += 1
+                yield batch
+
+    straight = nipq_model()
+    nipq_train(straight, _batches(), target=5, epochs=2, config=FAST, progress=False)
+    resumed = nipq_model()
+    with pytest.raises(KeyboardInterrupt):  # stopped in epoch 2, after the epoch-1 checkpoint
+        nipq_train(resumed, Interrupting(_batches(), after=5), target=5, epochs=2, config=FAST,
+                   checkpoint_dir=tmp_path, progress=False)
+    resumed = nipq_model()
+    nipq_train(resumed, _batches(), target=5, epochs=2, config=FAST, checkpoint_dir=tmp_path, progress=False)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_nan_loss_stops_keeps_the_checkpoint_and_names_the_step(tmp_path):
+    class NanAt(list):
+        # passes: cost probe, activation-range init, epoch 0, epoch 1 -> NaN in epoch 1, batch 1
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            for index, (x, y) in enumerate(super().__iter__()):
+                yield (torch.full_like(x, float("nan")) if (self.passes, index) == (4, 1) else x), y
+
+    model = nipq_model()
+    with pytest.raises(NIPQTrainingError, match=r"at step 4 \(epoch 1, batch 1\)"):
+        nipq_train(model, NanAt(_batches(3)), target=5, epochs=2, config=FAST, checkpoint_dir=tmp_path,
+                   progress=False)
+    saved = torch.load(tmp_path / "nipq_last.pt", weights_only=True)
+    assert saved["epoch"] == 1  # the last good checkpoint, not overwritten
+    for key, value in model.state_dict().items():  # and the model is back at that state
+        assert torch.equal(value, saved["model"][key]), key
+
+
+# --- merging, checkpoints and export -----------------------------------------------------------
+
+def _trained(seed: int, widths: dict[str, int]):
+    model = nipq_model(seed)
+    model.eval()
+    for name, module in bit_modules(model).items():
+        if not module.pinned:
+            module.freeze(widths.get(name, 4))
+    with torch.no_grad():
+        model(X)
+    return model
+
+
+def test_merging_nipq_models_with_different_widths_takes_the_wider():
+    name = "layer1.0.conv1.weight_quant.tensor_quant.msb_clamp_bit_width_impl"
+    narrow, wide = _trained(0, {name: 3}), _trained(1, {name: 6})
+    merged = merge_models([narrow, wide], rounding="half-to-even")
+    grid = read_weight_grid(dict(merged.named_modules())["layer1.0.conv1"])
+    assert grid.bit_width == 6 and int(grid.codes.abs().max()) <= 31
+    assert read_weight_grid(dict(narrow.named_modules())["layer1.0.conv1"]).bit_width == 3  # inputs untouched
+    # widening alone is lossless for weights: a model merged with itself at another width
+    self_merge = merge_models([narrow, narrow], rounding="half-to-even")
+    for layer in ("layer1.0.conv1", "layer2.0.conv2"):
+        a = read_weight_grid(dict(narrow.named_modules())[layer])
+        b = read_weight_grid(dict(self_merge.named_modules())[layer])
+        assert torch.equal(a.codes, b.codes) and torch.allclose(a.scale, b.scale)
+
+
+def test_checkpoint_round_trip_keeps_per_layer_bits(tmp_path):
+    name = "layer2.0.conv1.weight_quant.tensor_quant.msb_clamp_bit_width_impl"
+    model = _trained(0, {name: 3})
+    path = save_quantized(tmp_path / "q.pt", model, recipe=ModelRecipe("tiny_models:tiny_resnet"), bits="w4a4",
+                          family="nipq")
+    loaded, _ = load_quantized(path)
+    assert float(bit_modules(loaded)[name].frozen_bits) == 3
+    assert torch.equal(loaded(X), model(X))
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_mixed_precision_export_runs_exactly_in_onnxruntime(tmp_path, weights):
+    name = "layer2.0.conv1.weight_quant.tensor_quant.msb_clamp_bit_width_impl"
+    model = _trained(0, {name: 3, "layer1.0.conv2.weight_quant.tensor_quant.msb_clamp_bit_width_impl": 6})
+    path = export_qdq(model, tmp_path / "m.onnx", X[:1], weights=weights)
+    import json
+
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    bits = json.loads(meta["hdrq.weight_bits"])
+    assert bits["layer2.0.conv1"] == 3 and bits["layer1.0.conv2"] == 6 and bits["conv1"] == 8
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": X.numpy()})[0]
+    with torch.no_grad():
+        ref = model(X).numpy()
+    # Int32Bias makes onnxruntime's integer path equal Brevitas up to float32 summation order
+    assert np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def test_cli_quantize_nipq_writes_a_checkpoint_that_exports_and_rejects_bad_targets(tmp_path, capsys):
+    from hdrq_plugin.checkpoint import save_float_model
+    from hdrq_plugin.cli import EXIT_BAD_INPUT, main
+
+    recipe = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})
+    save_float_model(tmp_path / "float.pt", recipe.build(), recipe)
+    torch.save({"inputs": X}, tmp_path / "unlabelled.pt")  # distillation from the float model only
+    out = tmp_path / "q.pt"
+    assert main(["quantize", str(tmp_path / "float.pt"), "--calibration", str(tmp_path / "unlabelled.pt"),
+                 "--method", "nipq", "--target-bits", "5", "--epochs", "1", "--out", str(out)]) == 0
+    model, info = load_quantized(out)
+    assert info["family"] == "nipq" and info["cost"]["average_weight_bits"] <= 8
+    assert main(["export", str(out), "--out", str(tmp_path / "q.onnx"), "--input-shape", "1,3,16,16"]) == 0
+    code = main(["quantize", str(tmp_path / "float.pt"), "--calibration", str(tmp_path / "unlabelled.pt"),
+                 "--method", "nipq", "--target-bits", "9", "--out", str(tmp_path / "bad.pt")])
+    assert code == EXIT_BAD_INPUT and "outside 2..8" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()
