@@ -65,6 +65,14 @@ def _constant(name: str, model: onnx.ModelProto) -> np.ndarray:
     raise KeyError(name)
 
 
+def output_producer(model: onnx.ModelProto, made_by: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The node that computes the graph's first output, looking through value-preserving ops."""
+    name = model.graph.output[0].name
+    while name in made_by and made_by[name].op_type in _VALUE_PRESERVING_OPS:
+        name = made_by[name].input[0]
+    return made_by.get(name)
+
+
 def output_step(model: onnx.ModelProto) -> float | None:
     """The step of the grid the graph's output lies on (the largest, if per channel).
 
@@ -73,10 +81,7 @@ def output_step(model: onnx.ModelProto) -> float | None:
     input scale x weight scale, the grid an Int32Bias output lies on. None otherwise.
     """
     made_by = producers(model.graph)
-    name = model.graph.output[0].name
-    while name in made_by and made_by[name].op_type in _VALUE_PRESERVING_OPS:
-        name = made_by[name].input[0]
-    node = made_by.get(name)
+    node = output_producer(model, made_by)
     if node is None:
         return None
     try:
@@ -130,10 +135,7 @@ def output_float_error_steps(model: onnx.ModelProto) -> float | None:
     None when the output is made any other way.
     """
     made_by = producers(model.graph)
-    name = model.graph.output[0].name
-    while name in made_by and made_by[name].op_type in _VALUE_PRESERVING_OPS:
-        name = made_by[name].input[0]
-    node = made_by.get(name)
+    node = output_producer(model, made_by)
     if node is None:
         return None
     if node.op_type == "DequantizeLinear":

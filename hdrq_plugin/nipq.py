@@ -196,8 +196,21 @@ def observe_activation_ranges(model: nn.Module, data, *, batches: int = 4) -> in
                    and ".weight_quant." not in f".{name}."]
     for m in truncations:
         m.observing, m.observed = True, []
+    try:
+        _forward_batches(model, data, batches, training=False)
+    finally:
+        for m in truncations:
+            m.observing = False
+    for m in truncations:
+        if m.observed:
+            m.set_truncation(max(sum(m.observed) / len(m.observed), 1e-6))
+    return sum(bool(m.observed) for m in truncations)
+
+
+def _forward_batches(model: nn.Module, data, batches: int, *, training: bool) -> None:
+    """Run up to ``batches`` batches through ``model`` in train or eval mode, restoring its mode."""
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         for index, batch in enumerate(data):
             if index >= batches:
@@ -205,12 +218,6 @@ def observe_activation_ranges(model: nn.Module, data, *, batches: int = 4) -> in
             model(_inputs(batch))
     finally:
         model.train(was_training)
-        for m in truncations:
-            m.observing = False
-    for m in truncations:
-        if m.observed:
-            m.set_truncation(max(sum(m.observed) / len(m.observed), 1e-6))
-    return sum(bool(m.observed) for m in truncations)
 
 
 @torch.no_grad()
@@ -226,15 +233,9 @@ def reestimate_batchnorm(model: nn.Module, data, *, batches: int = 50) -> int:
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
-    was_training = model.training
-    model.train()
     try:
-        for index, batch in enumerate(data):
-            if index >= batches:
-                break
-            model(_inputs(batch))
+        _forward_batches(model, data, batches, training=True)
     finally:
-        model.train(was_training)
         for m, momentum in saved:
             m.momentum = momentum
     return len(norms)
