@@ -21,6 +21,12 @@ def ensure_writable_dir(directory: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
@@ -39,6 +45,7 @@ def atomic_write_path(path: str | os.PathLike, *, overwrite: bool = True) -> Ite
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written for {final}")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -43,3 +43,14 @@ def test_saving_into_an_unwritable_place_leaves_nothing_behind(tmp_path):
     with pytest.raises(OSError):
         save_quantized(target / "sub" / "m.pt", _quantized(), recipe=RECIPE, bits="w4a4")
     assert target.read_text() == "x"
+
+
+def test_atomically_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from hdrq_plugin._io import write_text_atomic
+
+    path = write_text_atomic(tmp_path / "report.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
