@@ -20,7 +20,7 @@ QDQ_FORMAT = "hdrq-plugin-qdq/1"
 FLOAT_FORMAT = "hdrq-plugin-float/1"
 # Keys the exporter derives from the model; a caller may not override them.
 DERIVED_KEYS = ("format", "weights", "bits", "granularity", "weight_bits", "act_bits",
-                "per_channel", "integer_bias", "source_model_sha256", "tool_versions")
+                "per_channel", "integer_bias", "source_model_sha256", "tool_versions", "saturation_safe")
 DEFAULT_USER_METADATA = {"method": "unspecified", "merged_targets": []}
 _TOOLS = ("hdrq-plugin", "torch", "brevitas", "onnx", "onnxruntime")
 

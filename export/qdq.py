@@ -10,6 +10,7 @@ to true INT4 (:mod:`.int4`), and writes the ``hdrq.*`` metadata, fully checked a
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -87,7 +88,7 @@ def _require_integer_graph(onnx_model: onnx.ModelProto) -> None:
 
 def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
                weights: str = "int8", metadata: Mapping[str, object] | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, saturation_safe: bool = True) -> Path:
     """Write ``model`` as an ONNX QDQ file at ``path`` and return the path.
 
     ``weights``: ``"int8"`` stores every weight as an int8 initializer (sub-8-bit grids keep
@@ -96,20 +97,31 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
     at opset 21 (half the bytes, but onnxruntime runs them as float Conv, toolchain-facts.md).
     ``metadata`` adds ``method``, ``merged_targets`` or other entries to the file's ``hdrq.*``
     metadata. The file appears complete or not at all; an existing file needs ``overwrite``.
+
+    ``saturation_safe`` (default): weights with codes beyond +-64 are stored as uint8 so the file
+    computes the model on every x86 CPU (:func:`.unsigned_grids.store_wide_weights_as_uint8`);
+    onnxruntime then runs those layers on u8u8 kernels, which VNNI does not accelerate
+    (measured here, W8A8 ResNet-18 224x224, 1 thread: 2.7x slower at batch 1, 3.0x at batch 8;
+    W4A4/W4A8 files only have their two 8-bit edge layers affected). ``False`` keeps int8
+    weights: fastest on CPUs with VNNI (AVX512-VNNI / AVX-VNNI), but a file that saturates, and
+    computes another function, on x86 CPUs without it (issue 9). Recorded as
+    ``hdrq.saturation_safe``.
     """
     require_brevitas_model(model)
     require_calibrated(model)
     summary = summarize_quantization(model)
     _require_storage_fits(weights, summary)
     props = {**user_metadata_props(metadata),
-             **quantized_metadata_props(summary, weights, model_sha256(model))}
+             **quantized_metadata_props(summary, weights, model_sha256(model)),
+             "hdrq.saturation_safe": json.dumps(bool(saturation_safe))}
     require_fitting_input(model, example_input)
     with atomic_write_path(path, overwrite=overwrite) as tmp:
         write_brevitas_qcdq(model, example_input, tmp)
         onnx_model = onnx.load(tmp)
         _require_integer_graph(onnx_model)
         keep_integer_path(onnx_model)  # exact rewrites so onnxruntime fuses every layer
-        store_wide_weights_as_uint8(onnx_model)  # no int16 saturation on x86 CPUs without VNNI
+        if saturation_safe:
+            store_wide_weights_as_uint8(onnx_model)  # no int16 saturation on x86 CPUs without VNNI
         if weights == "int4":
             onnx_model, rewritten = rewrite_weights_to_int4(onnx_model)
             expected = len(_four_bit_layers(summary))

@@ -19,7 +19,6 @@ from tiny_models import tiny_resnet
 
 from hdrq_plugin import calibrate_activations, convert_to_brevitas
 from hdrq_plugin.export import export_qdq
-from hdrq_plugin.export import qdq as qdq_module
 from hdrq_plugin.export.graph_facts import output_float_error_steps, output_step
 
 QEMU = shutil.which("qemu-x86_64")
@@ -58,15 +57,13 @@ def saturating_model():
     return qmodel, x, reference
 
 
-def _export(qmodel, x, path, monkeypatch=None):
-    if monkeypatch is not None:
-        monkeypatch.setattr(qdq_module, "store_wide_weights_as_uint8", lambda model: [])
-    return export_qdq(qmodel, path, x[:1], weights="int4-in-int8")
+def _export(qmodel, x, path, saturation_safe=True):
+    return export_qdq(qmodel, path, x[:1], weights="int4-in-int8", saturation_safe=saturation_safe)
 
 
-def test_without_uint8_weights_the_file_breaks_on_a_cpu_without_vnni(saturating_model, tmp_path, monkeypatch):
+def test_without_uint8_weights_the_file_breaks_on_a_cpu_without_vnni(saturating_model, tmp_path):
     qmodel, x, reference = saturating_model
-    path = _export(qmodel, x, tmp_path / "int8-weights.onnx", monkeypatch)
+    path = _export(qmodel, x, tmp_path / "int8-weights.onnx", saturation_safe=False)
     import onnx
 
     step = output_step(onnx.load(path))
@@ -82,3 +79,13 @@ def test_the_exported_file_computes_the_model_on_a_cpu_without_vnni(saturating_m
     model = onnx.load(path)
     off = np.abs(_on_haswell(path, x.numpy(), tmp_path) - reference).max() / output_step(model)
     assert off <= output_float_error_steps(model)
+
+
+def test_the_file_says_whether_it_is_saturation_safe(saturating_model, tmp_path):
+    import onnx
+
+    qmodel, x, _ = saturating_model
+    for safe in (True, False):
+        model = onnx.load(_export(qmodel, x, tmp_path / f"{safe}.onnx", saturation_safe=safe))
+        props = {p.key: p.value for p in model.metadata_props}
+        assert props["hdrq.saturation_safe"] == ("true" if safe else "false")
