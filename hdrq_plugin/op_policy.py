@@ -101,15 +101,20 @@ def functions_to_modules(graph_model: torch.fx.GraphModule) -> torch.fx.GraphMod
         name = node.name
         while hasattr(graph_model, name):
             name += "_"
-        graph_model.add_module(name, mapping[node.target]())
-        with graph.inserting_before(node):
-            module_node = graph.call_module(name, (node.args[0],))
-        module_node.meta = dict(node.meta)
-        node.replace_all_uses_with(module_node)
-        graph.erase_node(node)
+        _replace_with_module(graph_model, node, name, mapping[node.target]())
     graph.lint()
     graph_model.recompile()
     return graph_model
+
+
+def _replace_with_module(graph_model: torch.fx.GraphModule, node, name: str, module: nn.Module) -> None:
+    """Swap a call node for a call of ``module`` (registered as ``name``) on its first argument."""
+    graph_model.add_module(name, module)
+    with graph_model.graph.inserting_before(node):
+        module_node = graph_model.graph.call_module(name, (node.args[0],))
+    module_node.meta = dict(node.meta)
+    node.replace_all_uses_with(module_node)
+    graph_model.graph.erase_node(node)
 
 
 def spatial_means_to_pools(graph_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -127,13 +132,7 @@ def spatial_means_to_pools(graph_model: torch.fx.GraphModule) -> torch.fx.GraphM
         keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
         if not keepdim or not isinstance(dims, (tuple, list)) or tuple(dims) not in _SPATIAL_DIMS:
             continue
-        name = f"{node.name}_pool"
-        graph_model.add_module(name, nn.AdaptiveAvgPool2d(1))
-        with graph.inserting_before(node):
-            pool = graph.call_module(name, (node.args[0],))
-        pool.meta = dict(node.meta)
-        node.replace_all_uses_with(pool)
-        graph.erase_node(node)
+        _replace_with_module(graph_model, node, f"{node.name}_pool", nn.AdaptiveAvgPool2d(1))
     graph.lint()
     graph_model.recompile()
     return graph_model
