@@ -259,7 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test-images", type=int, help="first N test images per target (default all)")
     parser.add_argument("--zoo-seed", type=int, help="one zoo for every seed (seeds then vary calibration only)")
     parser.add_argument("--bits", nargs="+", help="bit-widths, e.g. w4a4 w3a3 (default all four)")
-    parser.add_argument("--methods", nargs="+", help="rtn adaround brecq qdrop hdrq gptq (default all)")
+    parser.add_argument("--nipq-epochs", type=int, help="NIPQ noise epochs per target (default 10)")
+    parser.add_argument("--methods", nargs="+", help="rtn adaround brecq qdrop hdrq gptq nipq (default: all but nipq, which trains on the train splits)")
     parser.add_argument("--iterations", type=int, help=f"iterations per unit (default {HDRQConfig.cpu_preset().iterations})")
     parser.add_argument("--noise-seeds", type=int, help="re-merges per stochastic rule (default 8; reference 32)")
     parser.add_argument("--ablation-bits", nargs="*", help="bit-widths of the ablations (default w4a4 w3a3)")
@@ -296,7 +297,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
                "recipe_overrides": tuple(args.recipe_set) if args.recipe_set else None,
                "targets": tuple(args.targets) if args.targets else None,
                "bits": tuple(args.bits) if args.bits else None,
-               "methods": tuple(args.methods) if args.methods else None,
+               "methods": tuple(args.methods) if args.methods else None, "nipq_epochs": args.nipq_epochs,
                "ablation_bits": tuple(args.ablation_bits) if args.ablation_bits is not None else None,
                "iteration_grid": tuple(args.iteration_grid) if args.iteration_grid is not None else None,
                "ort": False if args.no_ort else None,

@@ -26,11 +26,12 @@ from hdrq_plugin.float_merge import average_float_models
 from hdrq_plugin.gptq import gptq_calibrate
 from hdrq_plugin.merge import merge_models, quantized_weight_layers, read_weight_grid
 from hdrq_plugin.merge_rules import average_dequantized, find_ties
+from hdrq_plugin.nipq import quantize_nipq
 from hdrq_plugin.quantize import quantize_model
 from hdrq_plugin.reconstruction.config import HDRQConfig
 from hdrq_plugin.report import Report
 
-from .mtda_plan import DEQUANTIZED_AVERAGE, STOCHASTIC_RULES, Variant
+from .mtda_plan import DEQUANTIZED_AVERAGE, NIPQ_BATCH, STOCHASTIC_RULES, Variant
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
@@ -91,8 +92,18 @@ def barrier_dict(result: BarrierResult, **context) -> dict:
 
 # --- quantization -------------------------------------------------------------------------------
 def quantize_variant(variant: Variant, bits: str, model: nn.Module, calibration, source: nn.Module,
-                     seed: int, iterations: int | None, num_samples: int | None = None) -> tuple[nn.Module, str]:
-    """Quantize one float model with ``variant``; returns ``(model, quantizer family)``."""
+                     seed: int, iterations: int | None, num_samples: int | None = None,
+                     train=None) -> tuple[nn.Module, str]:
+    """Quantize one float model with ``variant``; returns ``(model, quantizer family)``.
+
+    NIPQ trains on ``train`` (the target's labelled train split) instead of ``calibration``.
+    """
+    if variant.method == "nipq":
+        if train is None or len(train) == 0:
+            raise ValueError(f"variant {variant.label!r} (NIPQ training) needs the target's labelled train split")
+        qmodel, _ = quantize_nipq(model, train, bits, epochs=variant.epochs, seed=seed, batch_size=NIPQ_BATCH,
+                                  config=variant.nipq_config(seed), progress=False)
+        return qmodel, "nipq"
     config = variant.config(seed, iterations)
     if config is None:  # Brevitas GPTQ on Brevitas' own quantizers (parameter scales, see gptq.py)
         torch.manual_seed(seed)
@@ -110,7 +121,7 @@ def quantize_cell(bench: Benchmark, variant: Variant, bits: str, target: str, se
     timings: dict = {}
     with stopwatch(timings):  # the calibration time the benchmark reports
         qmodel, family = quantize_variant(variant, bits, bench.adapted[target], bench.domains[target].calib,
-                                          bench.source_model, seed, iterations)
+                                          bench.source_model, seed, iterations, train=bench.domains[target].train)
     rows, images = [], 0
     with stopwatch(timings, "eval_seconds"):
         for split in splits:

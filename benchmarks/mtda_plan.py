@@ -26,12 +26,22 @@ from dataclasses import dataclass
 from hdrq_examples.zoo import merge_subsets  # noqa: F401 - re-exported: the plan's merges
 from hdrq_plugin.bitspec import BitSpec
 from hdrq_plugin.merge_rules import NOISE_TRIALS
+from hdrq_plugin.nipq import CPU_EPOCHS as NIPQ_CPU_EPOCHS
+from hdrq_plugin.nipq import NIPQConfig
 from hdrq_plugin.reconstruction.config import METHODS, HDRQConfig
 
 #: Bump when a cell's computation changes in a way its key does not capture.
 CELL_CODE_VERSION = 1
 
 MAIN_METHODS = ("rtn", "adaround", "brecq", "qdrop", "hdrq", "gptq")
+#: Methods outside the reconstruction engine: Brevitas GPTQ, and NIPQ quantization-aware training
+#: (hdrq_plugin.nipq; it trains on the target's labelled train split, not the 32 calibration
+#: images, so it is not in the default grid: ``--methods ... nipq`` adds its rows).
+OUTSIDE_ENGINE = ("gptq", "nipq")
+SELECTABLE_METHODS = MAIN_METHODS + ("nipq",)
+#: NIPQ noise epochs per target (NIPQConfig.cpu_preset adds its hard epoch), as benchmarks/nipq.py.
+NIPQ_EPOCHS = NIPQ_CPU_EPOCHS
+NIPQ_BATCH = 128
 ALL_BITS = ("w8a8", "w4a8", "w4a4", "w3a3")
 #: Merge rules: hdrq_plugin.merge's four, plus the off-grid average of the dequantized weights
 #: (the non-deployable ceiling of any re-rounding rule, hdrq.md §5).
@@ -60,15 +70,16 @@ class Variant:
     method: str
     overrides: tuple[tuple[str, object], ...] = ()
     iterations: int | None = None  # iterations per unit; None: the run's setting
+    epochs: int = NIPQ_EPOCHS  # NIPQ only: noise epochs on the train split
     validate: bool = False  # also evaluated on the val splits: ablations are what one would choose from
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS + ("gptq",):
+        if self.method not in METHODS + OUTSIDE_ENGINE:
             raise ValueError(f"variant {self.label!r}: unknown method {self.method!r}")
 
     def config(self, seed: int, iterations: int | None) -> HDRQConfig | None:
-        """The engine config at ``seed`` (None for GPTQ, which Brevitas runs)."""
-        if self.method == "gptq":
+        """The engine config at ``seed`` (None for GPTQ and NIPQ, which run outside the engine)."""
+        if self.method in OUTSIDE_ENGINE:
             return None
         overrides = {"seed": seed}
         iterations = self.iterations if self.iterations is not None else iterations
@@ -79,9 +90,15 @@ class Variant:
     def describe(self, seed: int, iterations: int | None) -> dict:
         """Everything that determines this variant's models (part of every cache key)."""
         config = self.config(seed, iterations)
+        if self.method == "nipq":
+            return {"method": "nipq", "epochs": self.epochs, "batch_size": NIPQ_BATCH,
+                    **dataclasses.asdict(self.nipq_config(seed))}
         if config is None:
             return {"method": "gptq", "num_samples": HDRQConfig().num_samples, "act_order": True, "seed": seed}
         return dataclasses.asdict(config)
+
+    def nipq_config(self, seed: int) -> NIPQConfig:
+        return NIPQConfig.cpu_preset(seed=seed, **dict(self.overrides))
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,7 @@ class BenchmarkSettings:
     distance_grid: tuple[float, ...] = (5e-3, 1e-2, 5e-2, 1e-1)  # hdrq.md §3.2: the reference's grid
     iteration_grid: tuple[int, ...] = (250, 500, 1000, 2000, 4000)
     iteration_methods: tuple[str, ...] = ("qdrop", "hdrq")
+    nipq_epochs: int = NIPQ_EPOCHS  # NIPQ's noise epochs when "nipq" is among the methods
     merge_then_quantize: tuple[str, ...] = ("rtn", "hdrq")
     ort: bool = True
     barrier_steps: int = 11  # λ = 0, 0.1, …, 1
@@ -139,11 +157,13 @@ class BenchmarkSettings:
                 raise ValueError(f"{name} must not be empty")
         for bits in self.bits + self.ablation_bits:
             BitSpec.parse(bits)  # raises on a malformed spec, naming it
-        for name, allowed in (("methods", MAIN_METHODS), ("rules", RULES), ("iteration_methods", METHODS),
+        for name, allowed in (("methods", SELECTABLE_METHODS), ("rules", RULES), ("iteration_methods", METHODS),
                               ("merge_then_quantize", MAIN_METHODS)):
             unknown = [v for v in getattr(self, name) if v not in allowed]
             if unknown:
                 raise ValueError(f"{name}: unknown {unknown}; choose from {allowed}")
+        if self.nipq_epochs < 1:
+            raise ValueError(f"nipq_epochs must be >= 1, got {self.nipq_epochs}")
         if self.noise_seeds < 1 or self.trials < 1 or self.barrier_steps < 2 or self.n_calib < 1:
             raise ValueError("noise_seeds, trials and n_calib must be >= 1 and barrier_steps >= 2")
         if self.barrier_pairs not in ("all", "first"):
@@ -164,8 +184,8 @@ class BenchmarkSettings:
         return dataclasses.asdict(self)
 
 
-def main_variants(methods: tuple[str, ...]) -> dict[str, Variant]:
-    return {m: Variant(m, m) for m in methods}
+def main_variants(methods: tuple[str, ...], nipq_epochs: int = NIPQ_EPOCHS) -> dict[str, Variant]:
+    return {m: Variant(m, m, epochs=nipq_epochs) if m == "nipq" else Variant(m, m) for m in methods}
 
 
 def ablation_variants(settings: BenchmarkSettings) -> dict[str, Variant]:
@@ -198,7 +218,7 @@ def ablation_variants(settings: BenchmarkSettings) -> dict[str, Variant]:
 
 def build_plan(settings: BenchmarkSettings, targets: tuple[str, ...]) -> tuple[dict[str, Variant], list[Cell]]:
     """All variants and the cells of a run, in execution order (each seed's zoo is loaded once)."""
-    main = main_variants(settings.methods)
+    main = main_variants(settings.methods, settings.nipq_epochs)
     ablations = ablation_variants(settings)
     subsets = merge_subsets(targets, settings.merge_subsets)
     pairs = [s for s in subsets if len(s) == 2]

@@ -55,7 +55,7 @@ def write_outputs(run, *, command: str, wall_seconds: float, summary: str | None
 
 
 def _quantizers(run) -> list[str]:
-    return list(main_variants(run.settings.methods))
+    return list(main_variants(run.settings.methods, run.settings.nipq_epochs))
 
 
 def _ablation_labels(run) -> list[str]:

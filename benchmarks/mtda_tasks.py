@@ -127,9 +127,12 @@ def run_cell(bench: Benchmark, cell: Cell, ctx: CellContext) -> dict:
     return cell_record(cell, bench, ctx, models)
 
 
-def task_view(bench: Benchmark, targets: tuple[str, ...]) -> Benchmark:
-    """``bench`` without what no cell reads (source domains, train splits): less to put in the object store."""
+def task_view(bench: Benchmark, targets: tuple[str, ...], *, keep_train: bool = False) -> Benchmark:
+    """``bench`` without what no cell reads (source domains; train splits unless NIPQ cells train
+    on them, ``keep_train``): less to put in the object store."""
     def without_train(split: DomainSplits) -> DomainSplits:
+        if keep_train:
+            return split
         images, labels = split.train.tensors
         return dataclasses.replace(split, train=TensorDataset(images[:0], labels[:0]))
 
@@ -143,7 +146,8 @@ def run_with_runner(run, runner) -> dict:
     for seed in seeds:  # load (or build) each zoo first: building one changes its cells' keys
         recipe = run.recipes[seed]
         if recipe not in shared:
-            shared[recipe] = (runner.share(task_view(run.bench(seed), run.all_targets)), dict(run.full_test_sizes))
+            shared[recipe] = (runner.share(task_view(run.bench(seed), run.all_targets, keep_train=any(
+                v.method == "nipq" for v in run.variants.values()))), dict(run.full_test_sizes))
     pending = run.pending()
     waves = ([c for c in pending if c.kind == "quantize"], [c for c in pending if c.kind != "quantize"])
     counts = {"submitted": 0, "finished": 0, "failed": 0}

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from hdrq_plugin import convert_to_brevitas, fold_batchnorm, merge_models, nipq_train, quantize_model
+from hdrq_plugin import convert_to_brevitas, fold_batchnorm, merge_models, quantize_model
 from hdrq_plugin._io import atomic_write_path, write_text_atomic
 from hdrq_plugin.evaluation import accuracy
 from hdrq_plugin.export import export_qdq, validate
-from hdrq_plugin.nipq import NIPQConfig
+from hdrq_plugin.nipq import NIPQConfig, quantize_nipq
 from hdrq_plugin.nipq_cost import describe_costs
 
 BATCH = 128
@@ -126,10 +126,8 @@ def single_target(args, bench, target: str, seed: int, folder: Path) -> dict:
     out = {"rows": [], "timings": [], "bits": {}, "exports": {}, "states": {}}
     for method, config in (("nipq", base), ("lsq", NIPQConfig.cpu_preset(
             seed=seed, noise=False, learn_bits=False, hard_epochs=args.hard_epochs))):
-        torch.manual_seed(seed)
-        qmodel = convert_to_brevitas(theta, "nipq-w4a4")
-        result = nipq_train(qmodel, loader(train_set, seed=seed), target=TARGET_BITS, epochs=args.epochs,
-                            teacher=theta, config=config)
+        qmodel, result = quantize_nipq(theta, train_set, "w4a4", target=TARGET_BITS, epochs=args.epochs, seed=seed,
+                                       config=config, batch_size=BATCH, progress=False)
         acc = accuracy(qmodel, tests[target])
         out["states"][method] = qmodel.state_dict()
         report = result.report
@@ -208,12 +206,37 @@ def merge_pass(args, bench, parts: dict, folder: Path) -> dict:
             "machine": platform.platform(), "torch": torch.__version__, "threads": 1}
 
 
+def bops_check(args, bench) -> list[dict]:
+    """NIPQ in BOPs mode on every target: the deployed BOPs against the target (issue: within 2 %)."""
+    rows = []
+    for seed in args.seeds:
+        for target in args.targets:
+            theta = bench.adapted[target]
+            config = NIPQConfig.cpu_preset(seed=seed, noise_shape=args.noise, hard_epochs=args.hard_epochs)
+            qmodel, result = quantize_nipq(theta, bench.domains[target].train, "w4a4",
+                                           target={"gbops": args.bops_target}, epochs=args.epochs, seed=seed,
+                                           config=config, batch_size=BATCH, progress=False)
+            achieved = result.report.gbops
+            rows.append({"target": target, "seed": seed, "target_gbops": args.bops_target,
+                         "learned_gbops": result.report_at_freeze.gbops, "deployed_gbops": achieved,
+                         "relative_gap": achieved / args.bops_target - 1.0,
+                         "accuracy": accuracy(qmodel, bench.domains[target].test),
+                         "weight_bits": result.report.weight_bits, "act_bits": result.report.act_bits})
+            print(f"[{seed}] bops  {target:9s} target {args.bops_target:.3f} learned "
+                  f"{result.report_at_freeze.gbops:.3f} deployed {achieved:.3f} GBOPs "
+                  f"({100 * rows[-1]['relative_gap']:+.2f} %), acc {rows[-1]['accuracy']:.4f}", flush=True)
+    return rows
+
+
 def run(args) -> dict | None:
     from hdrq_examples.zoo import load_or_build_benchmark
 
     torch.set_num_threads(1)
     bench = load_or_build_benchmark()
     folder = Path(tempfile.mkdtemp(prefix="nipq-bench-"))
+    if args.phase == "bops":
+        return {"bops": bops_check(args, bench), "settings": {"epochs": args.epochs, "hard_epochs": args.hard_epochs,
+                                                             "noise": args.noise, "seeds": args.seeds}}
     parts_dir = Path(args.parts)
     parts_dir.mkdir(parents=True, exist_ok=True)
     if args.phase in ("single", "all"):
@@ -258,15 +281,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--targets", nargs="+", default=["mnist", "optdigits", "mnistm"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", type=int, default=3, help="noise (NIPQ) / STE (LSQ) epochs")
+    parser.add_argument("--epochs", type=int, default=10, help="noise (NIPQ) / STE (LSQ) epochs")
     parser.add_argument("--hard-epochs", type=int, default=1)
     parser.add_argument("--noise", default="uniform", choices=("uniform", "histogram"))
     parser.add_argument("--hdrq-iterations", type=int, default=500)
     parser.add_argument("--max-train", type=int, default=None, help="cap the train split (smoke runs)")
     parser.add_argument("--output", default="benchmarks/results/nipq.json")
-    parser.add_argument("--phase", default="all", choices=("all", "single", "merge"),
+    parser.add_argument("--bops-target", type=float, default=0.6, help="--phase bops: the GBOPs budget")
+    parser.add_argument("--phase", default="all", choices=("all", "single", "merge", "bops"),
                         help="single: quantize --targets and save parts; merge: merge saved parts "
-                             "(run one 'single' process per target in parallel, then 'merge')")
+                             "(run one 'single' process per target in parallel, then 'merge'); bops: NIPQ "
+                             "in BOPs mode (--bops-target) on every target, the deployed BOPs against it")
     parser.add_argument("--parts", default="runs/nipq_bench", help="folder of the per-target parts")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -276,6 +301,10 @@ def main(argv=None) -> int:
         print(f"saved parts for {args.targets} in {args.parts} ({time.perf_counter() - tic:.0f} s)")
         return 0
     result["wall_seconds"] = time.perf_counter() - tic
+    if args.phase == "bops":
+        write_text_atomic(args.output, json.dumps(result, indent=1, default=str))
+        print(f"wrote {args.output}")
+        return 0
     write_text_atomic(args.output, json.dumps(result, indent=1, default=str))
     print(table(result))
     print(json.dumps(result["learned_bits"], indent=1))

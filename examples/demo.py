@@ -16,6 +16,7 @@ from hdrq_plugin.convert import fold_batchnorm
 from hdrq_plugin.evaluation import accuracy, harmonic_mean
 from hdrq_plugin.float_merge import average_float_models
 from hdrq_plugin.merge import merge_models
+from hdrq_plugin.nipq import CPU_EPOCHS as NIPQ_CPU_EPOCHS
 from hdrq_plugin.quantize import quantize_model
 from hdrq_plugin.report import HARMONIC_MEAN, Report
 
@@ -31,6 +32,11 @@ NAIVE_MERGES = ("naive", "half-to-even")
 #: about 4 points worse across all three targets than at 2,000, and equally well on pairs; single
 #: models differ by under a point. ``--iterations 2000`` runs the preset.
 DEMO_ITERATIONS = 500
+
+#: NIPQ quantization-aware training per target in the demo (noise epochs on the labelled train
+#: split; NIPQConfig.cpu_preset adds one hard epoch); 0 leaves NIPQ out. Its rows compare
+#: training with learned widths at the same average bits against the post-training methods.
+DEMO_NIPQ_EPOCHS = NIPQ_CPU_EPOCHS
 
 
 def float_recipe(benchmark: Benchmark) -> ModelRecipe:
@@ -56,9 +62,12 @@ class _Clock:
 
 
 def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, size: str = "demo",
-             iterations: int | None = DEMO_ITERATIONS, export: bool = True, hot: bool = False) -> Report:
+             iterations: int | None = DEMO_ITERATIONS, export: bool = True, hot: bool = False,
+             nipq_epochs: int = DEMO_NIPQ_EPOCHS) -> Report:
     """Run the whole pipeline and write ``report.json`` / ``report.md`` (and models) into ``out``."""
     spec = BitSpec.parse(bits)
+    if isinstance(nipq_epochs, bool) or not isinstance(nipq_epochs, int) or nipq_epochs < 0:
+        raise ValueError(f"nipq_epochs must be a whole number >= 0, got {nipq_epochs!r}")
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0):
         raise ValueError(f"iterations must be a whole number >= 0 (or None for the CPU preset), got {iterations!r}")
     out = ensure_writable_dir(out)  # fail before minutes of work, not after
@@ -127,11 +136,32 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
                    family=family, metadata={"method": "hdrq", "merged_from": targets,
                                             "rounding": "noise-sampling", "seed": seed})
 
+    if nipq_epochs:
+        _nipq_rows(report, bench, spec, targets, tests, seed, nipq_epochs, clock)
+        report.write(out)
     _barrier(report, bench, quantized["hdrq"], targets, tests, out, clock)
     report.write(out)
     if export:
         _export_and_validate(report, hdrq_merged, spec, targets, tests, out, clock)
     return report
+
+
+def _nipq_rows(report, bench, spec, targets, tests, seed, epochs, clock) -> None:
+    """NIPQ per target at ``spec``'s average bits, and their merge (differing widths take the wider)."""
+    from hdrq_plugin.nipq import quantize_nipq
+
+    models = {}
+    for t in targets:
+        with clock("quantize_nipq_s"):
+            models[t], result = quantize_nipq(bench.adapted[t], bench.domains[t].train, spec, epochs=epochs,
+                                              seed=seed)
+        report.add("nipq", str(spec), "single", t, accuracy(models[t], tests[t]),
+                   average_weight_bits=result.report.average_weight_bits,
+                   average_act_bits=result.report.average_act_bits)
+    with clock("merge_nipq_s"):
+        merged = merge_models([models[t] for t in targets], rounding="noise-sampling", seed=seed)
+    report.add_per_target("nipq+noise-sampling", str(spec), "merged", {t: accuracy(merged, tests[t]) for t in targets},
+                          merged_targets="+".join(targets))
 
 
 def _merge_label(method: str, subset: tuple[str, ...], targets: list[str]) -> str:

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reconstruction iterations per unit (default 500, a quarter of the CPU preset)")
     demo.add_argument("--hot", action="store_true",
                       help="adapt θ0 to each target with HOT back-propagation (Hadamard, INT4/INT8)")
+    demo.add_argument("--nipq-epochs", type=int, default=None,
+                      help="NIPQ noise epochs per target (default 10; 0 leaves the NIPQ rows out)")
     _add_common(demo)
 
     quant = sub.add_parser("quantize", help="quantize one target model with its calibration data")
@@ -52,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--target-bits", type=float, default=None,
                        help="nipq: average weight and activation bits to learn (2..8; default: --bits)")
     quant.add_argument("--target-gbops", type=float, default=None, help="nipq: a BOPs budget instead, in GBOPs")
-    quant.add_argument("--epochs", type=int, default=3,
-                       help="nipq: noise epochs (one hard epoch follows); DATA is labelled training "
+    quant.add_argument("--epochs", type=int, default=None,
+                       help="nipq: noise epochs (default 10; one hard epoch follows); DATA is labelled training "
                             "data (domain:NAME = its train split), the float model is the teacher")
     quant.add_argument("--checkpoint-dir", default=None, help="nipq: resumable training checkpoints")
     _add_common(quant)
@@ -190,6 +192,8 @@ def cmd_demo(args) -> int:
     kwargs = {} if args.iterations is None else {"iterations": args.iterations}
     if args.hot:
         kwargs["hot"] = True
+    if args.nipq_epochs is not None:
+        kwargs["nipq_epochs"] = args.nipq_epochs
     report = run_demo(bits=args.bits, out=args.out, seed=args.seed, size=args.size, **kwargs)
     print(f"wrote {Path(args.out) / 'report.json'} and report.md ({len(report.rows)} rows)")
     return 0
@@ -215,12 +219,11 @@ def cmd_quantize(args) -> int:
 
 def _quantize_nipq(args, model, info) -> int:
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
     from .bitspec import BitSpec
     from .checkpoint import save_quantized
-    from .convert import convert_to_brevitas
-    from .nipq import NIPQConfig, nipq_train
+    from .nipq import quantize_nipq
 
     if args.target_bits is not None and args.target_gbops is not None:
         raise ValueError("give --target-bits or --target-gbops, not both")
@@ -240,11 +243,9 @@ def _quantize_nipq(args, model, info) -> int:
             if not isinstance(inputs, torch.Tensor):
                 raise ValueError(f"{args.calibration} must hold a tensor or {{'inputs', 'labels'}}")
             dataset = TensorDataset(inputs)  # unlabelled: distillation from the float model only
-    torch.manual_seed(args.seed)
-    loader = DataLoader(dataset, batch_size=128, shuffle=True)
-    qmodel = convert_to_brevitas(model, "nipq-" + str(spec))
-    result = nipq_train(qmodel, loader, target=target, epochs=args.epochs, teacher=model,
-                        config=NIPQConfig.cpu_preset(seed=args.seed), checkpoint_dir=args.checkpoint_dir)
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    qmodel, result = quantize_nipq(model, dataset, spec, target=target, seed=args.seed,
+                                   checkpoint_dir=args.checkpoint_dir, **epochs)
     save_quantized(args.out, qmodel, recipe=info["recipe"], bits=spec, family="nipq",
                    metadata={"method": "nipq", "calibration": args.calibration, "seed": args.seed,
                              "target": result.target, "cost": result.report.as_dict()})

@@ -29,83 +29,27 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._io import atomic_write_path, ensure_writable_dir
-from .bitspec import MAX_BITS, MIN_BITS, BitSpec
-from .nipq_budget import freeze_bits
+from .nipq_budget import NIPQTarget, check_reachable, freeze_bits, parse_target
 from .nipq_cost import CostModel, CostReport, average_bits_loss, bops_loss, describe_costs
+from .nipq_passes import inputs_of, labels_of, observe_activation_ranges, reestimate_batchnorm
 from .nipq_quantizers import LearnedBitWidth, LearnedTruncation
 from .quant_control import set_quant_mode
 from .quantizers import PseudoQuantIntQuant, QuantMode
 
 __all__ = ["NIPQConfig", "NIPQTarget", "NIPQResult", "NIPQTrainingError", "nipq_train", "freeze_bits",
-           "observe_activation_ranges", "reestimate_batchnorm", "parse_target"]
+           "observe_activation_ranges", "reestimate_batchnorm", "parse_target", "quantize_nipq"]
 
+#: Noise epochs of :func:`quantize_nipq` (and the CLI, demo and benchmarks) with the CPU preset.
+#: Measured on the digits zoo (≈10 steps an epoch, target w4a4): after 3 epochs the learned
+#: widths stop at 4.3 / 5.9 average weight / activation bits and freeze_bits' projection does
+#: the rest; after 10 they reach 4.1 / 4.2, the cost term's own allocation (BENCHMARKS.md, NIPQ).
+CPU_EPOCHS = 10
 CHECKPOINT_FORMAT = "hdrq-plugin/nipq-training/v1"
 CHECKPOINT_NAME = "nipq_last.pt"
 
 
 class NIPQTrainingError(RuntimeError):
     """Training stopped (non-finite loss); the message names the step and the last good checkpoint."""
-
-
-@dataclass(frozen=True)
-class NIPQTarget:
-    """What the cost term aims at: average weight/activation bits, or BOPs per sample."""
-
-    weight_bits: float | None = None
-    act_bits: float | None = None
-    bops: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.bops is None and self.weight_bits is None and self.act_bits is None:
-            raise ValueError("a NIPQ target needs average bits (weights and/or activations) or BOPs")
-        if self.bops is not None and (self.weight_bits is not None or self.act_bits is not None):
-            raise ValueError("give either average bits or a BOPs target, not both")
-        for name in ("weight_bits", "act_bits"):
-            value = getattr(self, name)
-            if value is not None and not MIN_BITS <= float(value) <= MAX_BITS:
-                raise ValueError(f"target {name}={value} is outside {MIN_BITS}..{MAX_BITS} bits")
-        if self.bops is not None and not (math.isfinite(self.bops) and self.bops > 0):
-            raise ValueError(f"a BOPs target must be a positive number, got {self.bops}")
-
-    def describe(self) -> str:
-        if self.bops is not None:
-            return f"{self.bops / 1e9:.4g} GBOPs"
-        return f"average w{self.weight_bits}a{self.act_bits}"
-
-
-def parse_target(target, model_cost: CostModel | None = None) -> NIPQTarget:
-    """``4`` / ``4.5`` (both kinds), ``"w4a4"``, ``{"gbops": 0.5}``, ``{"bops": 5e8}`` or a NIPQTarget.
-
-    ``None`` takes the nominal bits the model was converted with (``"nipq-w4a4"`` -> 4 and 4).
-    """
-    if isinstance(target, NIPQTarget):
-        return target
-    if isinstance(target, bool):
-        raise TypeError(f"unsupported NIPQ target {target!r}")
-    if isinstance(target, (int, float)):
-        return NIPQTarget(weight_bits=float(target), act_bits=float(target))
-    if isinstance(target, str):
-        try:
-            spec = BitSpec.parse(target)
-        except ValueError:
-            raise ValueError(f"NIPQ target {target!r} is not average bits like 'w4a4' or 4.0") from None
-        return NIPQTarget(weight_bits=float(spec.weight_bits), act_bits=float(spec.act_bits))
-    if isinstance(target, dict):
-        if set(target) == {"gbops"}:
-            return NIPQTarget(bops=float(target["gbops"]) * 1e9)
-        if set(target) == {"bops"}:
-            return NIPQTarget(bops=float(target["bops"]))
-        return NIPQTarget(**target)
-    if target is None:
-        if model_cost is None:
-            raise ValueError("target=None needs the model to read its nominal bits from")
-        def nominal(tensors):
-            learned = {t.bits.nominal_bits for t in tensors if not t.bits.pinned}
-            if len(learned) != 1:
-                raise ValueError(f"the model has no single nominal bit-width ({sorted(learned)}); pass target")
-            return float(learned.pop())
-        return NIPQTarget(weight_bits=nominal(model_cost.weights), act_bits=nominal(model_cost.activations))
-    raise TypeError(f"unsupported NIPQ target {target!r}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +62,7 @@ class NIPQConfig:
     quant_lr: float | None = None  # lr of θ_α; None: lr (the reference trains it with SGD too)
     bits_lr: float | None = None  # lr of θ_b; None: quant_lr
     momentum: float = 0.9
+    bits_momentum: float | None = None  # θ_b's momentum; None: momentum (0 damps the widths' overshoot)
     weight_decay: float = 1e-5  # on weights only (reference)
     warmup_epochs: float = 3.0  # linear warm-up, then cosine (reference: 3 of 40 epochs)
     distillation_weight: float = 1.0  # KD from a frozen teacher (reference: weight 1)
@@ -151,9 +96,11 @@ class NIPQConfig:
 
         Weights lr 0.001 / hard 0.0002: the converted model has BatchNorm folded, and SGD at
         0.01 diverged within 5 steps even in float (measured on the digits zoo); θ_α lr 0.01,
-        θ_b lr 0.02 (0.03-0.04 overshot to 2-bit layers, 0.02 stopped near 4.3 / 5.9 bits after
-        30 steps, measured on mnist; freeze_bits then projects onto the budget); half a warm-up epoch, 1 hard
-        epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with BN unfolded).
+        θ_b lr 0.02 with the reference's momentum 0.9 (measured on the digits zoo at w4a4: after
+        30 steps the widths stop near 4.3 / 5.9 bits, after 100 steps (``CPU_EPOCHS``) they reach
+        4.1 / 4.2; without momentum on θ_b they only reach 5.9 / 7.2 in 100 steps); half a
+        warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
+        BN unfolded).
         """
         return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.02,
                       "warmup_epochs": 0.5, "hard_epochs": 1, **changes})
@@ -185,78 +132,8 @@ def _quant_parameters(model: nn.Module) -> list[nn.Parameter]:
             for p in m.parameters(recurse=False) if p.requires_grad]
 
 
-@torch.no_grad()
-def observe_activation_ranges(model: nn.Module, data, *, batches: int = 4) -> int:
-    """Set every activation truncation α to the mean over ``batches`` of the batch max|x|.
-
-    The reference starts at fixed 6 / 3 (ReLU6 MobileNet-v2); a plain-ReLU model's ranges differ,
-    so by default α starts where Brevitas' max calibration would put it. Returns how many were set.
-    """
-    truncations = [m for name, m in model.named_modules() if isinstance(m, LearnedTruncation)
-                   and ".weight_quant." not in f".{name}."]
-    for m in truncations:
-        m.observing, m.observed = True, []
-    try:
-        _forward_batches(model, data, batches, training=False)
-    finally:
-        for m in truncations:
-            m.observing = False
-    for m in truncations:
-        if m.observed:
-            m.set_truncation(max(sum(m.observed) / len(m.observed), 1e-6))
-    return sum(bool(m.observed) for m in truncations)
-
-
-def _forward_batches(model: nn.Module, data, batches: int, *, training: bool) -> None:
-    """Run up to ``batches`` batches through ``model`` in train or eval mode, restoring its mode."""
-    was_training = model.training
-    model.train(training)
-    try:
-        for index, batch in enumerate(data):
-            if index >= batches:
-                break
-            model(_inputs(batch))
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, data, *, batches: int = 50) -> int:
-    """Reset and recompute BatchNorm running statistics with the quantized forward (nipq.md phase 2).
-
-    Returns the number of BatchNorm layers updated (0 for converted models, whose BN is folded).
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return 0
-    saved = [(m, m.momentum) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-    try:
-        _forward_batches(model, data, batches, training=True)
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-    return len(norms)
-
-
-def _inputs(batch) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(f"training data must yield tensors or (input, label) pairs, got {type(batch).__name__}")
-
-
-def _labels(batch) -> Tensor | None:
-    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
-        return batch[1]
-    return None
-
-
 def _task_loss(model: nn.Module, teacher: nn.Module | None, batch, config: NIPQConfig) -> Tensor:
-    x, y = _inputs(batch), _labels(batch)
+    x, y = inputs_of(batch), labels_of(batch)
     out = model(x)
     out = getattr(out, "value", out)
     terms = []
@@ -282,20 +159,6 @@ def _cost_loss(cost: CostModel, target: NIPQTarget, config: NIPQConfig) -> Tenso
     return config.cost_weight * sum(terms)
 
 
-def _check_reachable(cost: CostModel, target: NIPQTarget) -> None:
-    if target.bops is not None:
-        low, high = cost.bops_bounds()
-        if target.bops < low:
-            raise ValueError(
-                f"BOPs target {target.bops:.4g} ({target.bops / 1e9:.4g} GBOPs) is unreachable: the minimum "
-                f"reachable is {low:.4g} ({low / 1e9:.4g} GBOPs), every learned width at {MIN_BITS} bits and "
-                "the pinned (edge) layers at their fixed widths")
-        return
-    for kind, bits in (("weights", target.weight_bits), ("activations", target.act_bits)):
-        if bits is not None and not any(not t.bits.pinned for t in cost._tensors(kind)):
-            raise ValueError(f"the model has no learned {kind} quantizer to meet an average of {bits} bits")
-
-
 def _optimizer(model: nn.Module, lr: float, quant_lr: float, bits_lr: float, config: NIPQConfig) -> torch.optim.Optimizer:
     """SGD Nesterov (reference); weight decay on the weights only; θ_α and θ_b in their own groups."""
     truncations = [m.theta for m in model.modules() if isinstance(m, LearnedTruncation)]
@@ -303,10 +166,12 @@ def _optimizer(model: nn.Module, lr: float, quant_lr: float, bits_lr: float, con
     quant_ids = {id(p) for p in truncations + bit_widths}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
     groups = [{"params": weights, "lr": lr, "weight_decay": config.weight_decay, "base_lr": lr}]
-    for params, group_lr in ((truncations, quant_lr), (bit_widths, bits_lr)):
+    bits_momentum = config.momentum if config.bits_momentum is None else config.bits_momentum
+    for params, group_lr, momentum in ((truncations, quant_lr, config.momentum), (bit_widths, bits_lr, bits_momentum)):
         params = [p for p in params if p.requires_grad]
         if params:
-            groups.append({"params": params, "lr": group_lr, "weight_decay": 0.0, "base_lr": group_lr})
+            groups.append({"params": params, "lr": group_lr, "weight_decay": 0.0, "base_lr": group_lr,
+                           "momentum": momentum})
     return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
 
 
@@ -356,9 +221,9 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
         raise TypeError("train_loader needs a length (a DataLoader or a list of batches)") from None
     if steps_per_epoch == 0:
         raise ValueError("train_loader is empty")
-    cost = describe_costs(model, _inputs(next(iter(train_loader))))
+    cost = describe_costs(model, inputs_of(next(iter(train_loader))))
     target = parse_target(target, cost)
-    _check_reachable(cost, target)
+    check_reachable(cost, target)
     if not config.learn_bits:
         if target.bops is not None:
             raise ValueError("the uniform baseline (learn_bits=False) needs an average-bit target, not BOPs")
@@ -457,3 +322,30 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
 def configured(config: NIPQConfig, **changes) -> NIPQConfig:
     """A copy of ``config`` with ``changes`` (dataclasses.replace, re-validated)."""
     return replace(config, **changes)
+
+
+def quantize_nipq(model: nn.Module, train_data, bits="w4a4", *, target=None, epochs: int = CPU_EPOCHS, seed: int = 0,
+                  config: NIPQConfig | None = None, batch_size: int = 128, checkpoint_dir: str | Path | None = None,
+                  progress: bool | None = None) -> tuple[nn.Module, NIPQResult]:
+    """A float model → a NIPQ-trained Brevitas model, the way the CLI, demo and benchmarks run it.
+
+    ``convert_to_brevitas(model, "nipq-" + bits)`` (BN folded, edges pinned at 8 bits), then
+    :func:`nipq_train` on shuffled batches of ``train_data`` (a dataset of ``(input, label)`` or
+    of inputs alone) with distillation from ``model`` itself. ``target`` defaults to ``bits``'
+    nominal widths; ``config`` to :meth:`NIPQConfig.cpu_preset` at ``seed``.
+    """
+    from torch.utils.data import DataLoader
+
+    from .bitspec import BitSpec
+    from .convert import convert_to_brevitas
+
+    spec = BitSpec.parse(str(bits))
+    config = config or NIPQConfig.cpu_preset(seed=seed)
+    torch.manual_seed(seed)
+    qmodel = convert_to_brevitas(model, f"nipq-{spec}")
+    # shuffled with torch's global RNG, which nipq_train reseeds every epoch: a resumed run sees
+    # the same batches as an uninterrupted one
+    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True)
+    result = nipq_train(qmodel, loader, target=str(spec) if target is None else target, epochs=epochs,
+                        teacher=model, config=config, checkpoint_dir=checkpoint_dir, progress=progress)
+    return qmodel, result

@@ -241,7 +241,9 @@ def _input_quantizers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
         raise NIPQModelError(
             f"cannot tell which quantizer produces the input of layer(s) {missing}: BOPs need each "
             "layer's input bit-width. Give the layer an input_quant, or feed it from a QuantReLU/"
-            "QuantIdentity (through max-pool/flatten only), as convert_to_brevitas does")
+            "QuantIdentity (through max-pool/flatten only), as convert_to_brevitas does"
+            + ("" if graph is not None else "; this model has no FX graph to follow (not a torch.fx "
+               "GraphModule), so only input_quant counts"))
     return found
 
 

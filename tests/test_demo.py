@@ -42,6 +42,18 @@ def test_demo_merges_every_pair_and_all_targets_with_both_rtn_rules(demo_run):
         assert (f"{rule} [mnist+optdigits]", "mnist+optdigits") in merged
 
 
+def test_demo_reports_nipq_per_target_and_merged_at_the_average_bits(demo_run):
+    _, out = demo_run
+    rows = [r for r in json.loads((out / "report.json").read_text())["rows"] if r["method"].startswith("nipq")]
+    single = {r["target"]: r for r in rows if r["stage"] == "single"}
+    assert set(single) == {"mnist", "optdigits", "mnistm"}
+    # averages over all tensors, the 8-bit edges included (the budget itself: tests/test_nipq.py)
+    assert all(2.0 <= r["average_weight_bits"] <= 8.0 and 2.0 <= r["average_act_bits"] <= 8.0
+               for r in single.values())
+    merged = {r["target"] for r in rows if r["stage"] == "merged" and r["method"] == "nipq+noise-sampling"}
+    assert {"mnist", "optdigits", "mnistm"} <= merged
+
+
 def test_demo_exports_onnx_files_that_match_the_merged_model(demo_run):
     _, out = demo_run
     assert (out / "merged-hdrq-int4-in-int8.onnx").is_file() and (out / "merged-hdrq-int4.onnx").is_file()

@@ -233,3 +233,24 @@ def test_micro_run_writes_results_and_a_rerun_skips_every_finished_cell(tmp_path
 
     changed = BenchmarkRun(dataclasses.replace(MICRO, iterations=3), tmp_path)
     assert {c.kind for c in changed.pending()} == {"quantize", "merge", "barrier"}
+
+
+@pytest.mark.slow  # NIPQ training of two tiny targets (one noise epoch, one hard), two merges
+def test_nipq_rows_train_on_the_train_split_merge_and_key_their_epochs(tmp_path):
+    from benchmarks.mtda import BenchmarkRun
+
+    settings = dataclasses.replace(MICRO, methods=("nipq",), nipq_epochs=1, barrier_pairs="first")
+    run = BenchmarkRun(settings, tmp_path)
+    run.run()
+    assert run.pending() == [] and not run.failures
+    rows = [r for c in run.plan for r in run.store.get(run.key(c)).get("rows", [])]
+    single = {r["target"] for r in rows if r["stage"] == "single" and r["quantizer"] == "nipq"}
+    merged = {(r["rounding"], r["target"]) for r in rows if r["stage"] == "merged" and r["quantizer"] == "nipq"}
+    assert single == {"mnist", "mnistm"}
+    assert {("noise-sampling", "mnist"), ("half-to-even", "mnistm")} <= merged
+    quantize = next(c for c in run.plan if c.kind == "quantize")
+    assert run.store.get(run.key(quantize))["family"] == "nipq"
+    longer = BenchmarkRun(dataclasses.replace(settings, nipq_epochs=2), tmp_path)
+    assert quantize in longer.pending()  # more epochs: another model, never the cached one
+    with pytest.raises(ValueError, match="nipq_epochs"):
+        dataclasses.replace(settings, nipq_epochs=0)

@@ -315,3 +315,50 @@ def test_cli_quantize_nipq_writes_a_checkpoint_that_exports_and_rejects_bad_targ
                  "--method", "nipq", "--target-bits", "9", "--out", str(tmp_path / "bad.pt")])
     assert code == EXIT_BAD_INPUT and "outside 2..8" in capsys.readouterr().err
     assert not (tmp_path / "bad.pt").exists()
+
+
+def _hand_built_model_with_batchnorm():
+    """What a Brevitas user writes by hand: NIPQ quantizers and BatchNorm kept unfolded."""
+    from hdrq_plugin.nipq_quantizers import NIPQActQuantizer, NIPQWeightQuantizer
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        qnn.QuantConv2d(3, 6, 3, padding=1, weight_quant=NIPQWeightQuantizer, input_quant=NIPQSignedActQuantizer,
+                        return_quant_tensor=False),
+        torch.nn.BatchNorm2d(6),
+        qnn.QuantReLU(act_quant=NIPQActQuantizer, return_quant_tensor=False),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        qnn.QuantLinear(6, 10, bias=True, weight_quant=NIPQWeightQuantizer, input_quant=NIPQActQuantizer,
+                        return_quant_tensor=False))
+
+
+def test_batchnorm_statistics_are_reestimated_with_the_quantized_forward():
+    from hdrq_plugin.nipq import reestimate_batchnorm
+
+    model = _hand_built_model_with_batchnorm()
+    norm = model[1]
+    norm.running_mean.fill_(5.0)
+    norm.running_var.fill_(9.0)  # stale statistics, as after training under noise
+    batches = _batches(n=4, seed=3)
+    set_quant_mode(model, "ste")
+    for m in bit_modules(model).values():
+        m.freeze()  # deterministic widths: train-mode and eval-mode forwards are the same grid
+    assert reestimate_batchnorm(model, batches) == 1
+    model.eval()
+    with torch.no_grad():  # the hard-quantized conv outputs over all batches, computed independently
+        conv_out = torch.cat([model[0](x) for x, _ in batches])
+    per_channel = conv_out.transpose(0, 1).reshape(6, -1)
+    torch.testing.assert_close(norm.running_mean, per_channel.mean(1), rtol=1e-5, atol=1e-5)
+    # BatchNorm's running variance is the unbiased one of each batch, averaged over the batches
+    batch_vars = torch.stack([c.transpose(0, 1).reshape(6, -1).var(1, unbiased=True) for c in conv_out.split(8)])
+    torch.testing.assert_close(norm.running_var, batch_vars.mean(0), rtol=1e-5, atol=1e-5)
+    assert norm.momentum == 0.1  # the user's momentum is given back
+
+
+def test_training_reestimates_batchnorm_before_the_hard_phase():
+    model = _hand_built_model_with_batchnorm()
+    result = nipq_train(model, _batches(), target=5, epochs=1, config=FAST, progress=False)
+    assert result.batchnorm_reestimated == 1
+    folded = nipq_model()
+    assert nipq_train(folded, _batches(), target=5, epochs=1, teacher=tiny_resnet(), config=FAST,
+                      progress=False).batchnorm_reestimated == 0  # convert_to_brevitas folds BN
