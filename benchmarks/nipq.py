@@ -50,6 +50,7 @@ from hdrq_plugin.nipq import NIPQConfig, quantize_nipq
 from hdrq_plugin.nipq_cost import describe_costs
 
 BATCH = 128
+METHODS = ("nipq", "lsq", "hdrq")
 TARGET_BITS = 4.0
 
 
@@ -126,6 +127,8 @@ def single_target(args, bench, target: str, seed: int, folder: Path) -> dict:
     out = {"rows": [], "timings": [], "bits": {}, "exports": {}, "states": {}}
     for method, config in (("nipq", base), ("lsq", NIPQConfig.cpu_preset(
             seed=seed, noise=False, learn_bits=False, hard_epochs=args.hard_epochs))):
+        if method not in args.methods:
+            continue
         qmodel, result = quantize_nipq(theta, train_set, "w4a4", target=TARGET_BITS, epochs=args.epochs, seed=seed,
                                        config=config, batch_size=BATCH, progress=False)
         acc = accuracy(qmodel, tests[target])
@@ -148,7 +151,7 @@ def single_target(args, bench, target: str, seed: int, folder: Path) -> dict:
                 out["exports"][target] = export_and_check(qmodel, f"nipq-{target}-s{seed}", tests, folder)
         print(f"[{seed}] {method:5s} {target:9s} acc {acc:.4f}  w {report.average_weight_bits:.2f} "
               f"a {report.average_act_bits:.2f}  {report.gbops:.3f} GBOPs", flush=True)
-    if args.hdrq_iterations > 0:
+    if args.hdrq_iterations > 0 and "hdrq" in args.methods:
         tic = time.perf_counter()
         qmodel, _ = quantize_model(theta, bench.domains[target].calib, bits="w4a4", method="hdrq",
                                    source=bench.source_model, seed=seed, iterations=args.hdrq_iterations)
@@ -228,6 +231,16 @@ def bops_check(args, bench) -> list[dict]:
     return rows
 
 
+def replace_methods(old: dict, new: dict, methods) -> dict:
+    """A saved part with ``methods``' rows, timings, widths, exports and states taken from ``new``."""
+    merged = {"rows": [r for r in old["rows"] if r["method"] not in methods] + new["rows"],
+              "timings": [t for t in old["timings"] if t["method"] not in methods] + new["timings"],
+              "states": {**{k: v for k, v in old["states"].items() if k not in methods}, **new["states"]},
+              "bits": new["bits"] if "nipq" in methods else old["bits"],
+              "exports": new["exports"] if "nipq" in methods else old["exports"]}
+    return merged
+
+
 def run(args) -> dict | None:
     from hdrq_examples.zoo import load_or_build_benchmark
 
@@ -243,6 +256,9 @@ def run(args) -> dict | None:
         for seed in args.seeds:
             for target in args.targets:
                 part = single_target(args, bench, target, seed, folder)
+                path = parts_dir / f"{target}-s{seed}.pt"
+                if set(args.methods) != set(METHODS) and path.is_file():  # replace only these methods' results
+                    part = replace_methods(torch.load(path, weights_only=True), part, args.methods)
                 with atomic_write_path(parts_dir / f"{target}-s{seed}.pt") as tmp:
                     torch.save(part, tmp)
     if args.phase == "single":
@@ -288,6 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-train", type=int, default=None, help="cap the train split (smoke runs)")
     parser.add_argument("--output", default="benchmarks/results/nipq.json")
     parser.add_argument("--bops-target", type=float, default=0.6, help="--phase bops: the GBOPs budget")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="--phase single: the methods to run; with a saved part, only theirs are replaced")
     parser.add_argument("--phase", default="all", choices=("all", "single", "merge", "bops"),
                         help="single: quantize --targets and save parts; merge: merge saved parts "
                              "(run one 'single' process per target in parallel, then 'merge'); bops: NIPQ "
