@@ -127,23 +127,25 @@ def benchmark_slice(runner: RayRunner, workdir: Path) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = ["| measurement | sequential | Ray | ratio |", "|---|---|---|---|"]
+    def row(label: str, sequential, ray, ratio) -> str:
+        return f"| {label} | {sequential} | {ray} | {ratio} |"
+
     o = report["overhead"]
-    lines.append(f"| per empty task (ms) | — | {o['ray_per_empty_task_ms']:.2f} | — |")
-    lines.append(f"| per task reading the shared zoo (ms) | {o['sequential_per_task_ms']:.2f} | "
-                 f"{o['ray_per_task_ms']:.2f} | — |")
-    lines.append(f"| ray.init / put zoo / first 2 tasks (s) | — | {report['ray_init_s']:.1f} / {o['put_zoo_s']:.2f}"
-                 f" / {o['first_two_tasks_s']:.1f} | — |")
+    lines = [row("measurement", "sequential", "Ray", "ratio"), "|---|---|---|---|",
+             row("per empty task (ms)", "—", f"{o['ray_per_empty_task_ms']:.2f}", "—"),
+             row("per task reading the shared zoo (ms)", f"{o['sequential_per_task_ms']:.2f}",
+                 f"{o['ray_per_task_ms']:.2f}", "—"),
+             row("ray.init / put zoo / first 2 tasks (s)", "—",
+                 f"{report['ray_init_s']:.1f} / {o['put_zoo_s']:.2f} / {o['first_two_tasks_s']:.1f}", "—")]
     if "pipeline" in report:
         p = report["pipeline"]
-        lines.append(f"| pipeline: quantize 3 targets (s) | {p['sequential']['quantize_wall_s']:.1f} | "
-                     f"{p['ray']['quantize_wall_s']:.1f} | {p['speedup_quantize']:.2f}× |")
-        lines.append(f"| pipeline: + merge, export, validate (s) | {p['sequential']['wall_s']:.1f} | "
-                     f"{p['ray']['wall_s']:.1f} | {p['speedup_total']:.2f}× |")
+        for label, key, ratio in (("pipeline: quantize 3 targets (s)", "quantize_wall_s", "speedup_quantize"),
+                                  ("pipeline: + merge, export, validate (s)", "wall_s", "speedup_total")):
+            lines.append(row(label, f"{p['sequential'][key]:.1f}", f"{p['ray'][key]:.1f}", f"{p[ratio]:.2f}×"))
     if "slice" in report:
         s = report["slice"]
-        lines.append(f"| benchmark slice, {s['ray']['cells']} cells (s) | {s['sequential']['wall_s']:.1f} | "
-                     f"{s['ray']['wall_s']:.1f} | {s['speedup']:.2f}× |")
+        lines.append(row(f"benchmark slice, {s['ray']['cells']} cells (s)", f"{s['sequential']['wall_s']:.1f}",
+                         f"{s['ray']['wall_s']:.1f}", f"{s['speedup']:.2f}×"))
     return "\n".join(lines)
 
 

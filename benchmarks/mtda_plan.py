@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from hdrq_examples.zoo import merge_subsets  # noqa: F401 - re-exported: the plan's merges
 from hdrq_plugin.bitspec import BitSpec
 from hdrq_plugin.merge_rules import NOISE_TRIALS
-from hdrq_plugin.nipq import CPU_EPOCHS as NIPQ_CPU_EPOCHS
+from hdrq_plugin.nipq import CPU_EPOCHS as NIPQ_EPOCHS
 from hdrq_plugin.nipq import NIPQConfig
 from hdrq_plugin.reconstruction.config import METHODS, HDRQConfig
 
@@ -39,8 +39,7 @@ MAIN_METHODS = ("rtn", "adaround", "brecq", "qdrop", "hdrq", "gptq")
 #: images, so it is not in the default grid: ``--methods ... nipq`` adds its rows).
 OUTSIDE_ENGINE = ("gptq", "nipq")
 SELECTABLE_METHODS = MAIN_METHODS + ("nipq",)
-#: NIPQ noise epochs per target (NIPQConfig.cpu_preset adds its hard epoch), as benchmarks/nipq.py.
-NIPQ_EPOCHS = NIPQ_CPU_EPOCHS
+# NIPQ_EPOCHS (hdrq_plugin.nipq.CPU_EPOCHS): noise epochs per target; cpu_preset adds a hard epoch.
 NIPQ_BATCH = 128
 ALL_BITS = ("w8a8", "w4a8", "w4a4", "w3a3")
 #: Merge rules: hdrq_plugin.merge's four, plus the off-grid average of the dequantized weights

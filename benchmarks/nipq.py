@@ -246,10 +246,10 @@ def run(args) -> dict | None:
 
     torch.set_num_threads(1)
     bench = load_or_build_benchmark()
-    folder = Path(tempfile.mkdtemp(prefix="nipq-bench-"))
     if args.phase == "bops":
         return {"bops": bops_check(args, bench), "settings": {"epochs": args.epochs, "hard_epochs": args.hard_epochs,
                                                              "noise": args.noise, "seeds": args.seeds}}
+    folder = Path(tempfile.mkdtemp(prefix="nipq-bench-"))
     parts_dir = Path(args.parts)
     parts_dir.mkdir(parents=True, exist_ok=True)
     if args.phase in ("single", "all"):
@@ -302,7 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", default="uniform", choices=("uniform", "histogram"))
     parser.add_argument("--hdrq-iterations", type=int, default=500)
     parser.add_argument("--max-train", type=int, default=None, help="cap the train split (smoke runs)")
-    parser.add_argument("--output", default="benchmarks/results/nipq.json")
+    parser.add_argument("--output", default=None,
+                        help="default benchmarks/results/nipq.json (--phase bops: nipq_bops.json)")
     parser.add_argument("--bops-target", type=float, default=0.6, help="--phase bops: the GBOPs budget")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="--phase single: the methods to run; with a saved part, only theirs are replaced")
@@ -319,14 +320,12 @@ def main(argv=None) -> int:
         print(f"saved parts for {args.targets} in {args.parts} ({time.perf_counter() - tic:.0f} s)")
         return 0
     result["wall_seconds"] = time.perf_counter() - tic
-    if args.phase == "bops":
-        write_text_atomic(args.output, json.dumps(result, indent=1, default=str))
-        print(f"wrote {args.output}")
-        return 0
-    write_text_atomic(args.output, json.dumps(result, indent=1, default=str))
-    print(table(result))
-    print(json.dumps(result["learned_bits"], indent=1))
-    print(f"wrote {args.output} ({result['wall_seconds']:.0f} s)")
+    output = args.output or f"benchmarks/results/{'nipq_bops' if args.phase == 'bops' else 'nipq'}.json"
+    write_text_atomic(output, json.dumps(result, indent=1, default=str))
+    if args.phase != "bops":
+        print(table(result))
+        print(json.dumps(result["learned_bits"], indent=1))
+    print(f"wrote {output} ({result['wall_seconds']:.0f} s)")
     return 0
 
 

@@ -123,15 +123,6 @@ class NIPQResult:
 
 # --- pieces the loop uses ---------------------------------------------------------------------
 
-def _learned_bit_modules(model: nn.Module) -> list[LearnedBitWidth]:
-    return [m for m in model.modules() if isinstance(m, LearnedBitWidth)]
-
-
-def _quant_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, (LearnedBitWidth, LearnedTruncation))
-            for p in m.parameters(recurse=False) if p.requires_grad]
-
-
 def _task_loss(model: nn.Module, teacher: nn.Module | None, batch, config: NIPQConfig) -> Tensor:
     x, y = inputs_of(batch), labels_of(batch)
     out = model(x)
