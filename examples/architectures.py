@@ -1,6 +1,6 @@
 """Common ImageNet-style CNN blocks and two full-size networks, written in plain torch.
 
-torchvision does not import beside torch 2.13 CPU here (toolchain-facts.md), so the blocks a
+torchvision does not import beside torch 2.13 CPU here (docs/toolchain_notes.md), so the blocks a
 Brevitas user brings are written out: conv-BN-activation (any groups, so depthwise and grouped
 convs), the MobileNetV2 inverted residual with a linear bottleneck (He/Sandler et al. 2018,
 Fig. 3b), squeeze-and-excitation (Hu et al. 2018; MobileNetV3/EfficientNet gate), the ResNet

@@ -11,18 +11,18 @@ from pathlib import Path
 
 from hdrq_plugin._io import ensure_writable_dir
 from hdrq_plugin.bitspec import BitSpec
-from hdrq_plugin.checkpoint import ModelRecipe, save_float_model, save_quantized
-from hdrq_plugin.convert import fold_batchnorm
+from hdrq_plugin.convert.to_brevitas import fold_batchnorm
 from hdrq_plugin.evaluation import accuracy, harmonic_mean
-from hdrq_plugin.float_merge import average_float_models
-from hdrq_plugin.merge import merge_models
-from hdrq_plugin.nipq import CPU_EPOCHS as NIPQ_CPU_EPOCHS
+from hdrq_plugin.merge.float_merge import average_float_models
+from hdrq_plugin.merge.models import merge_models
+from hdrq_plugin.nipq.train import CPU_EPOCHS as NIPQ_CPU_EPOCHS
 from hdrq_plugin.quantize import quantize_model
-from hdrq_plugin.report import HARMONIC_MEAN, Report
+from hdrq_plugin.run.checkpoint import ModelRecipe, save_float_model, save_quantized
+from hdrq_plugin.run.report import HARMONIC_MEAN, Report
 
 from .zoo import Benchmark, BenchmarkRecipe, load_or_build_benchmark, merge_subsets
 
-#: the two rounding rules every quantized merge is reported with (hdrq.md §5): the biased naive
+#: the two rounding rules every quantized merge is reported with (docs/hdrq_method.md §5): the biased naive
 #: re-rounding of averaged dequantized weights (what not to do) and integer-code averaging
 #: with unbiased half-to-even ties (the strong naive baseline)
 NAIVE_MERGES = ("naive", "half-to-even")
@@ -73,7 +73,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
     out = ensure_writable_dir(out)  # fail before minutes of work, not after
     recipe = {"demo": BenchmarkRecipe, "tiny": BenchmarkRecipe.tiny}[size]
     recipe = recipe(seed=seed) if size == "demo" else _with_seed(recipe(), seed)
-    if hot:  # adapt every θt with HOT back-propagation (hdrq_plugin.hot); its own cache entry
+    if hot:  # adapt every θt with HOT back-propagation (hdrq_plugin.hot.mode); its own cache entry
         recipe = recipe.with_hot_adaptation()
     report = Report(recipe={"benchmark": recipe.to_dict(), "bits": str(spec), "seed": seed,
                             "iterations_per_unit": iterations or "cpu-preset"})
@@ -110,11 +110,10 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
         quantized[method] = {}
         for t in targets:
             with clock(f"quantize_{method}_s"):
-                qmodel, family = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec,
-                                                method=method, source=bench.source_model, seed=seed,
-                                                iterations=iterations)
-            report.add(method, str(spec), "single", t, accuracy(qmodel, tests[t]))
-            quantized[method][t] = (qmodel, family)
+                result = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec, method=method,
+                                        source=bench.source_model, seed=seed, iterations=iterations)
+            report.add(method, str(spec), "single", t, accuracy(result.model, tests[t]))
+            quantized[method][t] = (result.model, result.family)
             report.write(out)
 
     # every pair (where ties between two integer codes decide the rounding) and all targets
@@ -148,7 +147,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
 
 def _nipq_rows(report, bench, spec, targets, tests, seed, epochs, clock) -> None:
     """NIPQ per target at ``spec``'s average bits, and their merge (differing widths take the wider)."""
-    from hdrq_plugin.nipq import quantize_nipq
+    from hdrq_plugin.nipq.train import quantize_nipq
 
     models = {}
     for t in targets:
@@ -179,7 +178,7 @@ def _barrier(report, bench, hdrq_models, targets, tests, out, clock) -> None:
     """Float and quantized error barriers between the first two targets' models (a PNG)."""
     from torch.utils.data import ConcatDataset
 
-    from hdrq_plugin.barrier import error_barrier, plot_barrier
+    from hdrq_plugin.merge.barrier import error_barrier, plot_barrier
 
     if len(targets) < 2:
         return

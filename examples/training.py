@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from hdrq_plugin.hot import HOTConfig, hot_mode
+from hdrq_plugin.hot.mode import HOTConfig, hot_mode
 
 from .augment import AugmentConfig, augment_batch
 from .models import CifarResNet, ResNetConfig, build_resnet
@@ -38,7 +38,7 @@ class TrainConfig:
     warmup_fraction: float = 0.0  # share of the steps with a linear warm-up from 0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     freeze_batchnorm_stats: bool = False  # keep θ0's running statistics while fine-tuning
-    hot: HOTConfig | None = None  # back-propagate Conv2d/Linear with HOT (hdrq_plugin.hot); None: plain
+    hot: HOTConfig | None = None  # back-propagate Conv2d/Linear with HOT (hdrq_plugin.hot.mode); None: plain
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:

@@ -28,7 +28,7 @@ from torch.utils.data import ConcatDataset
 from tqdm.auto import tqdm
 
 from hdrq_plugin._io import atomic_write_path
-from hdrq_plugin.hot import HOTConfig
+from hdrq_plugin.hot.mode import HOTConfig
 
 from .augment import AugmentConfig
 from .domains import FASHION_DOMAIN_NAMES, RENDERED_DEFAULT_IMAGES, DomainSplits, load_domain
@@ -56,7 +56,7 @@ def _default_source_training() -> TrainConfig:
 
 def _default_adaptation() -> TrainConfig:
     # Gentle: two epochs (≈40 steps). Longer or stronger adaptation raised each θt on its own
-    # target but widened the gap to the float merge (issue 2's prototype saw the same).
+    # target but widened the gap to the float merge (an earlier prototype saw the same).
     return TrainConfig(epochs=2, lr=1e-3, batch_size=64, optimizer="adam", weight_decay=0.0, augment=None)
 
 

@@ -7,12 +7,12 @@
 """
 
 from .errors import ExportError, NotAnHdrqExportError, ValidationError
-from .float_export import export_float
-from .int4 import rewrite_weights_to_int4
-from .ort_format import convert_to_ort_format
-from .parity import ParityTolerance
-from .qdq import WEIGHT_STORAGES, export_qdq
-from .validate import ValidationReport, validate
+from .formats.float_export import export_float
+from .formats.ort_format import convert_to_ort_format
+from .formats.qdq import WEIGHT_STORAGES, export_qdq
+from .rewrites.int4 import rewrite_weights_to_int4
+from .validation.parity import ParityTolerance
+from .validation.validate import ValidationReport, validate
 
 __all__ = [
     "ExportError", "NotAnHdrqExportError", "ParityTolerance", "ValidationError", "ValidationReport",

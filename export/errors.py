@@ -7,14 +7,20 @@ what goes wrong with a well-formed request.
 
 from __future__ import annotations
 
+from hdrq_plugin.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, HDRQPluginError
 
-class ExportError(RuntimeError):
+
+class ExportError(HDRQPluginError, RuntimeError):
     """The model cannot be written as a faithful integer ONNX file (unsupported op, float layer)."""
 
 
-class ValidationError(RuntimeError):
+class ValidationError(HDRQPluginError, RuntimeError):
     """An exported file failed validation; the message lists every failed check."""
+
+    exit_code = EXIT_CHECK_FAILED
 
 
 class NotAnHdrqExportError(ValidationError, ValueError):
     """The ONNX file was not written by ``hdrq_plugin.export`` (it carries no hdrq metadata)."""
+
+    exit_code = EXIT_BAD_INPUT

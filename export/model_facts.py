@@ -12,6 +12,9 @@ from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
 from brevitas.nn.quant_layer import QuantNonLinearActLayer, QuantWeightBiasInputOutputLayer
 from torch import nn
 
+from hdrq_plugin.data import plain_tensor
+from hdrq_plugin.quant.control import quantized_layers
+
 from .errors import ExportError
 
 # Layers with weights that would silently stay float if left un-quantized.
@@ -46,8 +49,8 @@ class QuantizationSummary:
 
 
 def quantized_weight_layers(model: nn.Module) -> dict[str, QuantWeightBiasInputOutputLayer]:
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, QuantWeightBiasInputOutputLayer)}
+    """Every Brevitas weight layer by name, quantization on or off (the export checks each)."""
+    return dict(quantized_layers(model, enabled_only=False))
 
 
 def require_brevitas_model(model: object) -> None:
@@ -58,7 +61,7 @@ def require_brevitas_model(model: object) -> None:
     if not layers:
         raise TypeError(
             f"{type(model).__name__} is not a Brevitas quantized model: it has no brevitas.nn "
-            "QuantConv/QuantLinear layers (convert it with hdrq_plugin.convert.convert_to_brevitas)")
+            "QuantConv/QuantLinear layers (convert it with hdrq_plugin.convert.to_brevitas.convert_to_brevitas)")
     float_layers = [name for name, module in model.named_modules()
                     if isinstance(module, _FLOAT_WEIGHT_LAYERS)
                     and not isinstance(module, QuantWeightBiasInputOutputLayer)]
@@ -95,7 +98,7 @@ def require_calibrated(model: nn.Module) -> None:
     if never_calibrated:
         raise ValueError(
             "the model is not calibrated: these activation quantizers never saw data "
-            f"{never_calibrated}; run hdrq_plugin.convert.calibrate_activations (or Brevitas "
+            f"{never_calibrated}; run hdrq_plugin.convert.to_brevitas.calibrate_activations (or Brevitas "
             "calibration_mode) first")
 
 
@@ -160,7 +163,7 @@ def _unbatched_conv_inputs(model: nn.Module, example_input: torch.Tensor) -> lis
     finally:
         for handle in handles:
             handle.remove()
-    if not isinstance(getattr(output, "value", output), torch.Tensor):
+    if not isinstance(plain_tensor(output), torch.Tensor):
         raise ExportError(f"the model returns {type(output).__name__}; only single-tensor outputs export")
     return offenders
 

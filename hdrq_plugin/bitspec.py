@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 MIN_BITS, MAX_BITS = 2, 8  # integer grids the exporter and onnxruntime's int8 kernels represent
 
-#: Quantizer-family prefixes a spec may carry, e.g. ``"nipq-w4a4"`` (see convert_to_brevitas).
-QUANTIZER_PREFIXES = ("nipq",)
 
 _SPEC = re.compile(r"^w(?P<w>\d+)a(?P<a>\d+)(?P<pc>-per-channel)?$")
 
@@ -18,7 +16,7 @@ class BitSpec:
     """Weight/activation bit-widths and weight-scale granularity of a quantized model.
 
     ``edge_weight_bits`` is the weight bit-width of the first conv and the last linear layer;
-    keeping them at 8 bits is the reference policy of HDRQ/BRECQ/QDrop (hdrq.md §3).
+    keeping them at 8 bits is the reference policy of HDRQ/BRECQ/QDrop (docs/hdrq_method.md §3).
     ``None`` quantizes them like every other layer.
     """
 
@@ -61,9 +59,14 @@ class BitSpec:
 
 
 def split_quantizer_prefix(text: str | BitSpec) -> tuple[str | None, str | BitSpec]:
-    """``"nipq-w4a4"`` -> ``("nipq", "w4a4")``; a spec without a known prefix -> ``(None, text)``."""
+    """``"nipq-w4a4"`` -> ``("nipq", "w4a4")``; a spec without a known prefix -> ``(None, text)``.
+
+    The prefixes are those of the quantizer families (:mod:`hdrq_plugin.families`).
+    """
+    from .families import spec_prefixes
+
     if isinstance(text, str):
         head, sep, rest = text.strip().lower().partition("-")
-        if sep and head in QUANTIZER_PREFIXES:
+        if sep and head in spec_prefixes():
             return head, rest
     return None, text

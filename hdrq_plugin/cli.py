@@ -12,9 +12,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-EXIT_VALIDATION_FAILED = 3
-EXIT_TASKS_FAILED = 4  # quantize-targets: some targets failed; the finished ones are kept
+from .errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_TARGETS_FAILED, HDRQPluginError
+from .export.formats.qdq import WEIGHT_STORAGES
+from .merge.rules import ROUNDING_RULES
+from .ptq.config import METHODS as RECONSTRUCTION_METHODS
+from .quantize import METHOD_NAMES
+
+EXIT_VALIDATION_FAILED = EXIT_CHECK_FAILED  # old names, one release
+EXIT_TASKS_FAILED = EXIT_TARGETS_FAILED
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "domain:NAME for an example domain's calibration split")
     quant.add_argument("--source", help="float source model θ0 checkpoint (distance regulariser)")
     quant.add_argument("--method", default="hdrq",
-                       choices=("rtn", "adaround", "brecq", "qdrop", "hdrq", "nipq"))
+                       choices=METHOD_NAMES)
     quant.add_argument("--bits", default="w4a4")
     quant.add_argument("--iterations", type=int, default=None,
                        help="iterations per unit (default: the CPU preset)")
@@ -64,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("models", nargs="+", help="quantized checkpoints of one architecture")
     merge.add_argument("--out", required=True)
     merge.add_argument("--rounding", default="noise-sampling",
-                       choices=("noise-sampling", "half-to-even", "random", "naive"))
+                       choices=ROUNDING_RULES)
     merge.add_argument("--trials", type=int, default=100)
     merge.add_argument("--coefficients", type=float, nargs="+", default=None)
     _add_common(merge)
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a quantized checkpoint to ONNX QDQ")
     exp.add_argument("model")
     exp.add_argument("--out", required=True, help="ONNX file to write")
-    exp.add_argument("--weights", default="int8", choices=("int8", "int4", "int4-in-int8"))
+    exp.add_argument("--weights", default="int8", choices=WEIGHT_STORAGES)
     exp.add_argument("--input-shape", default="1,3,32,32", help="example input shape")
     exp.add_argument("--ort", action="store_true", help="also write the ORT-format model")
     exp.add_argument("--overwrite", action="store_true")
@@ -108,13 +113,13 @@ def _add_quantize_targets(sub) -> None:
                            "(.pt tensor or domain:NAME); repeat for every target")
     pipe.add_argument("--test", nargs=2, action="append", default=[], metavar=("NAME", "DATA"),
                       help="labelled test data of target NAME for the validation (domain:NAME or .pt)")
-    pipe.add_argument("--method", default="hdrq", choices=("rtn", "adaround", "brecq", "qdrop", "hdrq"))
+    pipe.add_argument("--method", default="hdrq", choices=RECONSTRUCTION_METHODS)
     pipe.add_argument("--bits", default="w4a4")
     pipe.add_argument("--iterations", type=int, default=None, help="iterations per unit (default: the CPU preset)")
     pipe.add_argument("--rounding", default="noise-sampling",
-                      choices=("noise-sampling", "half-to-even", "random", "naive"))
+                      choices=ROUNDING_RULES)
     pipe.add_argument("--trials", type=int, default=100)
-    pipe.add_argument("--weights", default="int8", choices=("int8", "int4", "int4-in-int8"))
+    pipe.add_argument("--weights", default="int8", choices=WEIGHT_STORAGES)
     pipe.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     pipe.add_argument("--ray", action="store_true", help="run the targets as Ray tasks (needs hdrq-plugin[distributed])")
     pipe.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
@@ -128,7 +133,7 @@ def _add_quantize_targets(sub) -> None:
 
 def load_any_model(path: str):
     """A quantized or float hdrq checkpoint → (model, info)."""
-    from .checkpoint import CheckpointError, load_float_model, load_quantized
+    from .run.checkpoint import CheckpointError, load_float_model, load_quantized
 
     try:
         return load_quantized(path)
@@ -200,17 +205,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .checkpoint import load_float_model, save_quantized
     from .quantize import quantize_model
+    from .run.checkpoint import load_float_model, save_quantized
 
     model, info = load_float_model(args.model)
     if args.method == "nipq":
         return _quantize_nipq(args, model, info)
     source = load_float_model(args.source)[0] if args.source else None
-    qmodel, family = quantize_model(model, load_inputs(args.calibration), bits=args.bits,
-                                    method=args.method, source=source, seed=args.seed,
-                                    iterations=args.iterations)
-    save_quantized(args.out, qmodel, recipe=info["recipe"], bits=args.bits, family=family,
+    result = quantize_model(model, load_inputs(args.calibration), bits=args.bits, method=args.method,
+                            source=source, seed=args.seed, iterations=args.iterations)
+    save_quantized(args.out, result.model, recipe=info["recipe"], bits=args.bits, family=result.family,
                    metadata={"method": args.method, "calibration": args.calibration,
                              "seed": args.seed})
     print(f"wrote {args.out}")
@@ -222,8 +226,8 @@ def _quantize_nipq(args, model, info) -> int:
     from torch.utils.data import TensorDataset
 
     from .bitspec import BitSpec
-    from .checkpoint import save_quantized
-    from .nipq import quantize_nipq
+    from .nipq.train import quantize_nipq
+    from .run.checkpoint import save_quantized
 
     if args.target_bits is not None and args.target_gbops is not None:
         raise ValueError("give --target-bits or --target-gbops, not both")
@@ -255,8 +259,8 @@ def _quantize_nipq(args, model, info) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .checkpoint import load_quantized, save_quantized
-    from .merge import merge_models
+    from .merge.models import merge_models
+    from .run.checkpoint import load_quantized, save_quantized
 
     loaded = [load_quantized(p) for p in args.models]
     models = [m for m, _ in loaded]
@@ -310,7 +314,7 @@ def cmd_validate(args) -> int:
 
 def cmd_barrier(args) -> int:
     from ._io import write_text_atomic
-    from .barrier import error_barrier, plot_barrier
+    from .merge.barrier import error_barrier, plot_barrier
 
     model_a, _ = load_any_model(args.model_a)
     model_b, _ = load_any_model(args.model_b)
@@ -337,9 +341,9 @@ def calibration_tensor(spec: str):
 
 
 def cmd_quantize_targets(args) -> int:
-    from .checkpoint import load_float_model
-    from .distributed import make_runner
-    from .pipeline import PipelineSettings, TargetInputs, TargetsFailedError, quantize_targets
+    from .run.checkpoint import load_float_model
+    from .run.distributed import make_runner
+    from .run.pipeline import PipelineSettings, TargetInputs, quantize_targets
 
     names = [name for name, _, _ in args.target]
     unknown = [name for name, _ in args.test if name not in names]
@@ -363,9 +367,6 @@ def cmd_quantize_targets(args) -> int:
     runner = make_runner(args.ray, address=args.address, num_cpus=args.num_cpus)
     try:
         result = quantize_targets(source, targets, first, args.out, settings, runner=runner)
-    except TargetsFailedError as err:
-        print(f"hdrq quantize-targets: error: {err}", file=sys.stderr)
-        return EXIT_TASKS_FAILED
     finally:
         runner.shutdown()
     reused = [n for n in names if n not in result.quantized_now]
@@ -382,24 +383,34 @@ COMMANDS = {"demo": cmd_demo, "quantize": cmd_quantize, "merge": cmd_merge, "exp
             "validate": cmd_validate, "barrier": cmd_barrier, "quantize-targets": cmd_quantize_targets}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from hdrq_plugin.export.errors import NotAnHdrqExportError, ValidationError
+#: Built-in errors that reach the CLI from bad input (a missing file, an unreadable tensor, a
+#: wrong keyword in a user's builder): exit 2 like the library's own bad-input errors.
+BAD_INPUT_BUILTINS = (ValueError, TypeError, OSError, ImportError, KeyError)
 
+
+def exit_code_for(err: BaseException) -> int | None:
+    """The one place errors become exit codes: the library's own carry theirs
+    (:mod:`hdrq_plugin.errors`); bad-input built-ins give 2; anything else is a bug (None)."""
+    if isinstance(err, HDRQPluginError):
+        return err.exit_code
+    if isinstance(err, BAD_INPUT_BUILTINS):
+        return EXIT_BAD_INPUT
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except NotAnHdrqExportError as err:
-        print(f"hdrq {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ValidationError as err:
-        # an exported file does not compute the model: one line naming file, target and figure;
-        # everything measured before is already on disk (reports are written stage by stage)
-        print(f"hdrq {args.command}: {err}", file=sys.stderr)
-        return EXIT_VALIDATION_FAILED
-    except (ValueError, TypeError, OSError, ImportError, KeyError) as err:
-        # bad input: one clear line, no traceback, nothing half-written (writers are atomic)
-        print(f"hdrq {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as err:
+        code = exit_code_for(err)
+        if code is None:
+            raise
+        # one line, no traceback; writers are atomic and reports are written stage by stage,
+        # so everything finished before the failure is already on disk
+        label = "error: " if code != EXIT_CHECK_FAILED else ""
+        print(f"hdrq {args.command}: {label}{err}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -5,21 +5,43 @@ Labels are never used by calibration; they are dropped here, once, for every cal
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # optional-kernel warnings at Brevitas import
+    from brevitas.quant_tensor import QuantTensor
 
-def _input_of(batch) -> torch.Tensor:
+
+def split_batch(batch, what: str = "calibration data") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x``, ``(x, y, ...)`` or ``{"input": x, "label": y}`` → ``(x, y or None)``: every form a
+    DataLoader yields, read in one place for calibration, training, evaluation and validation."""
     if isinstance(batch, torch.Tensor):
-        return batch
+        return batch, None
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], labels
     if isinstance(batch, dict) and isinstance(batch.get("input"), torch.Tensor):
-        return batch["input"]
-    raise TypeError(
-        "calibration data must yield tensors or (input, label) pairs, got "
-        f"{type(batch).__name__}")
+        labels = batch.get("label")
+        return batch["input"], labels if isinstance(labels, torch.Tensor) else None
+    raise TypeError(f"{what} must yield tensors or (input, label) pairs, got {type(batch).__name__}")
+
+
+def labelled_batch(batch, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_batch` for data that must carry labels (evaluation, barriers)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{what}: expected (inputs, labels) batches, got {type(batch).__name__}")
+    inputs, labels = split_batch(batch, what)
+    if labels is None:
+        raise TypeError(f"{what}: expected (inputs, labels) batches, got no label tensor")
+    return inputs, labels
+
+
+def plain_tensor(x):
+    """A Brevitas ``QuantTensor`` → its dequantized value; anything else unchanged."""
+    return x.value if isinstance(x, QuantTensor) else x
 
 
 def iterate_inputs(data: Iterable, *, max_batches: int | None = None,
@@ -34,7 +56,7 @@ def iterate_inputs(data: Iterable, *, max_batches: int | None = None,
     for index, batch in enumerate(data):
         if max_batches is not None and index >= max_batches:
             return
-        x = _input_of(batch)
+        x, _ = split_batch(batch)
         if x.dim() in (1, 3):  # one sample (e.g. C×H×W from a Dataset): add the batch axis
             x = x.unsqueeze(0)
         if x.numel() == 0:

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data import labelled_batch, plain_tensor
+
 
 def _batches(data: Dataset | Iterable, batch_size: int) -> Iterable:
     if isinstance(data, Dataset):  # per-sample (x, y) items: batch them
@@ -36,11 +38,8 @@ def accuracy(model: nn.Module, data: Dataset | Iterable, batch_size: int = 256) 
     try:
         with torch.no_grad():
             for batch in _batches(data, batch_size):
-                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                    raise TypeError(f"expected (inputs, labels) batches, got {type(batch).__name__}")
-                inputs, labels = batch
-                logits = model(inputs)
-                logits = getattr(logits, "value", logits)  # a Brevitas QuantTensor carries .value
+                inputs, labels = labelled_batch(batch, "accuracy data")
+                logits = plain_tensor(model(inputs))
                 if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
                     raise ValueError(f"logits of shape {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
                 correct += int((logits.argmax(dim=1) == labels).sum())

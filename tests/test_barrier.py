@@ -1,4 +1,4 @@
-"""Specifications of the error barrier (hdrq.md §2) and its plot."""
+"""Specifications of the error barrier (docs/hdrq_method.md §2) and its plot."""
 
 import copy
 import json
@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from tiny_models import tiny_resnet
 
 from hdrq_plugin import calibrate_activations, convert_to_brevitas
-from hdrq_plugin.barrier import (
+from hdrq_plugin.merge.barrier import (
     BarrierResult,
     error_barrier,
     evaluate_loss_and_accuracy,
     interpolation_barriers,
     plot_barrier,
 )
-from hdrq_plugin.merge import quantized_weight_layers
+from hdrq_plugin.merge.models import quantized_weight_layers
 
 
 @pytest.fixture(scope="module")

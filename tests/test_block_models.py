@@ -16,10 +16,15 @@ from onnx import numpy_helper
 from torch import nn
 
 from hdrq_plugin import HDRQConfig, convert_to_brevitas, hdrq_calibrate, merge_models
-from hdrq_plugin.checkpoint import quantizer_family
 from hdrq_plugin.export import export_qdq
-from hdrq_plugin.export.ort_runtime import FLOAT_COMPUTE_OPS, INTEGER_KERNELS, cpu_session, optimized_op_types
-from hdrq_plugin.units import find_reconstruction_units
+from hdrq_plugin.export.validation.ort_runtime import (
+    FLOAT_COMPUTE_OPS,
+    INTEGER_KERNELS,
+    cpu_session,
+    optimized_op_types,
+)
+from hdrq_plugin.ptq.units import find_reconstruction_units
+from hdrq_plugin.run.checkpoint import quantizer_family
 
 BITS = "w4a8"  # 4-bit inner weights: the INT8 container and true INT4 both apply
 CONFIG = HDRQConfig.cpu_preset("hdrq", iterations=3, num_samples=8, batch_size=4)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hdrq_plugin import calibrate_activations, convert_to_brevitas
-from hdrq_plugin.checkpoint import CheckpointError, ModelRecipe, load_quantized, save_quantized
+from hdrq_plugin.run.checkpoint import CheckpointError, ModelRecipe, load_quantized, save_quantized
 
 RECIPE = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})
 

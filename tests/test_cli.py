@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import tiny_resnet
 
-from hdrq_plugin.checkpoint import ModelRecipe, save_float_model
 from hdrq_plugin.cli import EXIT_BAD_INPUT, main
+from hdrq_plugin.run.checkpoint import ModelRecipe, save_float_model
 
 RECIPE = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})
 

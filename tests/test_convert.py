@@ -4,7 +4,7 @@ from tiny_models import tiny_resnet
 from torch import nn
 
 from hdrq_plugin import BitSpec, calibrate_activations, convert_to_brevitas
-from hdrq_plugin.convert import UnsupportedLayerError, compute_layers
+from hdrq_plugin.convert.to_brevitas import UnsupportedLayerError, compute_layers
 
 
 def _calibrated(spec: str, seed: int = 0):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hdrq_plugin.cli import main
-from hdrq_plugin.report import STAGES
+from hdrq_plugin.run.report import STAGES
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ import torch
 from tiny_models import tiny_resnet
 from torch.utils.data import TensorDataset
 
-from hdrq_plugin.checkpoint import ModelRecipe, save_float_model
 from hdrq_plugin.cli import EXIT_TASKS_FAILED, main
-from hdrq_plugin.distributed import (
+from hdrq_plugin.export.model_facts import model_sha256
+from hdrq_plugin.run.checkpoint import ModelRecipe, save_float_model
+from hdrq_plugin.run.distributed import (
     RayRunner,
     RayUnavailableError,
     SequentialRunner,
@@ -26,8 +27,7 @@ from hdrq_plugin.distributed import (
     TaskFailure,
     make_runner,
 )
-from hdrq_plugin.export.model_facts import model_sha256
-from hdrq_plugin.pipeline import (
+from hdrq_plugin.run.pipeline import (
     PipelineSettings,
     TargetInputs,
     finished_checkpoint,

@@ -33,8 +33,8 @@ from hdrq_plugin.export import (
     rewrite_weights_to_int4,
     validate,
 )
-from hdrq_plugin.export.ort_runtime import FLOAT_COMPUTE_OPS, optimized_op_types
-from hdrq_plugin.export.unsigned_grids import shift_clipped_signed_activations
+from hdrq_plugin.export.rewrites.unsigned_grids import shift_clipped_signed_activations
+from hdrq_plugin.export.validation.ort_runtime import FLOAT_COMPUTE_OPS, optimized_op_types
 
 SHAPE = (3, 16, 16)
 FAST = {"batch_sizes": (1, 4), "repeats": 2}  # latency is measured, not judged, in these tests

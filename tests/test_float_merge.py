@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hdrq_examples.models import ResNetConfig, build_resnet
-from hdrq_plugin.float_merge import average_float_models, merge_relative_to
+from hdrq_plugin.merge.float_merge import average_float_models, merge_relative_to
 
 
 def _small_net(seed: int) -> nn.Sequential:

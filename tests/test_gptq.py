@@ -6,8 +6,8 @@ from brevitas.quant import Int8WeightPerTensorFloat
 from tiny_models import tiny_resnet
 
 from hdrq_plugin import calibrate_activations, convert_to_brevitas
-from hdrq_plugin.convert import compute_layers
-from hdrq_plugin.gptq import gptq_calibrate
+from hdrq_plugin.convert.to_brevitas import compute_layers
+from hdrq_plugin.ptq.gptq import gptq_calibrate
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_gptq_rejects_a_too_small_calibration_set(data):
 
 
 def test_a_gptq_model_reloads_from_its_checkpoint_and_keeps_no_float_copy(data, tmp_path):
-    from hdrq_plugin.checkpoint import ModelRecipe, load_quantized, save_quantized
+    from hdrq_plugin.run.checkpoint import ModelRecipe, load_quantized, save_quantized
 
     recipe = ModelRecipe("tiny_models:tiny_resnet", {"seed": 0})
     gptq = gptq_calibrate(convert_to_brevitas(recipe.build(), "w4a4"), data[0])

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdrq_plugin import hot_backward
-from hdrq_plugin.hadamard import (
+from hdrq_plugin.hot.backward import LayerState, hla_weight_gradient, hq_input_gradient, predicted_saved_bytes
+from hdrq_plugin.hot.hadamard import (
     block_hadamard,
     largest_power_of_two_block,
     low_sequency_basis,
@@ -21,8 +22,7 @@ from hdrq_plugin.hadamard import (
     sawb_clip,
     sequency_ordered_walsh,
 )
-from hdrq_plugin.hot import HOTConfig, hot_mode
-from hdrq_plugin.hot_backward import LayerState, hla_weight_gradient, hq_input_gradient, predicted_saved_bytes
+from hdrq_plugin.hot.mode import HOTConfig, hot_mode
 
 # float32 round-off: sums of K ≤ 5,000 products carry a relative error of about √K·u ≈ 4e-6
 # (u = 6e-8); 2e-5 leaves a 5× margin and is still 10⁴× below any quantization error.

@@ -1,4 +1,4 @@
-"""Specifications of merge_models on real Brevitas models (hdrq.md §5, issue 4)."""
+"""Specifications of merge_models on real Brevitas models (docs/hdrq_method.md §5)."""
 
 import copy
 
@@ -9,10 +9,15 @@ from tiny_models import tiny_resnet
 from torch import nn
 
 from hdrq_plugin import calibrate_activations, convert_to_brevitas
-from hdrq_plugin.convert import set_weight_bit_width
-from hdrq_plugin.float_merge import average_float_models, merge_relative_to
-from hdrq_plugin.merge import MergeCompatibilityError, merge_models, quantized_weight_layers, read_weight_grid
-from hdrq_plugin.quantizers import HDRQQuantizer
+from hdrq_plugin.convert.to_brevitas import set_weight_bit_width
+from hdrq_plugin.merge.float_merge import average_float_models, merge_relative_to
+from hdrq_plugin.merge.models import (
+    MergeCompatibilityError,
+    merge_models,
+    quantized_weight_layers,
+    read_weight_grid,
+)
+from hdrq_plugin.quant.quantizers import HDRQQuantizer
 
 ROUNDINGS = ("noise-sampling", "half-to-even", "random", "naive")
 

@@ -1,11 +1,11 @@
-"""Specifications of the integer merge rules (hdrq.md §5)."""
+"""Specifications of the integer merge rules (docs/hdrq_method.md §5)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hdrq_plugin.merge_rules import (
+from hdrq_plugin.merge.rules import (
     ROUNDING_RULES,
     average_dequantized,
     find_ties,

@@ -10,18 +10,25 @@ import torch
 from tiny_models import tiny_resnet
 
 from hdrq_plugin import convert_to_brevitas, merge_models
-from hdrq_plugin.checkpoint import ModelRecipe, load_quantized, save_quantized
 from hdrq_plugin.export import export_qdq
-from hdrq_plugin.merge import read_weight_grid
-from hdrq_plugin.nipq import NIPQConfig, NIPQTarget, NIPQTrainingError, freeze_bits, nipq_train, parse_target
-from hdrq_plugin.nipq_cost import NIPQModelError, bops_loss, describe_costs
-from hdrq_plugin.nipq_quantizers import (
+from hdrq_plugin.merge.models import read_weight_grid
+from hdrq_plugin.nipq.cost import NIPQModelError, bops_loss, describe_costs
+from hdrq_plugin.nipq.quantizers import (
     LearnedBitWidth,
     NIPQSignedActQuantizer,
     bits_to_logit,
     continuous_bits,
 )
-from hdrq_plugin.quant_control import set_quant_mode
+from hdrq_plugin.nipq.train import (
+    NIPQConfig,
+    NIPQTarget,
+    NIPQTrainingError,
+    freeze_bits,
+    nipq_train,
+    parse_target,
+)
+from hdrq_plugin.quant.control import set_quant_mode
+from hdrq_plugin.run.checkpoint import ModelRecipe, load_quantized, save_quantized
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
@@ -299,8 +306,8 @@ def test_mixed_precision_export_runs_exactly_in_onnxruntime(tmp_path, weights):
 # --- command line ------------------------------------------------------------------------------
 
 def test_cli_quantize_nipq_writes_a_checkpoint_that_exports_and_rejects_bad_targets(tmp_path, capsys):
-    from hdrq_plugin.checkpoint import save_float_model
     from hdrq_plugin.cli import EXIT_BAD_INPUT, main
+    from hdrq_plugin.run.checkpoint import save_float_model
 
     recipe = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})
     save_float_model(tmp_path / "float.pt", recipe.build(), recipe)
@@ -319,7 +326,7 @@ def test_cli_quantize_nipq_writes_a_checkpoint_that_exports_and_rejects_bad_targ
 
 def _hand_built_model_with_batchnorm():
     """What a Brevitas user writes by hand: NIPQ quantizers and BatchNorm kept unfolded."""
-    from hdrq_plugin.nipq_quantizers import NIPQActQuantizer, NIPQWeightQuantizer
+    from hdrq_plugin.nipq.quantizers import NIPQActQuantizer, NIPQWeightQuantizer
 
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -333,7 +340,7 @@ def _hand_built_model_with_batchnorm():
 
 
 def test_batchnorm_statistics_are_reestimated_with_the_quantized_forward():
-    from hdrq_plugin.nipq import reestimate_batchnorm
+    from hdrq_plugin.nipq.train import reestimate_batchnorm
 
     model = _hand_built_model_with_batchnorm()
     norm = model[1]

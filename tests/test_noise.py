@@ -1,4 +1,4 @@
-"""Pseudo-quantization noise and step-size math pinned to hdrq.md §3 / §3.1."""
+"""Pseudo-quantization noise and step-size math pinned to docs/hdrq_method.md §3 / §3.1."""
 
 import math
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from hdrq_plugin.noise import (
+from hdrq_plugin.quant.noise import (
     HISTOGRAM_BINS,
     pseudo_quantize,
     rounding_error,
@@ -17,7 +17,7 @@ from hdrq_plugin.noise import (
     sample_rounding_noise,
     uniform_noise,
 )
-from hdrq_plugin.step_size import lp_clipping_search, lsq_gradient_scale, step_from_threshold
+from hdrq_plugin.quant.step_size import lp_clipping_search, lsq_gradient_scale, step_from_threshold
 
 BITS = st.integers(min_value=2, max_value=8)
 SEEDS = st.integers(min_value=0, max_value=2**31 - 1)

@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from hdrq_plugin import UnsupportedLayerError, convert_to_brevitas
-from hdrq_plugin.export.integer_path import drop_redundant_clips, quantize_before_reshapes
-from hdrq_plugin.export.unsigned_grids import shift_clipped_signed_activations
-from hdrq_plugin.op_policy import UnsupportedOpError
+from hdrq_plugin.convert.op_policy import UnsupportedOpError
+from hdrq_plugin.export.rewrites.integer_path import drop_redundant_clips, quantize_before_reshapes
+from hdrq_plugin.export.rewrites.unsigned_grids import shift_clipped_signed_activations
 
 
 class _FunctionalWeight(nn.Module):
@@ -173,7 +173,7 @@ def test_relu6_layers_at_w4a4_run_on_integer_kernels(tmp_path):
 
     from hdrq_plugin import calibrate_activations
     from hdrq_plugin.export import export_qdq
-    from hdrq_plugin.export.ort_runtime import FLOAT_COMPUTE_OPS, optimized_op_types
+    from hdrq_plugin.export.validation.ort_runtime import FLOAT_COMPUTE_OPS, optimized_op_types
 
     images = torch.randn(8, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     qmodel = calibrate_activations(convert_to_brevitas(block_model("inverted_residual"), "w4a4"), [images])

@@ -18,8 +18,15 @@ from tiny_models import tiny_resnet
 from hdrq_plugin import calibrate_activations, convert_to_brevitas
 from hdrq_plugin.export import export_qdq, validate
 from hdrq_plugin.export.graph_facts import output_float_error_steps
-from hdrq_plugin.export.parity import TIE_WINDOW_STEPS, first_diverging_layer, judge_first_divergence
-from hdrq_plugin.export.unsigned_grids import SATURATION_FREE_WEIGHT_CODE, store_wide_weights_as_uint8
+from hdrq_plugin.export.rewrites.unsigned_grids import (
+    SATURATION_FREE_WEIGHT_CODE,
+    store_wide_weights_as_uint8,
+)
+from hdrq_plugin.export.validation.parity import (
+    TIE_WINDOW_STEPS,
+    first_diverging_layer,
+    judge_first_divergence,
+)
 
 SHAPE = (3, 16, 16)
 FAST = {"batch_sizes": (1,), "repeats": 1}
@@ -156,7 +163,7 @@ def test_the_output_bound_is_the_float32_error_of_the_last_layer(w4a4_file):
     assert bound is not None and 0.0 < bound < 64.0  # K=16 inputs, 8-bit codes: a few steps at most
 
 
-# --- the uint8 storage of wide weights (the issue 9 fix) -----------------------------------------
+# --- the uint8 storage of wide weights (the no-VNNI saturation fix) -----------------------------------------
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), largest=st.integers(1, 127))

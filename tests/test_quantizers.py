@@ -10,8 +10,7 @@ from brevitas.graph.calibrate import calibration_mode
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat, Int32Bias, Uint8ActPerTensorFloat
 from torch import nn
 
-from hdrq_plugin.learned_round import AdaRoundQuantizer
-from hdrq_plugin.quant_control import (
+from hdrq_plugin.quant.control import (
     activation_scale_parameters,
     bake_learned_rounding,
     freeze_rounding,
@@ -28,14 +27,15 @@ from hdrq_plugin.quant_control import (
     weight_scale_parameters,
     weight_step,
 )
-from hdrq_plugin.quantizers import (
+from hdrq_plugin.quant.learned_round import AdaRoundQuantizer
+from hdrq_plugin.quant.quantizers import (
     HDRQActQuantizer,
     HDRQPerChannelQuantizer,
     HDRQQuantizer,
     HDRQSignedActQuantizer,
     QuantMode,
 )
-from hdrq_plugin.step_size import lp_clipping_search
+from hdrq_plugin.quant.step_size import lp_clipping_search
 
 
 def _brevitas_net(seed: int = 0, weight_quant=Int8WeightPerTensorFloat, act_quant=Uint8ActPerTensorFloat,

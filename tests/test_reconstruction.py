@@ -11,11 +11,10 @@ from sklearn.datasets import load_digits
 from tiny_models import TinyResNet, tiny_resnet
 
 from hdrq_plugin import BitSpec, convert_to_brevitas
-from hdrq_plugin.calibrate import calibrate_with_report, hdrq_calibrate, hdrq_mode
-from hdrq_plugin.convert import compute_layers, set_weight_bit_width
-from hdrq_plugin.quantizers import HDRQActQuantizer, HDRQSignedActQuantizer, PseudoQuantIntQuant, QuantMode
-from hdrq_plugin.reconstruction.config import HDRQConfig
-from hdrq_plugin.reconstruction.objective import (
+from hdrq_plugin.convert.to_brevitas import compute_layers, set_weight_bit_width
+from hdrq_plugin.ptq.calibrate import calibrate_with_report, hdrq_calibrate, hdrq_mode
+from hdrq_plugin.ptq.config import HDRQConfig
+from hdrq_plugin.ptq.objective import (
     annealed_beta,
     distance_penalty,
     noise_iterations,
@@ -23,7 +22,13 @@ from hdrq_plugin.reconstruction.objective import (
     reconstruction_error,
     warmup_cosine_factor,
 )
-from hdrq_plugin.reconstruction.source import SourceMismatchError, folded_weights
+from hdrq_plugin.ptq.source import SourceMismatchError, folded_weights
+from hdrq_plugin.quant.quantizers import (
+    HDRQActQuantizer,
+    HDRQSignedActQuantizer,
+    PseudoQuantIntQuant,
+    QuantMode,
+)
 
 FEW = 4  # iterations per unit where only the mechanics matter
 
@@ -110,7 +115,7 @@ def test_distance_is_the_unsquared_frobenius_norm_summed_over_layers():
 @settings(max_examples=60, deadline=None)
 @given(total=st.integers(10, 50_000), step_fraction=st.floats(0, 1))
 def test_weight_lr_warms_up_linearly_then_decays_by_cosine(total, step_fraction):
-    start = 1e-3  # 1e-7 / 1e-4, hdrq.md §4
+    start = 1e-3  # 1e-7 / 1e-4, docs/hdrq_method.md §4
     warmup = int(0.2 * total)
     step = int(step_fraction * (total - 1))
     factor = warmup_cosine_factor(step, total, 0.2, start)

@@ -1,4 +1,4 @@
-"""Regression test for issue 9: exported files must compute the model on x86 CPUs without VNNI.
+"""Regression test: exported files must compute the model on x86 CPUs without VNNI.
 
 The demo's merged W4A4 file failed validation on a fresh machine while passing here: its 8-bit
 classifier (and stem) ran onnxruntime's u8s8 kernels, which on CPUs without VNNI add pairs of

@@ -6,8 +6,8 @@ from tiny_models import tiny_resnet
 from torch import nn
 
 from hdrq_plugin import convert_to_brevitas
-from hdrq_plugin.convert import UnsupportedLayerError, calibrate_activations, compute_layers
-from hdrq_plugin.units import find_reconstruction_units, run_model_through_units
+from hdrq_plugin.convert.to_brevitas import UnsupportedLayerError, calibrate_activations, compute_layers
+from hdrq_plugin.ptq.units import find_reconstruction_units, run_model_through_units
 
 
 @pytest.fixture(scope="module")

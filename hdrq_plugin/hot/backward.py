@@ -1,0 +1,259 @@
+"""HOT's backward pass for one Linear / Conv2d: autograd Functions built on :mod:`hdrq_plugin.hot.hadamard`.
+
+Source: Kim et al., "HOT: Hadamard-based Optimized Training", CVPR 2025 (§3). For y = x·wᵀ with
+x: L×I, w: O×I, g = ∂loss/∂y: L×O,
+
+* HQ (input gradient, inner dimension O):  g_x = Q₄ˢ(g·H_b) · Q₄ˢᵃʷᵇ(H_b·w) / b
+  with H_b the block-diagonal Sylvester Hadamard matrix of block b along O, Q₄ˢ stochastic
+  rounding (per tensor or per token, chosen per layer), Q₄ˢᵃʷᵇ round-to-nearest in the SAWB clip.
+* HLA (weight gradient, inner dimension L):  g_w = Q₈ˢ(P·g)ᵀ · Q₈ˢᵃʷᵇ(P·x) / n
+  with P the block-diagonal low-sequency Walsh projection (rank r of n) along L. Since
+  PᵀP/n = Π is an orthogonal projector, this equals gᵀ·Π·x up to quantization.
+* ABC: the forward saves Q₈ˢᵃʷᵇ(P·x) (int8, r/n of the rows) instead of the float x.
+
+Convolutions: the input gradient is the same GEMM on im2col rows, folded back (col2im). For
+the weight gradient, a 1×1 stride-1 unpadded conv *is* a Linear on channels-last rows and uses
+HLA unchanged. For a k×k conv the projection of the im2col matrix would hold k² shifted copies
+of x (9/8 of the float input at r/n = 1/2 for 3×3: no saving); here the projection is applied
+to x itself along L = batch×height×width (channels-last), the saved buffer is again r/n of the
+rows in int8, and at backward x̂ = Pᵀ·Q(P·x)/n = Π·x is re-quantized to INT8 (SAWB) and
+correlated with Q₈ˢ(g) over the full L (conv weight gradient on integer codes). The bias
+gradient is float (Σ g).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from .hadamard import (
+    block_hadamard,
+    integer_matmul,
+    padded_length,
+    project_low_sequency,
+    quantize_nearest,
+    quantize_stochastic,
+    reconstruct_low_sequency,
+    sawb_clip,
+)
+
+
+@dataclass
+class LayerState:
+    """One layer's HOT settings and the shapes of its most recent step (for the report)."""
+
+    name: str
+    kind: str  # "linear", "pointwise-conv" or "conv"
+    hq_block: int  # block of the Hadamard along the output channels (largest power of two ≤ max dividing O)
+    basis: torch.Tensor  # r×n low-sequency Walsh rows for HLA
+    grad_input_bits: int
+    grad_weight_bits: int
+    quantize: bool
+    gemm: str  # "int": every GEMM via torch._int_mm; "float": float kernels on the codes; "auto": see HOTConfig
+    per_token_gain: float
+    generator: torch.Generator
+    per_token: bool | None = None  # layer-wise quantizer selection; None until the first backward
+    selection_errors: tuple[float, float] | None = None  # (per-tensor, per-token) 4-bit MSE of g·H
+    rows: int = 0  # L = batch×spatial of the last forward
+    stored_rows: int = 0  # rows of the saved projected activation
+    saved_activation_bytes: int = 0  # bytes saved for backward besides the weight
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def order(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[0]
+
+
+_UNIT = torch.ones(())
+
+
+def _compress_rows(rows: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
+    """ABC: P·x as int8 codes + scale (or the float projection when quantization is off)."""
+    projected = project_low_sequency(rows.float(), state.basis)
+    state.rows, state.stored_rows = rows.shape[0], projected.shape[0]
+    return _quantize_activation_int8(projected, state)
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """codes·scale with one float temporary (in place on the float copy of the codes)."""
+    return codes.to(torch.float32, copy=True).mul_(scale)
+
+
+def _select_quantizer(rows: torch.Tensor, state: LayerState) -> None:
+    """LQS (HOT §3.3): per-token when it cuts the 4-bit error of g·H by more than ``per_token_gain``."""
+    levels = 2 ** (state.grad_input_bits - 1) - 1
+    errors = []
+    for magnitude in (rows.abs().max(), rows.abs().amax(1, keepdim=True)):
+        scale = (magnitude / levels).clamp_min(torch.finfo(torch.float32).tiny)
+        errors.append(float((torch.round(rows / scale) * scale - rows).square().mean()))
+    state.selection_errors = (errors[0], errors[1])
+    state.per_token = errors[1] < state.per_token_gain * errors[0]
+
+
+def hq_operands(grad_rows: torch.Tensor, weight_matrix: torch.Tensor, state: LayerState):
+    """HQ's two operands (g·H_b, H_b·w) as (codes, scale) pairs: INT4 stochastic / INT4 SAWB.
+
+    With quantization off they are the float transformed matrices with unit scales.
+    """
+    block = state.hq_block
+    grad_h = block_hadamard(grad_rows.float(), block, dim=1)
+    weight_h = block_hadamard(weight_matrix.float(), block, dim=0)
+    if not state.quantize:
+        return (grad_h, _UNIT), (weight_h, _UNIT)
+    if state.per_token is None:
+        _select_quantizer(grad_h, state)
+    grad = quantize_stochastic(grad_h, state.grad_input_bits, per_row=bool(state.per_token), generator=state.generator)
+    return grad, quantize_nearest(weight_h, sawb_clip(weight_h), state.grad_input_bits)
+
+
+def hq_input_gradient(grad_rows: torch.Tensor, weight_matrix: torch.Tensor, state: LayerState) -> torch.Tensor:
+    """HQ: g·w through the block Hadamard along O, both operands INT4 (L×I result, float32)."""
+    (grad_codes, grad_scale), (weight_codes, weight_scale) = hq_operands(grad_rows, weight_matrix, state)
+    product = _matmul(grad_codes, weight_codes, state)
+    return product * (grad_scale * weight_scale / state.hq_block)
+
+
+def _matmul(left: torch.Tensor, right: torch.Tensor, state: LayerState) -> torch.Tensor:
+    if left.dtype == torch.int8:
+        return integer_matmul(left, right, use_int_mm=state.gemm != "float")
+    return left @ right
+
+
+def hla_weight_gradient(grad_rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, state: LayerState) -> torch.Tensor:
+    """HLA: (P·g)ᵀ·(P·x)/n with P·x already saved (O×I result, float32); g quantized to INT8."""
+    projected_grad = project_low_sequency(grad_rows.float(), state.basis)
+    grad_codes, grad_scale = _quantize_grad_int8(projected_grad, state)
+    return _matmul(grad_codes.t(), codes, state) * (grad_scale * scale / state.order)
+
+
+def _quantize_grad_int8(rows: torch.Tensor, state: LayerState):
+    if not state.quantize:
+        return rows, _UNIT
+    return quantize_stochastic(rows, state.grad_weight_bits, per_row=False, generator=state.generator)
+
+
+def _quantize_activation_int8(values: torch.Tensor, state: LayerState):
+    if not state.quantize:
+        return values, _UNIT
+    return quantize_nearest(values, sawb_clip(values), state.grad_weight_bits)
+
+
+class HOTLinearFunction(torch.autograd.Function):
+    """y = F.linear(x, w, b) exactly; backward by HQ + HLA from the compressed saved input."""
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, state: LayerState):
+        output = F.linear(inputs, weight, bias)
+        codes, scale = _compress_rows(inputs.detach().reshape(-1, inputs.shape[-1]), state)
+        state.saved_activation_bytes = codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
+        ctx.state, ctx.input_shape, ctx.input_dtype, ctx.has_bias = state, inputs.shape, inputs.dtype, bias is not None
+        ctx.save_for_backward(codes, scale, weight)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        codes, scale, weight = ctx.saved_tensors
+        state = ctx.state
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = hq_input_gradient(grad_rows, weight, state).reshape(ctx.input_shape).to(ctx.input_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = hla_weight_gradient(grad_rows, codes, scale, state).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0).to(weight.dtype)
+        return grad_input, grad_weight, grad_bias, None
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def pointwise_identity(self) -> bool:
+        return self.stride == (1, 1) and self.padding == (0, 0)
+
+
+class HOTConv2dFunction(torch.autograd.Function):
+    """y = F.conv2d(x, w, b, …) exactly (groups = 1); backward by HQ + HLA (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, geometry: ConvGeometry, state: LayerState):
+        output = F.conv2d(inputs, weight, bias, geometry.stride, geometry.padding, geometry.dilation)
+        channels_last_rows = inputs.detach().permute(0, 2, 3, 1).reshape(-1, inputs.shape[1])
+        codes, scale = _compress_rows(channels_last_rows, state)
+        state.saved_activation_bytes = codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
+        ctx.state, ctx.geometry, ctx.has_bias = state, geometry, bias is not None
+        ctx.input_shape, ctx.input_dtype = inputs.shape, inputs.dtype
+        ctx.save_for_backward(codes, scale, weight)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        codes, scale, weight = ctx.saved_tensors
+        state, geometry = ctx.state, ctx.geometry
+        batch, channels, height, width = ctx.input_shape
+        out_channels, _, kernel_h, kernel_w = weight.shape
+        kernel = (kernel_h, kernel_w)
+        grad_rows = grad_output.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·Ho·Wo) × O
+        grad_input = grad_weight = grad_bias = None
+        conv_args = (geometry.stride, geometry.padding, geometry.dilation)
+        on_columns = state.gemm == "int"  # im2col + torch._int_mm; else float conv kernels on the codes
+        if ctx.needs_input_grad[0]:
+            if on_columns:
+                columns = hq_input_gradient(grad_rows, weight.reshape(out_channels, -1), state)  # (B·Ho·Wo) × C·k²
+                columns = columns.reshape(batch, -1, columns.shape[1]).transpose(1, 2)
+                grad_input = F.fold(columns, (height, width), kernel, geometry.dilation, geometry.padding, geometry.stride)
+            else:
+                (grad_codes, grad_scale), (weight_codes, weight_scale) = hq_operands(
+                    grad_rows, weight.reshape(out_channels, -1), state)
+                grad_map = _rows_to_map(_dequantize(grad_codes, grad_scale), grad_output.shape)
+                del grad_codes
+                grad_input = conv2d_input(ctx.input_shape, _dequantize(weight_codes, weight_scale).reshape(weight.shape),
+                                          grad_map, *conv_args).div_(state.hq_block)
+                del grad_map
+            grad_input = grad_input.to(ctx.input_dtype)
+        if ctx.needs_input_grad[1]:
+            if kernel == (1, 1) and geometry.pointwise_identity:
+                matrix = hla_weight_gradient(grad_rows, codes, scale, state)
+            else:
+                rows = reconstruct_low_sequency(_dequantize(codes, scale), state.basis, batch * height * width)
+                input_codes, input_scale = _quantize_activation_int8(rows, state)  # x̂ = Π·x, INT8 SAWB
+                del rows
+                input_map = _rows_to_map(input_codes.float(), ctx.input_shape)
+                del input_codes
+                grad_codes, grad_scale = _quantize_grad_int8(grad_rows.float(), state)
+                if on_columns:
+                    columns = F.unfold(input_map, kernel, geometry.dilation, geometry.padding, geometry.stride)
+                    columns = columns.transpose(1, 2).reshape(-1, columns.shape[1])  # (B·Ho·Wo) × C·k²
+                    if state.quantize:
+                        columns = columns.to(torch.int8)
+                    matrix = _matmul(grad_codes.t(), columns, state) * (grad_scale * input_scale)
+                else:
+                    grad_map = _rows_to_map(grad_codes.float(), grad_output.shape)
+                    matrix = conv2d_weight(input_map, weight.shape, grad_map, *conv_args) * (grad_scale * input_scale)
+            grad_weight = matrix.reshape(weight.shape).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.sum((0, 2, 3)).to(weight.dtype)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+def _rows_to_map(rows: torch.Tensor, shape) -> torch.Tensor:
+    """Channels-last rows (B·H·W) × C back to an N×C×H×W map."""
+    batch, channels, height, width = shape
+    return rows.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def predicted_saved_bytes(rows: int, features: int, order: int, rank: int, quantize: bool = True) -> int:
+    """Bytes ABC saves for one layer: ⌈L/n⌉·r rows × features in int8 (float32 when off) + a scale."""
+    stored_rows = padded_length(rows, order) // order * rank
+    return stored_rows * features * (1 if quantize else 4) + 4

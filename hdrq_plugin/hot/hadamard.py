@@ -1,0 +1,166 @@
+"""Pure transforms of HOT (Kim et al., "HOT: Hadamard-based Optimized Training", CVPR 2025).
+
+Hadamard matrices, the block-diagonal Hadamard transform used by HQ (Hadamard quantization of
+the input-gradient GEMM), the low-sequency Walsh–Hadamard projection used by HLA (Hadamard
+low-rank approximation of the weight-gradient GEMM), the SAWB clip, stochastic rounding and
+signed INT4/INT8 quantization to integer codes, and the integer GEMM. No autograd, no modules,
+no loops over layers: :mod:`hdrq_plugin.hot.mode` builds the backward pass from these pieces.
+
+Conventions: a matrix operand is ``(rows, features)``; transforms act along one named axis.
+A Sylvester Hadamard matrix H of order n satisfies H·Hᵀ = n·I and H = Hᵀ, so
+``(g·H)(H·w) / n = g·w`` exactly (the identity HQ relies on). A block-diagonal H applies one
+n×n block to each run of n consecutive entries.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+SAWB_COEFFICIENTS = (12.1, 12.2)  # HOT paper §3 / reference utils/quant_matmul.py sawb_quantizer
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_cached(order: int) -> torch.Tensor:
+    matrix = torch.ones(1, 1)
+    while matrix.shape[0] < order:  # Sylvester: H_2n = [[H, H], [H, -H]]
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
+
+
+def _check_power_of_two(order: int, what: str) -> None:
+    if order < 1 or order & (order - 1):
+        raise ValueError(f"{what} must be a power of two ≥ 1, got {order}")
+
+
+def sylvester_hadamard(order: int) -> torch.Tensor:
+    """The ``order``×``order`` Sylvester Hadamard matrix (entries ±1, H·Hᵀ = order·I)."""
+    _check_power_of_two(order, "Hadamard order")
+    return _hadamard_cached(order).clone()
+
+
+def sequency_ordered_walsh(order: int) -> torch.Tensor:
+    """Walsh–Hadamard rows sorted by sequency (number of sign changes), row 0 constant."""
+    matrix = sylvester_hadamard(order)
+    sign_changes = (matrix[:, 1:] != matrix[:, :-1]).sum(1)
+    return matrix[torch.argsort(sign_changes, stable=True)]
+
+
+def low_sequency_basis(order: int, rank: int) -> torch.Tensor:
+    """The ``rank`` lowest-sequency Walsh rows (rank×order); Sᵀ·S/order is an orthogonal projector."""
+    if not 1 <= rank <= order:
+        raise ValueError(f"HLA rank must be in [1, {order}], got {rank}")
+    return sequency_ordered_walsh(order)[:rank].clone()
+
+
+def largest_power_of_two_block(length: int, max_block: int) -> int:
+    """Largest power of two ≤ ``max_block`` dividing ``length`` (HQ's block along the channels)."""
+    if length < 1:
+        raise ValueError(f"length must be positive, got {length}")
+    _check_power_of_two(max_block, "max_block")
+    block = 1
+    while block < max_block and length % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+def block_hadamard(matrix: torch.Tensor, block: int, dim: int) -> torch.Tensor:
+    """``matrix`` times the block-diagonal Hadamard matrix along ``dim`` (no normalisation)."""
+    size = matrix.shape[dim]
+    if size % block:
+        raise ValueError(f"Hadamard block {block} does not divide axis {dim} of length {size}")
+    if block == 1:
+        return matrix
+    moved = matrix.movedim(dim, -1)
+    grouped = moved.reshape(*moved.shape[:-1], size // block, block)
+    transformed = grouped @ _hadamard_cached(block).to(matrix.dtype)  # H symmetric: x·H = (H·x)ᵀ
+    return transformed.reshape(moved.shape).movedim(-1, dim)
+
+
+def padded_length(length: int, block: int) -> int:
+    """``length`` rounded up to a multiple of ``block`` (zero rows add nothing to gᵀ·x)."""
+    return math.ceil(length / block) * block
+
+
+def project_low_sequency(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """HLA projection along the rows: (L, C) → (⌈L/n⌉·rank, C), zero-padding L to a multiple of n.
+
+    Each run of n consecutive rows is replaced by its ``rank`` low-sequency Walsh coefficients.
+    """
+    rank, order = basis.shape
+    length = rows.shape[0]
+    padded = padded_length(length, order)
+    if padded != length:
+        rows = torch.cat([rows, rows.new_zeros(padded - length, *rows.shape[1:])])
+    grouped = rows.reshape(padded // order, order, -1)
+    return (basis.to(rows.dtype) @ grouped).reshape(padded // order * rank, *rows.shape[1:])
+
+
+def reconstruct_low_sequency(coefficients: torch.Tensor, basis: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of :func:`project_low_sequency` on its range: Sᵀ·c / n, cut back to ``length`` rows."""
+    rank, order = basis.shape
+    groups = coefficients.shape[0] // rank
+    if groups * rank != coefficients.shape[0] or groups * order < length:
+        raise ValueError(f"{coefficients.shape[0]} coefficient rows do not fit length {length} at rank {rank}/{order}")
+    grouped = coefficients.reshape(groups, rank, -1)
+    rows = (basis.t().to(coefficients.dtype) @ grouped) / order
+    return rows.reshape(groups * order, *coefficients.shape[1:])[:length]
+
+
+def sawb_clip(values: torch.Tensor) -> torch.Tensor:
+    """SAWB clip c₁·√mean(x²) − c₂·mean|x| (Choi et al. 2018, coefficients of the HOT code).
+
+    The formula is negative for flat magnitudes (√mean(x²) ≈ mean|x|) and can exceed max|x|;
+    both cases fall back to max|x|, so the clip is always a usable positive range.
+    """
+    c1, c2 = SAWB_COEFFICIENTS
+    magnitudes = values.float().abs()  # the one temporary: activations can be large
+    peak, mean_abs = magnitudes.max(), magnitudes.mean()
+    rms = torch.linalg.vector_norm(magnitudes) / math.sqrt(max(magnitudes.numel(), 1))
+    del magnitudes
+    clip = c1 * rms - c2 * mean_abs
+    return torch.where((clip > 0) & (clip < peak), clip, peak)
+
+
+def _levels(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"integer quantization supports 2..8 bits, got {bits}")
+    return 2 ** (bits - 1) - 1  # symmetric, narrow range: INT4 → ±7, INT8 → ±127
+
+
+def quantize_nearest(values: torch.Tensor, clip: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip to ±clip and round to nearest: (int8 codes, scale) with values ≈ codes·scale."""
+    levels = _levels(bits)
+    scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.div(values.float(), scale).round_().clamp_(-levels, levels)
+    return codes.to(torch.int8), scale.float()
+
+
+def quantize_stochastic(
+    values: torch.Tensor, bits: int, *, per_row: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-scaled stochastic rounding (floor(x/s + u), u ~ U[0, 1)): unbiased, |error| < s.
+
+    ``per_row`` gives every row its own scale (per-token); otherwise one scale per tensor.
+    """
+    levels = _levels(bits)
+    magnitude = values.abs().amax(dim=1, keepdim=True) if per_row else values.abs().max()
+    scale = (magnitude.float() / levels).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.rand(values.shape, generator=generator, dtype=torch.float32)  # u, then in place
+    codes.addcdiv_(values.float(), scale.expand_as(values) if scale.dim() else scale.expand(values.shape))
+    return codes.floor_().clamp_(-levels, levels).to(torch.int8), scale
+
+
+def integer_matmul(left: torch.Tensor, right: torch.Tensor, *, use_int_mm: bool) -> torch.Tensor:
+    """Exact product of two int8 code matrices as float32.
+
+    ``torch._int_mm`` (int8×int8→int32) was 3–21× faster than float32 ``@`` of the same codes
+    on an x86 CPU at 1×1-conv shapes, on par at a 10-class head (benchmarks/hot_memory.py
+    measures it per run); the float path multiplies the same integers in float32, exact while
+    partial sums stay below 2²⁴.
+    """
+    if use_int_mm:
+        return torch._int_mm(left.contiguous(), right.contiguous()).float()
+    return left.float() @ right.float()

@@ -1,0 +1,79 @@
+"""Passes of NIPQ training over data that are not training steps (docs/nipq_method.md "Schedule").
+
+Activation truncations start from observed ranges; BatchNorm statistics are re-estimated with
+the hard-quantized forward when phase 2 begins.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..data import split_batch
+from .quantizers import LearnedTruncation
+
+__all__ = ["inputs_of", "labels_of", "observe_activation_ranges", "reestimate_batchnorm"]
+
+
+@torch.no_grad()
+def observe_activation_ranges(model: nn.Module, data, *, batches: int = 4) -> int:
+    """Set every activation truncation α to the mean over ``batches`` of the batch max|x|.
+
+    The reference starts at fixed 6 / 3 (ReLU6 MobileNet-v2); a plain-ReLU model's ranges differ,
+    so by default α starts where Brevitas' max calibration would put it. Returns how many were set.
+    """
+    truncations = [m for name, m in model.named_modules() if isinstance(m, LearnedTruncation)
+                   and ".weight_quant." not in f".{name}."]
+    for m in truncations:
+        m.observing, m.observed = True, []
+    try:
+        _forward_batches(model, data, batches, training=False)
+    finally:
+        for m in truncations:
+            m.observing = False
+    for m in truncations:
+        if m.observed:
+            m.set_truncation(max(sum(m.observed) / len(m.observed), 1e-6))
+    return sum(bool(m.observed) for m in truncations)
+
+
+def _forward_batches(model: nn.Module, data, batches: int, *, training: bool) -> None:
+    """Run up to ``batches`` batches through ``model`` in train or eval mode, restoring its mode."""
+    was_training = model.training
+    model.train(training)
+    try:
+        for index, batch in enumerate(data):
+            if index >= batches:
+                break
+            model(inputs_of(batch))
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, data, *, batches: int = 50) -> int:
+    """Reset and recompute BatchNorm running statistics with the quantized forward (docs/nipq_method.md phase 2).
+
+    Returns the number of BatchNorm layers updated (0 for converted models, whose BN is folded).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    try:
+        _forward_batches(model, data, batches, training=True)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+    return len(norms)
+
+
+def inputs_of(batch) -> Tensor:
+    return split_batch(batch, "training data")[0]
+
+
+def labels_of(batch) -> Tensor | None:
+    return split_batch(batch, "training data")[1]

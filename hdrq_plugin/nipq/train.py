@@ -1,0 +1,348 @@
+"""NIPQ quantization-aware training: noise + learned bits, then hard quantization with bits frozen.
+
+Schedule (``docs/nipq_method.md`` "Schedule"): phase 1 trains weights, truncations α and bit-widths
+under pseudo-quantization noise with stochastic bit rounding and a cost term (average bits or
+BOPs, :mod:`hdrq_plugin.nipq.cost`); phase 2 freezes every bit-width to ``round(b_c)``, switches
+the quantizers to LSQ-style STE rounding, re-estimates BatchNorm statistics (when the model
+still has BatchNorm; ``convert_to_brevitas`` folds it) and fine-tunes. An optional teacher adds
+knowledge distillation (weight 1, as the reference). The same engine with
+:meth:`NIPQConfig.uniform_ste` is the uniform-bit LSQ/STE QAT baseline (bits pinned, no noise).
+
+Checkpoints (``checkpoint_dir``) are written atomically at the end of every epoch; a run
+started again with the same directory resumes from the last one and, because every epoch
+reseeds torch's RNG with ``seed`` and the epoch index, ends with the same weights as an
+uninterrupted run (for loaders whose shuffling uses torch's global RNG). A non-finite loss stops
+training, restores the last good state (the checkpoint on disk is left as it was) and raises
+:class:`NIPQTrainingError` naming the step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .._io import atomic_write_path, ensure_writable_dir
+from ..data import plain_tensor
+from ..errors import HDRQPluginError
+from ..quant.control import set_quant_mode
+from ..quant.quantizers import PseudoQuantIntQuant, QuantMode
+from .budget import NIPQTarget, check_reachable, freeze_bits, parse_target
+from .cost import CostModel, CostReport, average_bits_loss, bops_loss, describe_costs
+from .passes import inputs_of, labels_of, observe_activation_ranges, reestimate_batchnorm
+from .quantizers import LearnedBitWidth, LearnedTruncation
+
+__all__ = ["NIPQConfig", "NIPQTarget", "NIPQResult", "NIPQTrainingError", "nipq_train", "freeze_bits",
+           "observe_activation_ranges", "reestimate_batchnorm", "parse_target", "quantize_nipq"]
+
+#: Noise epochs of :func:`quantize_nipq` (and the CLI, demo and benchmarks) with the CPU preset.
+#: Measured on the digits zoo (≈10 steps an epoch, target w4a4): after 3 epochs the learned
+#: widths stop at 4.3 / 5.9 average weight / activation bits and freeze_bits' projection does
+#: the rest; after 10 they reach 4.1 / 4.2, the cost term's own allocation (BENCHMARKS.md, NIPQ).
+CPU_EPOCHS = 10
+CHECKPOINT_FORMAT = "hdrq-plugin/nipq-training/v1"
+CHECKPOINT_NAME = "nipq_last.pt"
+
+
+class NIPQTrainingError(HDRQPluginError, RuntimeError):
+    """Training stopped (non-finite loss); the message names the step and the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class NIPQConfig:
+    """Hyper-parameters; defaults are the reference's (docs/nipq_method.md "Schedule") unless noted."""
+
+    hard_epochs: int = 3  # phase 2, hard quantization with bits frozen (reference: 3)
+    lr: float = 0.04  # SGD Nesterov, momentum 0.9 (reference)
+    hard_lr: float | None = None  # phase-2 learning rate; None: lr / 10 (ours: a short fine-tune)
+    quant_lr: float | None = None  # lr of θ_α; None: lr (the reference trains it with SGD too)
+    bits_lr: float | None = None  # lr of θ_b; None: quant_lr
+    momentum: float = 0.9
+    bits_momentum: float | None = None  # θ_b's momentum; None: momentum (0 damps the widths' overshoot)
+    weight_decay: float = 1e-5  # on weights only (reference)
+    warmup_epochs: float = 3.0  # linear warm-up, then cosine (reference: 3 of 40 epochs)
+    distillation_weight: float = 1.0  # KD from a frozen teacher (reference: weight 1)
+    distillation_temperature: float = 1.0
+    cost_weight: float = 1.0  # multiplies the average-bit term (the BOPs term carries its own 3)
+    bits_unit: float | None = None  # None: Σ numel (module doc of nipq_cost); reference 2^23
+    bops_unit: float | None = None  # None: target / 5.3 (the reference's ratio)
+    noise: bool = True  # phase 1 under PQN (False: STE, the LSQ baseline)
+    learn_bits: bool = True  # False: every learned width pinned to the target (uniform baseline)
+    noise_shape: str = "histogram"  # docs/nipq_method.md: the tensor's own rounding-error histogram, or "uniform"
+    activation_init: str = "data"  # "data": α from the first batches' max|x|; "reference": 6 / 3
+    init_batches: int = 4
+    fit_budget: bool = True  # after freezing, move widths by one bit onto the budget (freeze_bits)
+    budget_tolerance: float = 0.02  # the issue's "within 2 %"
+    seed: int = 0
+    # how quantize_model / quantize_nipq run it (nipq_train takes these as arguments)
+    epochs: int | None = None  # noise epochs; None: CPU_EPOCHS
+    target: Any = None  # average bits (2..8), "w4a4", {"gbops": x} or NIPQTarget; None: the bit spec
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.hard_epochs < 0 or self.lr <= 0 or self.warmup_epochs < 0:
+            raise ValueError(f"hard_epochs/warmup_epochs must be >= 0 and lr > 0: {self}")
+        if self.activation_init not in ("data", "reference"):
+            raise ValueError(f"activation_init must be 'data' or 'reference', got {self.activation_init!r}")
+
+    @classmethod
+    def uniform_ste(cls, **changes) -> NIPQConfig:
+        """Uniform-bit LSQ/STE QAT with the same schedule: bits pinned at the target, no noise."""
+        return cls(**{"noise": False, "learn_bits": False, **changes})
+
+    @classmethod
+    def cpu_preset(cls, **changes) -> NIPQConfig:
+        """Short fine-tuning of an already trained model on CPU (the digits benchmark).
+
+        Weights lr 0.001 / hard 0.0002: the converted model has BatchNorm folded, and SGD at
+        0.01 diverged within 5 steps even in float (measured on the digits zoo); θ_α lr 0.01,
+        θ_b lr 0.02 with the reference's momentum 0.9 (measured on the digits zoo at w4a4: after
+        30 steps the widths stop near 4.3 / 5.9 bits, after 100 steps (``CPU_EPOCHS``) they reach
+        4.1 / 4.2; without momentum on θ_b they only reach 5.9 / 7.2 in 100 steps); half a
+        warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
+        BN unfolded).
+        """
+        return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.02,
+                      "warmup_epochs": 0.5, "hard_epochs": 1, **changes})
+
+
+@dataclass
+class NIPQResult:
+    """What :func:`nipq_train` did: the final cost, the widths as learned (``round(b_c)`` at the
+    end of phase 1, before :func:`freeze_bits` projects them onto the budget), timings, steps."""
+
+    target: str
+    report: CostReport
+    report_at_freeze: CostReport | None
+    steps: int
+    seconds_per_epoch: dict[str, float] = field(default_factory=dict)
+    last_loss: float = float("nan")
+    checkpoint: str | None = None
+    batchnorm_reestimated: int = 0
+
+
+# --- pieces the loop uses ---------------------------------------------------------------------
+
+def _task_loss(model: nn.Module, teacher: nn.Module | None, batch, config: NIPQConfig) -> Tensor:
+    x, y = inputs_of(batch), labels_of(batch)
+    out = model(x)
+    out = plain_tensor(out)
+    terms = []
+    if y is not None:
+        terms.append(F.cross_entropy(out, y))
+    if teacher is not None and config.distillation_weight > 0:
+        with torch.no_grad():
+            soft = teacher(x)
+        t = config.distillation_temperature
+        kd = F.kl_div(F.log_softmax(out / t, 1), F.softmax(soft / t, 1), reduction="batchmean") * t * t
+        terms.append(config.distillation_weight * kd)
+    if not terms:
+        raise ValueError("the training batches carry no labels and no teacher was given: nothing to learn from")
+    return sum(terms)
+
+
+def _cost_loss(cost: CostModel, target: NIPQTarget, config: NIPQConfig) -> Tensor:
+    if target.bops is not None:
+        return bops_loss(cost, target.bops, unit=config.bops_unit)
+    terms = [average_bits_loss(cost, kind, bits, unit=config.bits_unit)
+             for kind, bits in (("weights", target.weight_bits), ("activations", target.act_bits))
+             if bits is not None]
+    return config.cost_weight * sum(terms)
+
+
+def _optimizer(model: nn.Module, lr: float, quant_lr: float, bits_lr: float, config: NIPQConfig) -> torch.optim.Optimizer:
+    """SGD Nesterov (reference); weight decay on the weights only; θ_α and θ_b in their own groups."""
+    truncations = [m.theta for m in model.modules() if isinstance(m, LearnedTruncation)]
+    bit_widths = [m.theta for m in model.modules() if isinstance(m, LearnedBitWidth)]
+    quant_ids = {id(p) for p in truncations + bit_widths}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
+    groups = [{"params": weights, "lr": lr, "weight_decay": config.weight_decay, "base_lr": lr}]
+    bits_momentum = config.momentum if config.bits_momentum is None else config.bits_momentum
+    for params, group_lr, momentum in ((truncations, quant_lr, config.momentum), (bit_widths, bits_lr, bits_momentum)):
+        params = [p for p in params if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": group_lr, "weight_decay": 0.0, "base_lr": group_lr,
+                           "momentum": momentum})
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine to zero (the reference schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _enter_hard_phase(model: nn.Module, cost: CostModel, target: NIPQTarget, config: NIPQConfig, data) -> tuple:
+    learned = cost.report()  # round(b_c): the widths as learned, before the budget projection
+    freeze_bits(cost, target, fit_budget=config.fit_budget, tolerance=config.budget_tolerance)
+    _set_phase(model, noise=False)
+    return learned, reestimate_batchnorm(model, data)
+
+
+def _set_phase(model: nn.Module, *, noise: bool) -> None:
+    set_quant_mode(model, QuantMode.NOISE if noise else QuantMode.STE)
+    for m in model.modules():
+        if isinstance(m, PseudoQuantIntQuant):
+            m.lsq_gradient_scaling = not noise  # LSQ step-gradient scaling in the STE phase
+
+
+def _save(path: Path, payload: dict) -> None:
+    with atomic_write_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, teacher: nn.Module | None = None,
+               config: NIPQConfig | None = None, checkpoint_dir: str | Path | None = None,
+               progress: bool | None = None) -> NIPQResult:
+    """Train a NIPQ-converted model in place (``convert_to_brevitas(float_model, "nipq-w4a4")``).
+
+    ``train_loader``: a re-iterable of ``(input, label)`` batches (or inputs alone with a
+    ``teacher``) with a length. ``target``: see :func:`parse_target`. ``epochs``: phase 1
+    (noise, learned bits); ``config.hard_epochs`` follow. Returns an :class:`NIPQResult`; the
+    model ends in eval mode with every bit-width frozen.
+    """
+    config = config or NIPQConfig()
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    hard_epochs = int(config.hard_epochs)
+    try:
+        steps_per_epoch = len(train_loader)
+    except TypeError:
+        raise TypeError("train_loader needs a length (a DataLoader or a list of batches)") from None
+    if steps_per_epoch == 0:
+        raise ValueError("train_loader is empty")
+    cost = describe_costs(model, inputs_of(next(iter(train_loader))))
+    target = parse_target(target, cost)
+    check_reachable(cost, target)
+    if not config.learn_bits:
+        if target.bops is not None:
+            raise ValueError("the uniform baseline (learn_bits=False) needs an average-bit target, not BOPs")
+        for kind, bits in (("weights", target.weight_bits), ("activations", target.act_bits)):
+            for t in cost._tensors(kind):
+                if not t.bits.pinned and bits is not None:
+                    t.bits.freeze(int(round(bits)))
+    for m in model.modules():
+        if isinstance(m, PseudoQuantIntQuant):
+            m.noise_shape = config.noise_shape
+    if teacher is not None:
+        teacher.eval()
+
+    path = None if checkpoint_dir is None else ensure_writable_dir(checkpoint_dir) / CHECKPOINT_NAME
+    start_epoch, report_at_freeze, bn_layers = 0, None, 0
+    saved = torch.load(path, map_location="cpu", weights_only=True) if path is not None and path.is_file() else None
+    if saved is not None:
+        run = {"target": asdict(target), "epochs": epochs, "hard_epochs": hard_epochs}
+        if saved.get("format") != CHECKPOINT_FORMAT or {k: saved.get(k) for k in run} != run:
+            raise ValueError(f"{path} is a checkpoint of another run (format, target or epochs differ); "
+                             "use another checkpoint_dir")
+        model.load_state_dict(saved["model"], strict=True)
+        start_epoch = int(saved["epoch"])
+        report_at_freeze = None if saved.get("report_at_freeze") is None else CostReport(**saved["report_at_freeze"])
+    elif config.activation_init == "data":
+        torch.manual_seed(config.seed)
+        observe_activation_ranges(model, train_loader, batches=config.init_batches)
+
+    total_epochs = epochs + hard_epochs
+    hard = start_epoch >= epochs
+    _set_phase(model, noise=config.noise and not hard)
+    lr = config.hard_lr if hard else config.lr
+    lr = (config.lr / 10 if lr is None else lr)
+    quant_lr = lr if hard or config.quant_lr is None else config.quant_lr
+    optimizer = _optimizer(model, lr, quant_lr, quant_lr if config.bits_lr is None else config.bits_lr, config)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+    last_good = {k: v.clone() for k, v in model.state_dict().items()}
+    timings: dict[str, list[float]] = {"noise" if config.noise else "ste": [], "hard": []}
+    step, loss_value = start_epoch * steps_per_epoch, float("nan")
+    bar = tqdm(total=total_epochs * steps_per_epoch, initial=step, desc="nipq", disable=None if progress is None else not progress,
+               leave=False)
+    try:
+        for epoch in range(start_epoch, total_epochs):
+            hard = epoch >= epochs
+            phase_start, phase_steps = (epochs, hard_epochs) if hard else (0, epochs)
+            total = phase_steps * steps_per_epoch
+            warmup = 0 if hard else round(config.warmup_epochs * steps_per_epoch)
+            torch.manual_seed(config.seed * 100_003 + epoch)  # same order and noise when resumed
+            model.train()
+            tic = time.perf_counter()
+            for index, batch in enumerate(train_loader):
+                phase_step = (epoch - phase_start) * steps_per_epoch + index
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * _lr_factor(phase_step, total, warmup)
+                loss = _task_loss(model, teacher, batch, config)
+                if not hard and config.learn_bits:
+                    loss = loss + _cost_loss(cost, target, config)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    model.load_state_dict(last_good)
+                    where = f"the checkpoint {path} (end of epoch {start_epoch if saved is None else epoch})" \
+                        if path is not None and path.is_file() else "the state at the start of this epoch"
+                    raise NIPQTrainingError(
+                        f"NIPQ loss became {loss_value} at step {step} (epoch {epoch}, batch {index}); training "
+                        f"stopped and the model was restored to {where}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                bar.update()
+                bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+            timings["hard" if hard else next(iter(timings))].append(time.perf_counter() - tic)
+            if epoch + 1 == epochs:  # end of phase 1: freeze bits, hard quantization from here on
+                report_at_freeze, bn_layers = _enter_hard_phase(model, cost, target, config, train_loader)
+                hard_lr = config.lr / 10 if config.hard_lr is None else config.hard_lr
+                optimizer = _optimizer(model, hard_lr, hard_lr, hard_lr, config)
+            last_good = {k: v.clone() for k, v in model.state_dict().items()}
+            if path is not None:
+                _save(path, {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "target": asdict(target),
+                             "epochs": epochs, "hard_epochs": hard_epochs,
+                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "report_at_freeze": None if report_at_freeze is None else report_at_freeze.as_dict(),
+                             "config": asdict(config)})
+    finally:
+        bar.close()
+    if report_at_freeze is None:  # resumed after phase 1 ended without a saved report
+        report_at_freeze = freeze_bits(cost, target, fit_budget=False)
+    model.eval()
+    return NIPQResult(
+        target=target.describe(), report=cost.report(), report_at_freeze=report_at_freeze,
+        steps=step, seconds_per_epoch={k: sum(v) / len(v) for k, v in timings.items() if v},
+        last_loss=loss_value, checkpoint=None if path is None else str(path), batchnorm_reestimated=bn_layers)
+
+
+def quantize_nipq(model: nn.Module, train_data, bits="w4a4", *, target=None, epochs: int | None = None, seed: int = 0,
+                  config: NIPQConfig | None = None, batch_size: int | None = None,
+                  checkpoint_dir: str | Path | None = None,
+                  progress: bool | None = None) -> tuple[nn.Module, NIPQResult]:
+    """A float model → a NIPQ-trained Brevitas model, the way the CLI, demo and benchmarks run it.
+
+    ``convert_to_brevitas(model, "nipq-" + bits)`` (BN folded, edges pinned at 8 bits), then
+    :func:`nipq_train` on shuffled batches of ``train_data`` (a dataset of ``(input, label)`` or
+    of inputs alone) with distillation from ``model`` itself. ``target`` defaults to ``bits``'
+    nominal widths; ``config`` to :meth:`NIPQConfig.cpu_preset` at ``seed``.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..bitspec import BitSpec
+    from ..convert.to_brevitas import convert_to_brevitas
+
+    spec = BitSpec.parse(str(bits))
+    config = config or NIPQConfig.cpu_preset(seed=seed)
+    target = config.target if target is None else target
+    epochs = (CPU_EPOCHS if config.epochs is None else config.epochs) if epochs is None else epochs
+    batch_size = config.batch_size if batch_size is None else batch_size
+    torch.manual_seed(seed)
+    qmodel = convert_to_brevitas(model, f"nipq-{spec}")
+    # shuffled with torch's global RNG, which nipq_train reseeds every epoch: a resumed run sees
+    # the same batches as an uninterrupted one
+    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True)
+    result = nipq_train(qmodel, loader, target=str(spec) if target is None else target, epochs=epochs,
+                        teacher=model, config=config, checkpoint_dir=checkpoint_dir, progress=progress)
+    return qmodel, result
