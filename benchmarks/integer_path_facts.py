@@ -1,6 +1,6 @@
 """Graph facts before and after the exporter's integer-path rewrites (issue 10, deliverable 4).
 
-For each model — the tiny block family of the tests and the 224×224 ResNet-18 / MobileNetV2 —
+For each model — the tiny block family of the tests (``hdrq_examples.block_models``) and the 224×224 ResNet-18 / MobileNetV2 —
 converted at W8A8 and W4A4 and calibrated (RTN, 8 random images), the script writes Brevitas' raw
 QCDQ file ("before": ``write_brevitas_qcdq``, what Brevitas alone gives) and ``export_qdq``'s file
 ("after": with :mod:`hdrq_plugin.export.integer_path`), and counts in onnxruntime's optimized graph
@@ -20,7 +20,6 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import torch
 
@@ -44,7 +43,7 @@ def facts(path: Path) -> dict:
 
 def models(size: str):
     if size in ("tiny", "all"):
-        from block_models import BLOCK_MODELS, INPUT_SHAPE, block_model
+        from hdrq_examples.block_models import BLOCK_MODELS, INPUT_SHAPE, block_model
 
         for name in BLOCK_MODELS:
             yield name, block_model(name), INPUT_SHAPE
