@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/hdrq demo --bits $(BITS) --out $(OUT)
 
 bench: $(STAMP)
-	$(PY) benchmarks/mtda.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.mtda $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

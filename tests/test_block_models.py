@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from block_models import BLOCK_MODELS, INPUT_SHAPE, NUM_CLASSES, block_model
 from onnx import numpy_helper
 from torch import nn
 
+from hdrq_examples.block_models import BLOCK_MODELS, INPUT_SHAPE, NUM_CLASSES, block_model
 from hdrq_plugin import HDRQConfig, convert_to_brevitas, hdrq_calibrate, merge_models
 from hdrq_plugin.export import export_qdq
 from hdrq_plugin.export.validation.ort_runtime import (

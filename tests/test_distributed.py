@@ -210,9 +210,9 @@ def test_asking_for_ray_without_the_extra_names_the_extra(monkeypatch):
 # --- the benchmark grid through the same runner ---------------------------------------------------
 @pytest.mark.slow  # ~20-30 s on the 2 shared cores: the tiny zoo's data, 5 cells, a resumed cell
 def test_benchmark_cells_run_as_ray_tasks_and_a_rerun_computes_only_the_missing_cell(local_ray, tmp_path):
-    from benchmarks.mtda import BenchmarkRun
-    from benchmarks.mtda_plan import BenchmarkSettings
-    from benchmarks.mtda_tasks import run_with_runner
+    from benchmarks.mtda.plan import BenchmarkSettings
+    from benchmarks.mtda.run import BenchmarkRun
+    from benchmarks.mtda.tasks import run_with_runner
 
     settings = BenchmarkSettings(recipe="tiny", targets=("mnist", "mnistm"), test_images=16, seeds=(0,),
                                  bits=("w4a4",), methods=("gptq",), rules=("half-to-even",), noise_seeds=1, trials=2,
@@ -232,7 +232,7 @@ def test_benchmark_cells_run_as_ray_tasks_and_a_rerun_computes_only_the_missing_
 
 
 def test_the_cluster_estimate_gives_each_task_to_the_first_free_worker():
-    from benchmarks.distributed_estimate import list_schedule, wave_summary
+    from benchmarks.distributed.estimate import list_schedule, wave_summary
 
     assert list_schedule([16.0, 16.0, 18.0], workers=2) == 34.0  # the third target waits for a worker
     assert list_schedule([5.0] * 64, workers=64) == 5.0

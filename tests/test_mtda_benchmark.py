@@ -1,4 +1,4 @@
-"""The multi-target benchmark (benchmarks/mtda.py): its aggregation, its grid, its resumable cache,
+"""The multi-target benchmark (benchmarks/mtda/): its aggregation, its grid, its resumable cache,
 and one real micro run on the tiny recipe."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks.mtda_estimate import CostModel
-from benchmarks.mtda_plan import (
+from benchmarks.mtda.estimate import CostModel
+from benchmarks.mtda.plan import (
     BenchmarkSettings,
     Cell,
     Variant,
@@ -23,8 +23,8 @@ from benchmarks.mtda_plan import (
     iterations_of,
     merge_subsets,
 )
-from benchmarks.mtda_store import CellStore
-from benchmarks.mtda_tables import (
+from benchmarks.mtda.store import CellStore
+from benchmarks.mtda.tables import (
     format_mean_std,
     mean_std,
     merged_by_seed,
@@ -207,8 +207,8 @@ MICRO = BenchmarkSettings(recipe="tiny", targets=("mnist", "mnistm"), test_image
 
 @pytest.mark.slow  # about a minute of CPU: zoo data, four quantized models, merges, a barrier, plots
 def test_micro_run_writes_results_and_a_rerun_skips_every_finished_cell(tmp_path):
-    from benchmarks.mtda import BenchmarkRun
-    from benchmarks.mtda_summary import write_outputs
+    from benchmarks.mtda.run import BenchmarkRun
+    from benchmarks.mtda.summary import write_outputs
 
     run = BenchmarkRun(MICRO, tmp_path)
     run.run()
@@ -237,7 +237,7 @@ def test_micro_run_writes_results_and_a_rerun_skips_every_finished_cell(tmp_path
 
 @pytest.mark.slow  # NIPQ training of two tiny targets (one noise epoch, one hard), two merges
 def test_nipq_rows_train_on_the_train_split_merge_and_key_their_epochs(tmp_path):
-    from benchmarks.mtda import BenchmarkRun
+    from benchmarks.mtda.run import BenchmarkRun
 
     settings = dataclasses.replace(MICRO, methods=("nipq",), nipq_epochs=1, barrier_pairs="first")
     run = BenchmarkRun(settings, tmp_path)

@@ -169,8 +169,7 @@ def test_a_relu6_clip_before_a_four_bit_grid_is_judged_against_the_four_bit_rang
 
 
 def test_relu6_layers_at_w4a4_run_on_integer_kernels(tmp_path):
-    from block_models import INPUT_SHAPE, block_model
-
+    from hdrq_examples.block_models import INPUT_SHAPE, block_model
     from hdrq_plugin import calibrate_activations
     from hdrq_plugin.export import export_qdq
     from hdrq_plugin.export.validation.ort_runtime import FLOAT_COMPUTE_OPS, optimized_op_types

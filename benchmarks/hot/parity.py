@@ -1,4 +1,4 @@
-"""Accuracy parity of HOT adaptation (run through ``benchmarks/hot_memory.py --parity``).
+"""Accuracy parity of HOT adaptation (run through ``python -m benchmarks.hot.memory --parity``).
 
 θ0 is the demo zoo's cached source model. For every seed, θ0 is adapted to each target with the
 zoo's adaptation recipe twice — plain backprop and HOT — with the same data order (seed), and

@@ -10,9 +10,8 @@ from pathlib import Path
 from hdrq_plugin._io import write_text_atomic
 from hdrq_plugin.report import Report
 
-from . import mtda_plots as plots
-from . import mtda_tables as tables
-from .mtda_plan import DEQUANTIZED_AVERAGE, ORT_VARIANTS, iterations_of, main_variants
+from . import plots, tables
+from .plan import DEQUANTIZED_AVERAGE, ORT_VARIANTS, iterations_of, main_variants
 
 MAIN_RULE, UNBIASED_RULE = "noise-sampling", "half-to-even"
 COMPARISONS = (("hdrq", "qdrop"), ("hdrq", "brecq"), ("hdrq", "rtn"))
@@ -97,7 +96,7 @@ def summary_markdown(run, report: Report, plot_paths: list[Path], base: Path, no
     rows, settings, all_targets = report.rows, run.settings, "+".join(run.targets)
     quantizers, bits_list = _quantizers(run), settings.bits
     estimate = report.extra["estimate"]
-    lines = ["# Multi-target benchmark (benchmarks/mtda.py)", ""]
+    lines = ["# Multi-target benchmark (python -m benchmarks.mtda)", ""]
     if notes:
         lines += [notes.strip(), ""]
     lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `{report.recipe['command']}`; "

@@ -11,13 +11,13 @@ Each model is exported as INT8 and (for <=4-bit weights) true-INT4 QDQ files and
 onnxruntime (CPU, ORT_ENABLE_ALL), each file timed against the model's float32 ONNX twin with
 the two sessions taking turns.
 
-    python benchmarks/export_latency.py --out runs/export_latency.json
-    python benchmarks/export_latency.py --models zoo --out runs/export_latency_zoo.json
+    python -m benchmarks.latency.export_latency --out runs/export_latency.json
+    python -m benchmarks.latency.export_latency --models zoo --out runs/export_latency_zoo.json
 
 ``--suite 224`` runs the 224x224 ResNet-18 / MobileNetV2 suite of issue 10 instead
-(:mod:`benchmarks.edge_latency`, which documents its own options):
+(:mod:`benchmarks.latency.edge_latency`, which documents its own options):
 
-    nice -n 10 python benchmarks/export_latency.py --suite 224
+    nice -n 10 python -m benchmarks.latency.export_latency --suite 224
 """
 
 from __future__ import annotations
@@ -119,9 +119,7 @@ def print_table(results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["--suite", "224"]:
-        if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from benchmarks.edge_latency import main as edge_latency_main
+        from .edge_latency import main as edge_latency_main
 
         return edge_latency_main(argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,6 +1,6 @@
 """Does the float merge hold? θ0, each θt and the float merges on every target of a benchmark.
 
-    python benchmarks/float_merge_check.py [--recipe demo|tiny] [--seed 0] [--split val|test]
+    python -m benchmarks.zoo.float_merge_check [--recipe demo|tiny] [--seed 0] [--split val|test]
 
 Prints one table (accuracy in %): θ0 on every target, each θt on every target (its own target is
 the number that matters), the float merge of all targets — once averaging the BatchNorm models

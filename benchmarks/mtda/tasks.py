@@ -1,8 +1,8 @@
-"""The benchmark grid as independent tasks (``mtda.py --ray`` / ``--tasks``): hdrq_plugin.distributed.
+"""The benchmark grid as independent tasks (``benchmarks.mtda --ray`` / ``--tasks``): hdrq_plugin.distributed.
 
 Two waves: every pending ``quantize`` cell, then every other pending cell (merges and barriers
 load the checkpoints the first wave wrote). Each seed's zoo is put in the runner's object store
-once and passed to every task by reference. The cell store (mtda_store) stays the source of
+once and passed to every task by reference. The cell store (mtda.store) stays the source of
 truth: only cells without a record are submitted, a quantize task writes its checkpoint
 (atomically) before the driver writes its record (atomically) as each task finishes, so a
 killed run loses only the cells in flight and a rerun resumes. Ray re-runs a task whose worker
@@ -30,9 +30,9 @@ from hdrq_plugin.checkpoint import load_quantized, save_quantized
 from hdrq_plugin.distributed import Task, TaskFailure
 from hdrq_plugin.float_merge import average_float_models
 
-from . import mtda_cells as cells_
-from .mtda_ort import ort_quantize_static_accuracies
-from .mtda_plan import ORT_TYPES, ORT_VARIANTS, BenchmarkSettings, Cell, Variant, iterations_of, merge_subsets
+from . import cells as cells_
+from .ort import ort_quantize_static_accuracies
+from .plan import ORT_TYPES, ORT_VARIANTS, BenchmarkSettings, Cell, Variant, iterations_of, merge_subsets
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def task_view(bench: Benchmark, targets: tuple[str, ...], *, keep_train: bool = 
 
 
 def run_with_runner(run, runner) -> dict:
-    """Run ``run``'s pending cells (an ``mtda.BenchmarkRun``) as tasks of ``runner``; returns counts."""
+    """Run ``run``'s pending cells (an ``mtda.run.BenchmarkRun``) as tasks of ``runner``; returns counts."""
     seeds = sorted({cell.seed for cell in run.pending()})
     shared: dict = {}
     for seed in seeds:  # load (or build) each zoo first: building one changes its cells' keys
@@ -177,7 +177,7 @@ def run_with_runner(run, runner) -> dict:
 
 
 def _context(run, cell: Cell, full_test_sizes: dict[str, int]) -> CellContext:
-    from .mtda_plan import cell_splits, quantize_cell_for
+    from .plan import cell_splits, quantize_cell_for
 
     ctx = CellContext(run.settings, run.variants, run.targets, cell_splits(cell, run.variants, run.settings),
                       full_test_sizes, str(run.store.folder))

@@ -20,7 +20,8 @@ from; quantize_static vs the float model), and the median latency at batch 1 and
 HDRQ calibration of the W4A8 ResNet-18 on 32 images is timed, and the process's peak resident
 memory is read just after it (it is the first heavy step in the process).
 
-    nice -n 10 python benchmarks/export_latency.py --suite 224 --out benchmarks/results/export_latency_224.json
+    nice -n 10 python -m benchmarks.latency.export_latency --suite 224 --out benchmarks/results/export_latency_224.json
+    nice -n 10 python -m benchmarks.latency.edge_latency --out benchmarks/results/export_latency_224.json  # the same
 """
 
 from __future__ import annotations
@@ -250,3 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(results)
     print(f"wrote {args.out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

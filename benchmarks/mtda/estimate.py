@@ -10,7 +10,7 @@ of one process on an idle core; minutes spent waiting for a busy CPU are not cou
   RTN cells (conversion, step search, activation calibration: nothing trained); ``per_iteration``
   is fitted per method on its measured cells. GPTQ's calibration is a constant.
 * ``merge``: ``per_image × served test images × draws``; draws = noise seeds for a stochastic rule
-  on an even number of models (odd counts have no ties, mtda_cells.merged_accuracies), else 1.
+  on an even number of models (odd counts have no ties, mtda.cells.merged_accuracies), else 1.
 * ``barrier``: its own per-image cost (merging every λ point included) × steps × pair images.
 * ``float``: ``per_image`` × the images it evaluates; ``ort``: the measured mean (its evaluation
   runs in onnxruntime and its export dominates).
@@ -22,7 +22,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from .mtda_plan import STOCHASTIC_RULES, BenchmarkSettings, Cell, Variant, merge_subsets
+from .plan import STOCHASTIC_RULES, BenchmarkSettings, Cell, Variant, merge_subsets
 
 
 def _fmean(values: list[float]) -> float | None:

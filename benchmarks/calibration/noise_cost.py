@@ -1,6 +1,6 @@
 """What does pseudo-quantization noise cost per iteration compared with STE rounding?
 
-    python benchmarks/noise_cost.py [--channels 64] [--kernel 3] [--repeats 300] [--threads 1]
+    python -m benchmarks.calibration.noise_cost [--channels 64] [--kernel 3] [--repeats 300] [--threads 1]
 
 Times one forward + backward of an HDRQ-quantized conv weight (``quant_weight()`` and a scalar
 loss on it) in each mode, interleaved in one run so machine load hits all modes alike, and

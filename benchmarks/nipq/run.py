@@ -1,6 +1,6 @@
 """NIPQ on the digits zoo: learned mixed precision at an average of 4 bits against uniform W4A4.
 
-    python benchmarks/nipq.py [--targets mnist optdigits mnistm] [--seeds 0] [--epochs 3]
+    python -m benchmarks.nipq [--targets mnist optdigits mnistm] [--seeds 0] [--epochs 3]
         [--hard-epochs 1] [--hdrq-iterations 500] [--output benchmarks/results/nipq.json]
 
 Per target θt (fine-tuned from θ0, ``hdrq_examples.zoo``), with the same labelled train split,
@@ -294,7 +294,7 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.nipq", description=__doc__.split("\n")[0])
     parser.add_argument("--targets", nargs="+", default=["mnist", "optdigits", "mnistm"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=10, help="noise (NIPQ) / STE (LSQ) epochs")

@@ -11,7 +11,7 @@ from pathlib import Path
 from hdrq_plugin._io import atomic_write_path
 from hdrq_plugin.barrier import BarrierResult, plot_barrier
 
-from .mtda_tables import mean_std, merged_by_seed
+from .tables import mean_std, merged_by_seed
 
 
 def _figure(size=(6.4, 4.0)):
@@ -59,7 +59,7 @@ def plot_merged_vs_bits(rows, quantizers: Sequence[str], bits_list: Sequence[str
 
 
 def plot_barrier_curves(barriers: Sequence[dict], path: Path) -> Path:
-    """The barrier curves given (dicts from mtda_cells.barrier_dict) with hdrq_plugin's own plot."""
+    """The barrier curves given (dicts from mtda.cells.barrier_dict) with hdrq_plugin's own plot."""
     results = [BarrierResult(tuple(b["lambdas"]), tuple(b["losses"]), tuple(b["accuracies"]), b["quantized"],
                              b["label"] or b["method"]) for b in barriers]
     return plot_barrier(results, path)

@@ -4,7 +4,7 @@
 else it measured); ``OUT/models/<key>.pt`` the quantized model a ``quantize`` cell produced, for
 the merges that need it. A killed run loses at most the cells in flight: every file appears
 complete or not at all (hdrq_plugin._io.atomic_write_path), and a rerun skips every cell whose
-key (mtda_plan.cell_key: recipe, config and settings) already has a record. A record that cannot
+key (mtda.plan.cell_key: recipe, config and settings) already has a record. A record that cannot
 be read is reported and recomputed, never trusted.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hdrq_plugin._io import ensure_writable_dir, write_text_atomic
 
-from .mtda_plan import Cell
+from .plan import Cell
 
 RECORD_FORMAT = "hdrq-plugin/mtda-cell/v1"
 

@@ -1,6 +1,6 @@
 """Calibration cost and single-model accuracy of RTN, AdaRound, BRECQ, QDrop, HDRQ and Brevitas GPTQ.
 
-    python benchmarks/calibration_cost.py [--model zoo|handwritten] [--target mnist] [--bits w4a4 w4a8]
+    python -m benchmarks.calibration.cost [--model zoo|handwritten] [--target mnist] [--bits w4a4 w4a8]
         [--seeds 0 1] [--iterations 2000 [500 ...]] [--methods rtn adaround brecq qdrop hdrq gptq]
         [--output benchmarks/results/calibration_cost.json]
 

@@ -1,6 +1,6 @@
 """Ray against the sequential runner on this machine: per-task overhead, the per-target pipeline, a benchmark slice.
 
-    python benchmarks/distributed_speedup.py [--iterations 200] [--num-cpus 2] [--skip-slice]
+    python -m benchmarks.distributed.speedup [--iterations 200] [--num-cpus 2] [--skip-slice]
         [--output benchmarks/results/distributed_speedup.json]
 
 Side by side in one process, on the demo zoo (hdrq_examples.zoo, built once and cached):
@@ -10,8 +10,8 @@ Side by side in one process, on the demo zoo (hdrq_examples.zoo, built once and 
   the shared zoo, against the same tasks on the sequential runner;
 * pipeline: ``quantize_targets`` (3 targets, HDRQ, W4A4) sequential, then on a local Ray with
   ``--num-cpus``; wall times, their ratio, and whether both wrote identical checkpoints;
-* slice: a small benchmark grid (mtda_tasks) through both runners into fresh cell stores
-  (kept in ``--workdir``: their per-cell costs feed ``distributed_estimate.py``).
+* slice: a small benchmark grid (mtda.tasks) through both runners into fresh cell stores
+  (kept in ``--workdir``: their per-cell costs feed ``benchmarks.distributed.estimate``).
 
 Wall times on a shared machine move with its load: both runners are timed in the same run, one
 after the other, and the load average is recorded beside them.
@@ -29,14 +29,11 @@ import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
-from benchmarks.mtda import BenchmarkRun
-from benchmarks.mtda_plan import BenchmarkSettings
-from benchmarks.mtda_tasks import run_with_runner, task_view
+from benchmarks.mtda.plan import BenchmarkSettings
+from benchmarks.mtda.run import BenchmarkRun
+from benchmarks.mtda.tasks import run_with_runner, task_view
 from hdrq_examples.demo import float_recipe
 from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
 from hdrq_plugin._io import write_text_atomic
@@ -158,7 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-slice", action="store_true")
     parser.add_argument("--output", default="benchmarks/results/distributed_speedup.json")
     parser.add_argument("--workdir", default="runs/distributed-speedup",
-                        help="emptied, then holds both runs' files (the slice's cell stores feed distributed_estimate.py)")
+                        help="emptied, then holds both runs' files (the slice's cell stores feed benchmarks.distributed.estimate)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -168,7 +165,8 @@ def main(argv=None) -> int:
     runner = RayRunner(num_cpus=args.num_cpus)
     report = {"ray_init_s": time.perf_counter() - start, "num_cpus": args.num_cpus,
               "ray": import_ray().__version__, "torch": torch.__version__, "python": platform.python_version(),
-              "cores": os.cpu_count(), "command": " ".join(sys.argv)}
+              "cores": os.cpu_count(),
+              "command": " ".join(["python -m benchmarks.distributed.speedup", *sys.argv[1:]])}
     try:
         report["overhead"] = overhead(bench, runner, args.trivial_tasks)
         workdir = Path(args.workdir)

@@ -1,35 +1,32 @@
 """Graph facts before and after the exporter's integer-path rewrites (issue 10, deliverable 4).
 
-For each model — the tiny block family of the tests and the 224×224 ResNet-18 / MobileNetV2 —
-converted at W8A8 and W4A4 and calibrated (RTN, 8 random images), the script writes Brevitas' raw
-QCDQ file ("before": ``write_brevitas_qcdq``, what Brevitas alone gives) and ``export_qdq``'s file
-("after": with :mod:`hdrq_plugin.export.integer_path`), and counts in onnxruntime's optimized graph
+For each model — the tiny block family of the tests (``hdrq_examples.block_models``) and the
+224×224 ResNet-18 / MobileNetV2 — converted at W8A8 and W4A4 and calibrated (RTN, 8 random
+images), the script writes Brevitas' raw QCDQ file ("before": ``write_brevitas_qcdq``, what
+Brevitas alone gives) and ``export_qdq``'s file ("after": with
+:mod:`hdrq_plugin.export.integer_path`), and counts in onnxruntime's optimized graph
 (ORT_ENABLE_ALL) the nodes on integer kernels, integer elementwise ops on codes and compute left
 in float, with the op histogram of what stays in float.
 
-    nice -n 10 python benchmarks/integer_path_facts.py
+    nice -n 10 python -m benchmarks.latency.integer_path_facts
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 import torch
 
-from benchmarks.edge_latency import MODELS, kernel_split
 from hdrq_examples.architectures import randomize_batchnorm
 from hdrq_plugin import calibrate_activations, convert_to_brevitas
 from hdrq_plugin._io import write_text_atomic
 from hdrq_plugin.export import export_qdq
 from hdrq_plugin.export.qdq import write_brevitas_qcdq
+
+from .edge_latency import MODELS, kernel_split
 
 _MOVEMENT_OR_INTEGER = ("QuantizeLinear", "DequantizeLinear", "Transpose", "Flatten", "Reshape", "MaxPool",
                         "NhwcMaxPool", "ReorderInput", "ReorderOutput", "Clip", "QGemm")
@@ -44,7 +41,7 @@ def facts(path: Path) -> dict:
 
 def models(size: str):
     if size in ("tiny", "all"):
-        from block_models import BLOCK_MODELS, INPUT_SHAPE, block_model
+        from hdrq_examples.block_models import BLOCK_MODELS, INPUT_SHAPE, block_model
 
         for name in BLOCK_MODELS:
             yield name, block_model(name), INPUT_SHAPE

@@ -1,4 +1,5 @@
-"""A family of tiny float CNNs, one per common block, for the convert → calibrate → merge → export tests.
+"""A family of tiny float CNNs, one per common block, for the convert → calibrate → merge → export tests
+(``tests/test_block_models.py``) and the exporter's graph facts (``benchmarks.latency.integer_path_facts``).
 
 Each model is small (widths 8–16, 16×16 inputs) but has the real block structure; together they
 cover depthwise, grouped and pointwise convs, ReLU/ReLU6/Hardswish/SiLU/Hardsigmoid/Sigmoid,

@@ -1,8 +1,8 @@
 """The multi-target benchmark (issue 5): does HDRQ keep merged quantized models accurate?
 
-    .venv/bin/python benchmarks/mtda.py --quick --out runs/mtda-quick     # < 10 min on 2 cores
-    .venv/bin/python benchmarks/mtda.py --out runs/mtda                   # the full grid (hours)
-    .venv/bin/python benchmarks/mtda.py --out runs/mtda --ray             # its cells as Ray tasks (mtda_tasks)
+    .venv/bin/python -m benchmarks.mtda --quick --out runs/mtda-quick     # < 10 min on 2 cores
+    .venv/bin/python -m benchmarks.mtda --out runs/mtda                   # the full grid (hours)
+    .venv/bin/python -m benchmarks.mtda --out runs/mtda --ray             # its cells as Ray tasks (mtda.tasks)
 
 For every seed (the zoo's seed: source model, adapted models and splits; and the calibration
 seed) each adapted model θt is quantized with its own target's 32 calibration images by every
@@ -10,12 +10,12 @@ method (RTN, AdaRound, BRECQ, QDrop, HDRQ, Brevitas GPTQ) at every bit-width; th
 models of every two targets and of all targets are merged with every tie rule; plus the
 references (float merge, dequantized average, naive re-rounding, merge-then-quantize with pooled
 calibration data, onnxruntime's ``quantize_static``), the ablations and error barriers.
-Settings and their defaults: :class:`mtda_plan.BenchmarkSettings`.
+Settings and their defaults: :class:`mtda.plan.BenchmarkSettings`.
 
 Output in ``--out``: ``results.json`` (report rows + seed + time, the full recipe, settings and
 package versions, barrier curves, the full-grid time estimate), ``BENCHMARKS.md`` and
-``plots/*.png``. Every finished cell is cached under ``--out`` (mtda_store) and skipped when the
-run is repeated, so a killed run resumes; a changed recipe or setting recomputes what it changes.
+``plots/*.png``. Every finished cell is cached under ``--out`` (mtda.store) and skipped when
+the run is repeated, so a killed run resumes; a changed recipe or setting recomputes what it changes.
 """
 
 from __future__ import annotations
@@ -29,16 +29,19 @@ import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from benchmarks import mtda_tasks as tasks_
-from benchmarks.mtda_estimate import CostModel, estimate_plan
-from benchmarks.mtda_plan import (
+from hdrq_examples.demo import float_recipe
+from hdrq_examples.zoo import Benchmark, BenchmarkRecipe, cache_path_for, load_or_build_benchmark
+from hdrq_plugin.checkpoint import CheckpointError, load_quantized, save_quantized
+from hdrq_plugin.distributed import make_runner
+from hdrq_plugin.reconstruction.config import HDRQConfig
+
+from . import tasks as tasks_
+from .estimate import CostModel, estimate_plan
+from .plan import (
     BenchmarkSettings,
     Cell,
     build_plan,
@@ -47,13 +50,8 @@ from benchmarks.mtda_plan import (
     iterations_of,
     quantize_cell_for,
 )
-from benchmarks.mtda_store import CellStore
-from benchmarks.mtda_summary import write_outputs
-from hdrq_examples.demo import float_recipe
-from hdrq_examples.zoo import Benchmark, BenchmarkRecipe, cache_path_for, load_or_build_benchmark
-from hdrq_plugin.checkpoint import CheckpointError, load_quantized, save_quantized
-from hdrq_plugin.distributed import make_runner
-from hdrq_plugin.reconstruction.config import HDRQConfig
+from .store import CellStore
+from .summary import write_outputs
 
 #: zoo recipes by name; "fashion" needs Debian's dataset-fashion-mnist (the zoo says so if absent)
 RECIPES = {"demo": BenchmarkRecipe, "tiny": BenchmarkRecipe.tiny, "fashion": BenchmarkRecipe.fashion}
@@ -232,7 +230,7 @@ class BenchmarkRun:
         return self.store.records([self.key(cell) for cell in self.plan])
 
     def full_grid_estimate(self) -> dict:
-        """The full default grid's cost, from the cells this run measured (mtda_estimate)."""
+        """The full default grid's cost, from the cells this run measured (mtda.estimate)."""
         records = self.finished_records()
         sizes = self.full_test_sizes or next((r["full_test_sizes"] for r in records if "full_test_sizes" in r), {})
         if set(sizes) != set(self.all_targets):
@@ -248,7 +246,7 @@ class BenchmarkRun:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mtda", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/mtda", help="output and cache folder (default runs/mtda)")
     parser.add_argument("--quick", action="store_true", help="W4A4, one seed, short calibration: < 10 min")
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="benchmark recipe (default demo)")
@@ -266,7 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ablation-bits", nargs="*", help="bit-widths of the ablations (default w4a4 w3a3)")
     parser.add_argument("--iteration-grid", type=int, nargs="*", help="iterations per unit of the budget sweep")
     parser.add_argument("--iteration-methods", nargs="+", help="methods of the budget sweep (default qdrop hdrq)")
-    parser.add_argument("--rules", nargs="+", help="merge rules (default: all five, see mtda_plan.RULES)")
+    parser.add_argument("--rules", nargs="+", help="merge rules (default: all five, see mtda.plan.RULES)")
     parser.add_argument("--ablations", nargs="*", help="no-noise no-distance uniform-noise (default all three)")
     parser.add_argument("--distance-grid", type=float, nargs="*", help="λ_D values (default 5e-3 1e-2 5e-2 1e-1)")
     parser.add_argument("--merge-then-quantize", nargs="*", help="methods of the pooled-calibration rows")
@@ -281,7 +279,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep-going", action="store_true", help="record a failing cell and go on")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the outputs from the cache")
     parser.add_argument("--ray", action="store_true",
-                        help="run the cells as Ray tasks (hdrq-plugin[distributed]; mtda_tasks)")
+                        help="run the cells as Ray tasks (hdrq-plugin[distributed]; mtda.tasks)")
     parser.add_argument("--tasks", action="store_true",
                         help="run the cells as tasks one after another: --ray's path without Ray")
     parser.add_argument("--address", help="Ray cluster to join (implies --ray; default $RAY_ADDRESS or a local Ray)")
@@ -332,7 +330,8 @@ def main(argv=None) -> int:
         print(f"{runner.name} runner: {counts}", file=sys.stderr)
     elif not args.report_only:
         run.run()
-    paths = write_outputs(run, command=" ".join(sys.argv), wall_seconds=time.perf_counter() - start,
+    command = " ".join(["python -m benchmarks.mtda", *sys.argv[1:]])  # how it was run, to rerun it
+    paths = write_outputs(run, command=command, wall_seconds=time.perf_counter() - start,
                           summary=args.summary, notes=args.notes, plots_dir=args.plots)
     print("\n".join(str(p) for p in paths), file=sys.stderr)
     return 1 if run.failures else 0

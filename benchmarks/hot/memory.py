@@ -1,8 +1,8 @@
 """HOT vs plain backprop: saved-activation bytes, peak memory, backward time, accuracy parity.
 
-    python benchmarks/hot_memory.py                  # memory + time on ResNet-8 (32×32) and a ResNet-18-like (224×224)
-    python benchmarks/hot_memory.py --parity         # adapt θ0 to every target with HOT vs plain (seeds, float merge)
-    python benchmarks/hot_memory.py --parity --hdrq-iterations 200   # + HDRQ W4A4 merge of HOT- vs plain-adapted θt
+    python -m benchmarks.hot.memory                  # memory + time on ResNet-8 (32×32) and a ResNet-18-like (224×224)
+    python -m benchmarks.hot.memory --parity         # adapt θ0 to every target with HOT vs plain (seeds, float merge)
+    python -m benchmarks.hot.memory --parity --hdrq-iterations 200   # + HDRQ W4A4 merge of HOT- vs plain-adapted θt
 
 Prints tables and updates ``benchmarks/results/hot.json`` (sections ``memory`` and ``parity``).
 
@@ -38,7 +38,8 @@ from torch import nn  # noqa: E402
 from hdrq_plugin._io import atomic_write_path  # noqa: E402
 from hdrq_plugin.hot import HOTConfig, hot_mode  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "hot.json"
+_BENCHMARKS = Path(__file__).resolve().parents[1]
+RESULTS = _BENCHMARKS / "results" / "hot.json"
 
 
 class _Block(nn.Module):
@@ -191,8 +192,9 @@ def peak_child(name: str, mode: str) -> None:
 
 
 def _peak(name: str, mode: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--peak-child", name, mode], check=True,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # the same module, from the repository root (where `benchmarks` imports), in a fresh process
+    out = subprocess.run([sys.executable, "-m", __spec__.name, "--peak-child", name, mode], check=True,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=_BENCHMARKS.parent)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
         peak_child(*args.peak_child)
         return 0
     if args.parity:
-        from hot_parity import print_parity, run_parity  # benchmarks/ is on sys.path when run as a script
+        from .parity import print_parity, run_parity
 
         results = run_parity(args.seeds, args.hdrq_iterations)
         print_parity(results)

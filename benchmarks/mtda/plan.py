@@ -125,7 +125,7 @@ class Cell:
 class BenchmarkSettings:
     """What a run covers and how it measures; the defaults are the full grid of issue 5."""
 
-    recipe: str = "demo"  # a zoo recipe: BenchmarkRecipe() ("demo"), .tiny() or .fashion() (mtda.RECIPES)
+    recipe: str = "demo"  # a zoo recipe: BenchmarkRecipe() ("demo"), .tiny() or .fashion() (mtda.run.RECIPES)
     recipe_overrides: tuple[str, ...] = ()  # "field.sub=JSON" changes to the recipe, e.g. "source_training.epochs=5"
     targets: tuple[str, ...] | None = None  # a subset of the recipe's targets (None: all of them)
     test_images: int | None = None  # evaluate on the first N test images per target (None: all)
@@ -252,7 +252,7 @@ def cell_key(cell: Cell, settings: BenchmarkSettings, recipe_key: str, variants:
     if cell.kind in ("quantize", "merge", "barrier", "merge-then-quantize"):
         payload["variant"] = variants[cell.variant].describe(cell.seed, settings.iterations)
         # Every record reports the test split; val rows are extra, added to a record when a run
-        # needs them (mtda.BenchmarkRun.is_finished), so they are not part of the key.
+        # needs them (mtda.run.BenchmarkRun.is_finished), so they are not part of the key.
         payload["splits"] = ["test"]
     if cell.kind == "merge" and cell.rule in STOCHASTIC_RULES:
         payload["noise"] = {"noise_seeds": settings.noise_seeds, "trials": settings.trials}

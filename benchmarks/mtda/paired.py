@@ -1,6 +1,6 @@
 """HDRQ against each baseline, paired by seed, from a benchmark run's ``results.json`` (issue 13).
 
-    python benchmarks/mtda_paired.py runs/mtda-paired2000/results.json [--baseline benchmarks/results/mtda.json]
+    python -m benchmarks.mtda.paired runs/mtda-paired2000/results.json [--baseline benchmarks/results/mtda.json]
         [--bits w4a4] [--output benchmarks/results/mtda_paired2000.json]
 
 For every tie rule and scope (the all-targets merge, the mean over pairs, and each pair), the
@@ -16,11 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.mtda_tables import format_mean_std, markdown_table, merged_by_seed, paired_difference, wins
 from hdrq_plugin._io import write_text_atomic
+
+from .tables import format_mean_std, markdown_table, merged_by_seed, paired_difference, wins
 
 BASELINES = ("qdrop", "brecq", "adaround")
 RULES = ("noise-sampling", "half-to-even")
@@ -68,7 +66,7 @@ def table(results: list[dict], reference: list[dict] | None) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="results.json of a benchmarks/mtda.py run")
+    parser.add_argument("results", help="results.json of a python -m benchmarks.mtda run")
     parser.add_argument("--baseline", help="another run's results.json to set beside it")
     parser.add_argument("--bits", default="w4a4")
     parser.add_argument("--output", default="benchmarks/results/mtda_paired2000.json")

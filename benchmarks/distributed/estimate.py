@@ -1,16 +1,17 @@
 """Wall time of the full default benchmark grid on N workers, from measured per-cell costs.
 
-    python benchmarks/distributed_estimate.py --records runs/mtda-paired2000 runs/distributed-speedup/slice-ray \
+    python -m benchmarks.distributed.estimate --records runs/mtda-paired2000 runs/distributed-speedup/slice-ray \
         [--workers 64] [--speedup benchmarks/results/distributed_speedup.json]
 
-Per-cell CPU seconds come from :class:`mtda_estimate.CostModel` fitted on the finished cells of the
-given cell stores (single-threaded CPU time, which other jobs on a shared machine barely perturb).
-The grid runs as ``mtda.py --ray`` runs it (mtda_tasks): the zoos are built on the driver first,
-then wave 1 (every quantize cell) and wave 2 (every other cell) on N one-CPU workers. Each wave is
-simulated as Ray schedules it, the tasks taken in plan order by the first free worker; each task
-also pays the measured per-task overhead of the runner (distributed_speedup.json). The lower bound
-of a wave is max(total / N, its longest task). Cells of a kind nothing measured (e.g. onnxruntime's
-when the stores have none) take that kind's mean from the issue-5 estimate in results/mtda.json.
+Per-cell CPU seconds come from :class:`benchmarks.mtda.estimate.CostModel` fitted on the
+finished cells of the given cell stores (single-threaded CPU time, which other jobs on a shared
+machine barely perturb). The grid runs as ``python -m benchmarks.mtda --ray`` runs it (mtda.tasks):
+the zoos are built on the driver first, then wave 1 (every quantize cell) and wave 2 (every other
+cell) on N one-CPU workers. Each wave is simulated as Ray schedules it, the tasks taken in plan
+order by the first free worker; each task also pays the measured per-task overhead of the runner
+(distributed_speedup.json). The lower bound of a wave is max(total / N, its longest task). Cells of
+a kind nothing measured (e.g. onnxruntime's when the stores have none) take that kind's mean from
+the issue-5 estimate in results/mtda.json.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
-from benchmarks.mtda_estimate import CostModel
-from benchmarks.mtda_plan import BenchmarkSettings, build_plan, iterations_of
-from benchmarks.mtda_store import CellStore
+from benchmarks.mtda.estimate import CostModel
+from benchmarks.mtda.plan import BenchmarkSettings, build_plan, iterations_of
+from benchmarks.mtda.store import CellStore
 from hdrq_examples.zoo import BenchmarkRecipe, cache_path_for
 from hdrq_plugin._io import write_text_atomic
 
@@ -87,10 +85,10 @@ def estimate(records: list[dict], workers: int, task_overhead_s: float, fallback
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", nargs="+", required=True, help="cell stores (mtda.py --out folders)")
+    parser.add_argument("--records", nargs="+", required=True, help="cell stores (benchmarks.mtda --out folders)")
     parser.add_argument("--workers", type=int, nargs="+", default=[64])
     parser.add_argument("--speedup", default="benchmarks/results/distributed_speedup.json",
-                        help="distributed_speedup.py's output: the measured per-task overhead")
+                        help="benchmarks.distributed.speedup's output: the measured per-task overhead")
     parser.add_argument("--fallback", default="benchmarks/results/mtda.json")
     parser.add_argument("--cache-dir", help="model zoo cache (default $HDRQ_CACHE_DIR)")
     parser.add_argument("--output", default="benchmarks/results/distributed_estimate.json")
@@ -100,7 +98,7 @@ def main(argv=None) -> int:
     fallback = json.loads(Path(args.fallback).read_text())["estimate"]["full_grid"]
     zoo_s = zoo_build_cpu_seconds(BenchmarkRecipe(), args.cache_dir)
     if zoo_s is None:
-        raise SystemExit("the demo zoo is not cached: build it once (benchmarks/mtda.py or hdrq demo)")
+        raise SystemExit("the demo zoo is not cached: build it once (python -m benchmarks.mtda or hdrq demo)")
     results = {str(n): estimate(records, n, overhead, fallback, zoo_s) for n in args.workers}
     print("| workers | CPU h | zoo builds (driver) | wave 1: quantize | wave 2: merges, barriers, … | wall | lower bound |")
     print("|---|---|---|---|---|---|---|")

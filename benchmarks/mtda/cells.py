@@ -31,7 +31,7 @@ from hdrq_plugin.quantize import quantize_model
 from hdrq_plugin.reconstruction.config import HDRQConfig
 from hdrq_plugin.report import Report
 
-from .mtda_plan import DEQUANTIZED_AVERAGE, NIPQ_BATCH, STOCHASTIC_RULES, Variant
+from .plan import DEQUANTIZED_AVERAGE, NIPQ_BATCH, STOCHASTIC_RULES, Variant
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
