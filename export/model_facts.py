@@ -48,16 +48,11 @@ class QuantizationSummary:
         return f"w{min(self.weight_bits.values())}a{min(self.act_bits.values())}"
 
 
-def quantized_weight_layers(model: nn.Module) -> dict[str, QuantWeightBiasInputOutputLayer]:
-    """Every Brevitas weight layer by name, quantization on or off (the export checks each)."""
-    return dict(quantized_layers(model, enabled_only=False))
-
-
 def require_brevitas_model(model: object) -> None:
     """Raise unless ``model`` is a Brevitas model whose every weight layer has integer weights."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    layers = quantized_weight_layers(model)
+    layers = dict(quantized_layers(model, enabled_only=False))
     if not layers:
         raise TypeError(
             f"{type(model).__name__} is not a Brevitas quantized model: it has no brevitas.nn "
@@ -115,7 +110,7 @@ def _activation_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def summarize_quantization(model: nn.Module) -> QuantizationSummary:
     """Read bits and granularity from the quantizers (the model must pass require_brevitas_model)."""
-    layers = quantized_weight_layers(model)
+    layers = dict(quantized_layers(model, enabled_only=False))
     with torch.no_grad():
         weight_bits = {name: int(layer.weight_quant.bit_width()) for name, layer in layers.items()}
         per_channel = {name: layer.weight_quant.scale().numel() > 1 for name, layer in layers.items()}

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_resnet
 
-from hdrq_plugin import calibrate_activations, convert_to_brevitas
+from hdrq_plugin import convert_to_brevitas
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.merge.barrier import (
     BarrierResult,
     error_barrier,
@@ -16,7 +17,7 @@ from hdrq_plugin.merge.barrier import (
     interpolation_barriers,
     plot_barrier,
 )
-from hdrq_plugin.merge.models import quantized_weight_layers
+from hdrq_plugin.quant.control import quantized_layers
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def quantized_pair(data):
     second = copy.deepcopy(first)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for _, layer in quantized_weight_layers(second):
+        for _, layer in quantized_layers(second):
             layer.weight.add_(0.05 * torch.randn(layer.weight.shape, generator=gen))
     return first, second
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from hdrq_plugin import calibrate_activations, convert_to_brevitas
+from hdrq_plugin import convert_to_brevitas
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.run.checkpoint import CheckpointError, ModelRecipe, load_quantized, save_quantized
 
 RECIPE = ModelRecipe("tiny_models:tiny_resnet", {"width": 8, "seed": 0})

@@ -3,7 +3,8 @@ import torch
 from tiny_models import tiny_resnet
 from torch import nn
 
-from hdrq_plugin import BitSpec, calibrate_activations, convert_to_brevitas
+from hdrq_plugin import BitSpec, convert_to_brevitas
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.convert.to_brevitas import UnsupportedLayerError, compute_layers
 
 

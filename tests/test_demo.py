@@ -97,7 +97,7 @@ def _corrupt_one_weight(model):
 
 
 def test_a_failed_validation_keeps_the_report_and_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
-    from hdrq_plugin.export import qdq
+    from hdrq_plugin.export.formats import qdq
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     monkeypatch.setenv("HDRQ_CACHE_DIR", str(cache))

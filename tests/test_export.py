@@ -23,7 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tiny_models import tiny_resnet
 from torch import nn
 
-from hdrq_plugin import calibrate_activations, convert_to_brevitas
+from hdrq_plugin import convert_to_brevitas
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.export import (
     ExportError,
     NotAnHdrqExportError,

@@ -5,7 +5,8 @@ import torch
 from brevitas.quant import Int8WeightPerTensorFloat
 from tiny_models import tiny_resnet
 
-from hdrq_plugin import calibrate_activations, convert_to_brevitas
+from hdrq_plugin import convert_to_brevitas
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.convert.to_brevitas import compute_layers
 from hdrq_plugin.ptq.gptq import gptq_calibrate
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdrq_plugin import hot_backward
+from hdrq_plugin.hot import backward as hot_backward
 from hdrq_plugin.hot.backward import LayerState, hla_weight_gradient, hq_input_gradient, predicted_saved_bytes
 from hdrq_plugin.hot.hadamard import (
     block_hadamard,

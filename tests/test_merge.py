@@ -8,15 +8,16 @@ import torch
 from tiny_models import tiny_resnet
 from torch import nn
 
-from hdrq_plugin import calibrate_activations, convert_to_brevitas
+from hdrq_plugin import convert_to_brevitas
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.convert.to_brevitas import set_weight_bit_width
 from hdrq_plugin.merge.float_merge import average_float_models, merge_relative_to
 from hdrq_plugin.merge.models import (
     MergeCompatibilityError,
     merge_models,
-    quantized_weight_layers,
     read_weight_grid,
 )
+from hdrq_plugin.quant.control import quantized_layers
 from hdrq_plugin.quant.quantizers import HDRQQuantizer
 
 ROUNDINGS = ("noise-sampling", "half-to-even", "random", "naive")
@@ -65,7 +66,7 @@ def inputs():
 
 
 def _layers(model):
-    return dict(quantized_weight_layers(model))
+    return dict(quantized_layers(model))
 
 
 def _codes(model):

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from hdrq_plugin import UnsupportedLayerError, convert_to_brevitas
+from hdrq_plugin import convert_to_brevitas
+from hdrq_plugin.convert import UnsupportedLayerError
 from hdrq_plugin.convert.op_policy import UnsupportedOpError
 from hdrq_plugin.export.rewrites.integer_path import drop_redundant_clips, quantize_before_reshapes
 from hdrq_plugin.export.rewrites.unsigned_grids import shift_clipped_signed_activations
@@ -170,7 +171,7 @@ def test_a_relu6_clip_before_a_four_bit_grid_is_judged_against_the_four_bit_rang
 
 def test_relu6_layers_at_w4a4_run_on_integer_kernels(tmp_path):
     from hdrq_examples.block_models import INPUT_SHAPE, block_model
-    from hdrq_plugin import calibrate_activations
+    from hdrq_plugin.convert import calibrate_activations
     from hdrq_plugin.export import export_qdq
     from hdrq_plugin.export.validation.ort_runtime import FLOAT_COMPUTE_OPS, optimized_op_types
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import tiny_resnet
 
-from hdrq_plugin import calibrate_activations, convert_to_brevitas
+from hdrq_plugin import convert_to_brevitas
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.export import export_qdq, validate
 from hdrq_plugin.export.graph_facts import output_float_error_steps
 from hdrq_plugin.export.rewrites.unsigned_grids import (

@@ -17,7 +17,8 @@ import pytest
 import torch
 from tiny_models import tiny_resnet
 
-from hdrq_plugin import calibrate_activations, convert_to_brevitas
+from hdrq_plugin import convert_to_brevitas
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.export import export_qdq
 from hdrq_plugin.export.graph_facts import output_float_error_steps, output_step
 

@@ -34,14 +34,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from hdrq_plugin._io import write_text_atomic
-from hdrq_plugin.calibrate import calibrate_with_report
-from hdrq_plugin.convert import convert_to_brevitas
+from hdrq_plugin.convert.to_brevitas import convert_to_brevitas
 from hdrq_plugin.evaluation import accuracy
-from hdrq_plugin.gptq import gptq_calibrate
-from hdrq_plugin.quantizers import HDRQActQuantizer, HDRQSignedActQuantizer
-from hdrq_plugin.reconstruction.config import CPU_ITERATIONS, HDRQConfig
+from hdrq_plugin.ptq.calibrate import calibrate_with_report
+from hdrq_plugin.ptq.config import CPU_ITERATIONS, HDRQConfig
+from hdrq_plugin.ptq.gptq import gptq_calibrate
+from hdrq_plugin.quant.quantizers import HDRQActQuantizer, HDRQSignedActQuantizer
+from hdrq_plugin.quantize import METHOD_NAMES
 
-METHODS = ("rtn", "adaround", "brecq", "qdrop", "hdrq", "gptq")
+METHODS = tuple(m for m in METHOD_NAMES if m != "nipq")  # the post-training methods
 ABLATIONS = {"hdrq-no-noise": {"noise": False}, "hdrq-no-distance": {"distance_weight": 0.0}}
 
 

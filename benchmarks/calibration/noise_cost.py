@@ -15,9 +15,9 @@ import time
 import brevitas.nn as qnn
 import torch
 
-from hdrq_plugin.noise import rounding_error_histogram, rounding_noise_like, sample_rounding_noise
-from hdrq_plugin.quant_control import set_noise_shape, set_quant_mode, weight_step
-from hdrq_plugin.quantizers import HDRQQuantizer
+from hdrq_plugin.quant.control import set_noise_shape, set_quant_mode, weight_step
+from hdrq_plugin.quant.noise import rounding_error_histogram, rounding_noise_like, sample_rounding_noise
+from hdrq_plugin.quant.quantizers import HDRQQuantizer
 
 MODES = ("ste", "noise", "noise-uniform", "round")
 

@@ -1,4 +1,4 @@
-"""Scaling out on Ray (``hdrq_plugin.distributed``): ``speedup`` measures Ray against the sequential
+"""Scaling out on Ray (``hdrq_plugin.run.distributed``): ``speedup`` measures Ray against the sequential
 runner on this machine — per-task overhead, ``quantize_targets`` on three targets and a slice of the
 multi-target grid (:mod:`benchmarks.mtda`) — and ``estimate`` simulates the full default grid's wall
 time on N workers from the per-cell costs of finished cell stores and the measured overhead. Run

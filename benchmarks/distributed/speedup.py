@@ -37,8 +37,8 @@ from benchmarks.mtda.tasks import run_with_runner, task_view
 from hdrq_examples.demo import float_recipe
 from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
 from hdrq_plugin._io import write_text_atomic
-from hdrq_plugin.distributed import RayRunner, SequentialRunner, Task, import_ray
-from hdrq_plugin.pipeline import PipelineSettings, TargetInputs, quantize_targets
+from hdrq_plugin.run.distributed import RayRunner, SequentialRunner, Task, import_ray
+from hdrq_plugin.run.pipeline import PipelineSettings, TargetInputs, quantize_targets
 
 SLICE = BenchmarkSettings(targets=("mnist", "optdigits"), test_images=250, seeds=(0,), bits=("w4a4",),
                           methods=("rtn", "hdrq", "gptq"), iterations=100, rules=("noise-sampling", "half-to-even"),

@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hdrq_plugin._io import atomic_write_path  # noqa: E402
-from hdrq_plugin.hot import HOTConfig, hot_mode  # noqa: E402
+from hdrq_plugin.hot.mode import HOTConfig, hot_mode  # noqa: E402
 
 _BENCHMARKS = Path(__file__).resolve().parents[1]
 RESULTS = _BENCHMARKS / "results" / "hot.json"
@@ -149,7 +149,7 @@ def backward_times(model: nn.Module, shape, batch: int, steps: int) -> dict[str,
 
 def gemm_times(repeats: int = 20) -> list[dict]:
     """torch._int_mm vs float32 matmul of the same int8 codes, at HOT's Linear / 1×1 GEMM shapes."""
-    from hdrq_plugin.hadamard import integer_matmul
+    from hdrq_plugin.hot.hadamard import integer_matmul
 
     shapes = {  # (rows, inner, cols): HQ g·w and HLA (P·g)ᵀ·(P·x) of the layers that use _int_mm
         "resnet8 fc HQ (64×10 · 10×128)": (64, 10, 128),

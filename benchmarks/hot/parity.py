@@ -18,14 +18,9 @@ import torch
 
 from hdrq_examples.training import adapt_to_target
 from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
-from hdrq_plugin import (
-    accuracy,
-    average_float_models,
-    fold_batchnorm,
-    harmonic_mean,
-    merge_models,
-    quantize_model,
-)
+from hdrq_plugin import average_float_models, merge_models, quantize_model
+from hdrq_plugin.convert import fold_batchnorm
+from hdrq_plugin.evaluation import accuracy, harmonic_mean
 
 MODES = ("plain", "hot")
 
@@ -94,7 +89,7 @@ def _hdrq(bench, kept: dict, targets, tests, iterations: int, seed: int) -> dict
     for mode, adapted in kept.items():
         start = time.process_time()
         quantized = {t: quantize_model(adapted[t], bench.domains[t].calib, bits="w4a4", method="hdrq",
-                                       source=bench.source_model, seed=seed, iterations=iterations)[0]
+                                       source=bench.source_model, seed=seed, iterations=iterations).model
                      for t in targets}
         merged = merge_models([quantized[t] for t in targets], rounding="noise-sampling", seed=seed)
         out[mode] = {"single": {t: accuracy(quantized[t], tests[t]) for t in targets},

@@ -40,18 +40,19 @@ import onnxruntime as ort
 import torch
 
 from hdrq_examples.architectures import mobilenet_v2, randomize_batchnorm, resnet18
-from hdrq_plugin import HDRQConfig, calibrate_activations, convert_to_brevitas
+from hdrq_plugin import HDRQConfig, convert_to_brevitas
 from hdrq_plugin._io import write_text_atomic
-from hdrq_plugin.calibrate import calibrate_with_report
-from hdrq_plugin.checkpoint import quantizer_family
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.export import export_float, export_qdq
 from hdrq_plugin.export.graph_facts import output_step
-from hdrq_plugin.export.ort_runtime import (
+from hdrq_plugin.export.validation.ort_runtime import (
     INTEGER_KERNELS,
     cpu_session,
     median_latencies_ms,
     session_options,
 )
+from hdrq_plugin.ptq.calibrate import calibrate_with_report
+from hdrq_plugin.run.checkpoint import quantizer_family
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 # onnxruntime ops that move or reshape data, or convert between grids: neither integer compute

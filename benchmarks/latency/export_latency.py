@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from hdrq_examples.models import ResNetConfig, build_resnet
-from hdrq_plugin import BitSpec, calibrate_activations, convert_to_brevitas
+from hdrq_plugin import BitSpec, convert_to_brevitas
 from hdrq_plugin._io import write_text_atomic
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.export import export_float, export_qdq, validate
 
 BITS = ("w8a8", "w4a8", "w4a4")
@@ -67,7 +68,7 @@ def merged_zoo_model_and_data(bits: str, args: argparse.Namespace) -> tuple[torc
     from torch.utils.data import DataLoader
 
     from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
-    from hdrq_plugin.merge import merge_models
+    from hdrq_plugin.merge.models import merge_models
 
     bench = load_or_build_benchmark(BenchmarkRecipe())
     targets = bench.recipe.target_domains

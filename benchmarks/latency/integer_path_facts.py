@@ -4,7 +4,7 @@ For each model — the tiny block family of the tests (``hdrq_examples.block_mod
 224×224 ResNet-18 / MobileNetV2 — converted at W8A8 and W4A4 and calibrated (RTN, 8 random
 images), the script writes Brevitas' raw QCDQ file ("before": ``write_brevitas_qcdq``, what
 Brevitas alone gives) and ``export_qdq``'s file ("after": with
-:mod:`hdrq_plugin.export.integer_path`), and counts in onnxruntime's optimized graph
+:mod:`hdrq_plugin.export.rewrites.integer_path`), and counts in onnxruntime's optimized graph
 (ORT_ENABLE_ALL) the nodes on integer kernels, integer elementwise ops on codes and compute left
 in float, with the op histogram of what stays in float.
 
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from hdrq_examples.architectures import randomize_batchnorm
-from hdrq_plugin import calibrate_activations, convert_to_brevitas
+from hdrq_plugin import convert_to_brevitas
 from hdrq_plugin._io import write_text_atomic
+from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.export import export_qdq
-from hdrq_plugin.export.qdq import write_brevitas_qcdq
+from hdrq_plugin.export.formats.qdq import write_brevitas_qcdq
 
 from .edge_latency import MODELS, kernel_split
 

@@ -19,17 +19,18 @@ from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from hdrq_examples.zoo import Benchmark
-from hdrq_plugin.barrier import BarrierResult, error_barrier
-from hdrq_plugin.convert import convert_to_brevitas
+from hdrq_plugin.convert.to_brevitas import convert_to_brevitas
 from hdrq_plugin.evaluation import accuracy
-from hdrq_plugin.float_merge import average_float_models
-from hdrq_plugin.gptq import gptq_calibrate
-from hdrq_plugin.merge import merge_models, quantized_weight_layers, read_weight_grid
-from hdrq_plugin.merge_rules import average_dequantized, find_ties
-from hdrq_plugin.nipq import quantize_nipq
+from hdrq_plugin.merge.barrier import BarrierResult, error_barrier
+from hdrq_plugin.merge.float_merge import average_float_models
+from hdrq_plugin.merge.models import merge_models, read_weight_grid
+from hdrq_plugin.merge.rules import average_dequantized, find_ties
+from hdrq_plugin.nipq.train import quantize_nipq
+from hdrq_plugin.ptq.config import HDRQConfig
+from hdrq_plugin.ptq.gptq import gptq_calibrate
+from hdrq_plugin.quant.control import quantized_layers
 from hdrq_plugin.quantize import quantize_model
-from hdrq_plugin.reconstruction.config import HDRQConfig
-from hdrq_plugin.report import Report
+from hdrq_plugin.run.report import Report
 
 from .plan import DEQUANTIZED_AVERAGE, NIPQ_BATCH, STOCHASTIC_RULES, Variant
 
@@ -112,7 +113,8 @@ def quantize_variant(variant: Variant, bits: str, model: nn.Module, calibration,
         return qmodel, "rtn"
     if num_samples is not None:
         config = config.replace(num_samples=num_samples)
-    return quantize_model(model, calibration, bits=bits, source=source, config=config)
+    result = quantize_model(model, calibration, config, bits=bits, source=source)
+    return result.model, result.family
 
 
 def quantize_cell(bench: Benchmark, variant: Variant, bits: str, target: str, seed: int,
@@ -161,10 +163,10 @@ def merge_then_quantize_cell(bench: Benchmark, variant: Variant, bits: str, subs
 
 # --- merging ------------------------------------------------------------------------------------
 def tie_fraction(models: Sequence[nn.Module]) -> float:
-    """Fraction of quantized weights whose code average sits on a grid midpoint (hdrq.md §5)."""
+    """Fraction of quantized weights whose code average sits on a grid midpoint (docs/hdrq_method.md §5)."""
     layers = [dict(m.named_modules()) for m in models]
     ties = total = 0
-    for name, _ in quantized_weight_layers(models[0]):
+    for name, _ in quantized_layers(models[0]):
         codes = [read_weight_grid(modules[name], name).codes for modules in layers]
         found = find_ties(codes)
         ties += int(found.sum())
@@ -175,10 +177,10 @@ def tie_fraction(models: Sequence[nn.Module]) -> float:
 @torch.no_grad()
 def dequantized_average_model(models: Sequence[nn.Module]) -> nn.Module:
     """The merged model whose weights are Σ c_t I_t s_t, on no grid (evaluate it with
-    :func:`float_weights`): the ceiling of any re-rounding rule (hdrq.md §5)."""
+    :func:`float_weights`): the ceiling of any re-rounding rule (docs/hdrq_method.md §5)."""
     merged = merge_models(models, rounding="half-to-even")  # averages activation scales and biases
     members = [dict(m.named_modules()) for m in models]
-    for name, layer in quantized_weight_layers(merged):
+    for name, layer in quantized_layers(merged):
         grids = [read_weight_grid(modules[name], name) for modules in members]
         average = average_dequantized([g.codes for g in grids], [g.scale for g in grids])
         layer.weight.copy_(average.reshape(layer.weight.shape).to(layer.weight.dtype))

@@ -42,7 +42,7 @@ from torch.utils.data import TensorDataset
 from hdrq_plugin.export import export_float
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
-ORT_INT4_OPSET = 21  # toolchain-facts.md: standard INT4 QuantizeLinear/DequantizeLinear need opset 21
+ORT_INT4_OPSET = 21  # docs/toolchain_notes.md: standard INT4 QuantizeLinear/DequantizeLinear need opset 21
 CALIBRATION_BATCH = 8
 EVAL_BATCH = 256
 

@@ -25,30 +25,31 @@ from dataclasses import dataclass
 
 from hdrq_examples.zoo import merge_subsets  # noqa: F401 - re-exported: the plan's merges
 from hdrq_plugin.bitspec import BitSpec
-from hdrq_plugin.merge_rules import NOISE_TRIALS
-from hdrq_plugin.nipq import CPU_EPOCHS as NIPQ_EPOCHS
-from hdrq_plugin.nipq import NIPQConfig
-from hdrq_plugin.reconstruction.config import METHODS, HDRQConfig
+from hdrq_plugin.merge.rules import NOISE_TRIALS, ROUNDING_RULES
+from hdrq_plugin.nipq.train import CPU_EPOCHS as NIPQ_EPOCHS
+from hdrq_plugin.nipq.train import NIPQConfig
+from hdrq_plugin.ptq.config import METHODS, HDRQConfig
+from hdrq_plugin.quantize import METHOD_NAMES
 
 #: Bump when a cell's computation changes in a way its key does not capture.
 CELL_CODE_VERSION = 1
 
-MAIN_METHODS = ("rtn", "adaround", "brecq", "qdrop", "hdrq", "gptq")
+MAIN_METHODS = tuple(m for m in METHOD_NAMES if m != "nipq")  # every PTQ method of quantize_model
 #: Methods outside the reconstruction engine: Brevitas GPTQ, and NIPQ quantization-aware training
-#: (hdrq_plugin.nipq; it trains on the target's labelled train split, not the 32 calibration
+#: (hdrq_plugin.nipq.train; it trains on the target's labelled train split, not the 32 calibration
 #: images, so it is not in the default grid: ``--methods ... nipq`` adds its rows).
 OUTSIDE_ENGINE = ("gptq", "nipq")
 SELECTABLE_METHODS = MAIN_METHODS + ("nipq",)
-# NIPQ_EPOCHS (hdrq_plugin.nipq.CPU_EPOCHS): noise epochs per target; cpu_preset adds a hard epoch.
+# NIPQ_EPOCHS (hdrq_plugin.nipq.train.CPU_EPOCHS): noise epochs per target; cpu_preset adds a hard epoch.
 NIPQ_BATCH = 128
 ALL_BITS = ("w8a8", "w4a8", "w4a4", "w3a3")
-#: Merge rules: hdrq_plugin.merge's four, plus the off-grid average of the dequantized weights
-#: (the non-deployable ceiling of any re-rounding rule, hdrq.md §5).
+#: Merge rules: hdrq_plugin.merge.models's four, plus the off-grid average of the dequantized weights
+#: (the non-deployable ceiling of any re-rounding rule, docs/hdrq_method.md §5).
 DEQUANTIZED_AVERAGE = "dequantized-average"
-RULES = ("noise-sampling", "half-to-even", "random", "naive", DEQUANTIZED_AVERAGE)
+RULES = (*ROUNDING_RULES, DEQUANTIZED_AVERAGE)
 STOCHASTIC_RULES = ("noise-sampling", "random")
 ABLATION_RULES = ("noise-sampling", "half-to-even")
-REFERENCE_NOISE_SEEDS = 32  # hdrq.md §5: the reference re-merges with 32 seeds
+REFERENCE_NOISE_SEEDS = 32  # docs/hdrq_method.md §5: the reference re-merges with 32 seeds
 DEFAULT_DISTANCE = HDRQConfig().distance_weight
 #: onnxruntime quantize_static configurations: (label, bits, weight type, activation type).
 ORT_TYPES = (("w8a8", "QInt8", "QUInt8"), ("w4a8", "QInt4", "QUInt8"), ("w4a4", "QInt4", "QUInt4"))
@@ -136,11 +137,11 @@ class BenchmarkSettings:
     iterations: int | None = None  # per unit; None: HDRQConfig.cpu_preset's CPU_ITERATIONS
     rules: tuple[str, ...] = RULES
     noise_seeds: int = 8  # re-merges per stochastic rule (reference: 32, REFERENCE_NOISE_SEEDS)
-    trials: int = NOISE_TRIALS  # hdrq.md §5: K = 100 draws per noise-sampling merge
-    n_calib: int = 32  # hdrq.md §4: 32 calibration images per target
+    trials: int = NOISE_TRIALS  # docs/hdrq_method.md §5: K = 100 draws per noise-sampling merge
+    n_calib: int = 32  # docs/hdrq_method.md §4: 32 calibration images per target
     ablation_bits: tuple[str, ...] = ("w4a4", "w3a3")
     ablations: tuple[str, ...] = ("no-noise", "no-distance", "uniform-noise")
-    distance_grid: tuple[float, ...] = (5e-3, 1e-2, 5e-2, 1e-1)  # hdrq.md §3.2: the reference's grid
+    distance_grid: tuple[float, ...] = (5e-3, 1e-2, 5e-2, 1e-1)  # docs/hdrq_method.md §3.2: the reference's grid
     iteration_grid: tuple[int, ...] = (250, 500, 1000, 2000, 4000)
     iteration_methods: tuple[str, ...] = ("qdrop", "hdrq")
     nipq_epochs: int = NIPQ_EPOCHS  # NIPQ's noise epochs when "nipq" is among the methods

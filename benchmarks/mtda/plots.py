@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hdrq_plugin._io import atomic_write_path
-from hdrq_plugin.barrier import BarrierResult, plot_barrier
+from hdrq_plugin.merge.barrier import BarrierResult, plot_barrier
 
 from .tables import mean_std, merged_by_seed
 

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from hdrq_examples.demo import float_recipe
 from hdrq_examples.zoo import Benchmark, BenchmarkRecipe, cache_path_for, load_or_build_benchmark
-from hdrq_plugin.checkpoint import CheckpointError, load_quantized, save_quantized
-from hdrq_plugin.distributed import make_runner
-from hdrq_plugin.reconstruction.config import HDRQConfig
+from hdrq_plugin.ptq.config import HDRQConfig
+from hdrq_plugin.run.checkpoint import CheckpointError, load_quantized, save_quantized
+from hdrq_plugin.run.distributed import make_runner
 
 from . import tasks as tasks_
 from .estimate import CostModel, estimate_plan

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from hdrq_plugin._io import write_text_atomic
-from hdrq_plugin.report import Report
+from hdrq_plugin.run.report import Report
 
 from . import plots, tables
 from .plan import DEQUANTIZED_AVERAGE, ORT_VARIANTS, iterations_of, main_variants

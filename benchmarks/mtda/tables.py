@@ -18,7 +18,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-HARMONIC_MEAN = "harmonic_mean"  # hdrq_plugin.report.HARMONIC_MEAN
+HARMONIC_MEAN = "harmonic_mean"  # hdrq_plugin.run.report.HARMONIC_MEAN
 SCOPES = ("all", "pairs")
 
 

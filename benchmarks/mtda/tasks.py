@@ -1,4 +1,4 @@
-"""The benchmark grid as independent tasks (``benchmarks.mtda --ray`` / ``--tasks``): hdrq_plugin.distributed.
+"""The benchmark grid as independent tasks (``benchmarks.mtda --ray`` / ``--tasks``): hdrq_plugin.run.distributed.
 
 Two waves: every pending ``quantize`` cell, then every other pending cell (merges and barriers
 load the checkpoints the first wave wrote). Each seed's zoo is put in the runner's object store
@@ -6,7 +6,7 @@ once and passed to every task by reference. The cell store (mtda.store) stays th
 truth: only cells without a record are submitted, a quantize task writes its checkpoint
 (atomically) before the driver writes its record (atomically) as each task finishes, so a
 killed run loses only the cells in flight and a rerun resumes. Ray re-runs a task whose worker
-died (hdrq_plugin.distributed.DEFAULT_MAX_RETRIES).
+died (hdrq_plugin.run.distributed.DEFAULT_MAX_RETRIES).
 
 On a cluster the ``--out`` folder must be on storage every node sees (checkpoints are written
 by the workers, records by the driver).
@@ -26,9 +26,9 @@ from torch.utils.data import TensorDataset
 from hdrq_examples.demo import float_recipe
 from hdrq_examples.domains import DomainSplits
 from hdrq_examples.zoo import Benchmark
-from hdrq_plugin.checkpoint import load_quantized, save_quantized
-from hdrq_plugin.distributed import Task, TaskFailure
-from hdrq_plugin.float_merge import average_float_models
+from hdrq_plugin.merge.float_merge import average_float_models
+from hdrq_plugin.run.checkpoint import load_quantized, save_quantized
+from hdrq_plugin.run.distributed import Task, TaskFailure
 
 from . import cells as cells_
 from .ort import ort_quantize_static_accuracies

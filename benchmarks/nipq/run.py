@@ -16,13 +16,13 @@ epochs, batch order and seed for both QAT methods:
   optimizer, timed, the unit of the training-cost ratios.
 
 Then every method's three target models are merged (``merge_models``; NIPQ's differing widths
-take the wider, ``hdrq_plugin.nipq_merge``) and evaluated per target. Each NIPQ model (and the
+take the wider, ``hdrq_plugin.nipq.widths``) and evaluated per target. Each NIPQ model (and the
 merged one) is exported as mixed-precision ONNX (INT8 containers; true INT4 where the file has
 <= 4-bit layers) and checked in onnxruntime: ``validate`` (parity, kernels, accuracy) and the
 top-1 agreement between onnxruntime and Brevitas on the target's test split.
 
 CPU budget: the PQN noise is the uniform one here (``--noise histogram`` for the default),
-which nipq.md allows and costs less per step. Prints a table, writes JSON atomically.
+which docs/nipq_method.md allows and costs less per step. Prints a table, writes JSON atomically.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from hdrq_plugin import convert_to_brevitas, fold_batchnorm, merge_models, quantize_model
+from hdrq_plugin import convert_to_brevitas, merge_models, quantize_model
 from hdrq_plugin._io import atomic_write_path, write_text_atomic
+from hdrq_plugin.convert import fold_batchnorm
 from hdrq_plugin.evaluation import accuracy
 from hdrq_plugin.export import export_qdq, validate
-from hdrq_plugin.nipq import NIPQConfig, quantize_nipq
-from hdrq_plugin.nipq_cost import describe_costs
+from hdrq_plugin.nipq.cost import describe_costs
+from hdrq_plugin.nipq.train import NIPQConfig, quantize_nipq
 
 BATCH = 128
 METHODS = ("nipq", "lsq", "hdrq")
@@ -153,8 +154,8 @@ def single_target(args, bench, target: str, seed: int, folder: Path) -> dict:
               f"a {report.average_act_bits:.2f}  {report.gbops:.3f} GBOPs", flush=True)
     if args.hdrq_iterations > 0 and "hdrq" in args.methods:
         tic = time.perf_counter()
-        qmodel, _ = quantize_model(theta, bench.domains[target].calib, bits="w4a4", method="hdrq",
-                                   source=bench.source_model, seed=seed, iterations=args.hdrq_iterations)
+        qmodel = quantize_model(theta, bench.domains[target].calib, bits="w4a4", method="hdrq",
+                                source=bench.source_model, seed=seed, iterations=args.hdrq_iterations).model
         out["states"]["hdrq"] = qmodel.state_dict()
         out["rows"].append({"method": "hdrq", "target": target, "seed": seed, "stage": "single",
                             "accuracy": accuracy(qmodel, tests[target]), "seconds": time.perf_counter() - tic})
@@ -163,7 +164,7 @@ def single_target(args, bench, target: str, seed: int, folder: Path) -> dict:
 
 
 def rebuild(bench, target: str, method: str, state: dict):
-    from hdrq_plugin.checkpoint import quantizer_family
+    from hdrq_plugin.run.checkpoint import quantizer_family
 
     theta = bench.adapted[target]
     model = (convert_to_brevitas(theta, "w4a4", **quantizer_family("hdrq")) if method == "hdrq"

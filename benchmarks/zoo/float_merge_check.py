@@ -27,7 +27,7 @@ from torch.fx.experimental.optimization import fuse
 
 from hdrq_examples.zoo import Benchmark, BenchmarkRecipe, load_or_build_benchmark
 from hdrq_plugin.evaluation import accuracy, harmonic_mean
-from hdrq_plugin.float_merge import average_float_models
+from hdrq_plugin.merge.float_merge import average_float_models
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -18,15 +18,16 @@ from brevitas.graph.calibrate import quantization_status_manager
 from torch import nn
 
 from hdrq_plugin._io import atomic_write_path
+from hdrq_plugin.quant.control import quantized_layers
 
 from ..errors import ExportError
 from ..metadata import float_metadata_props, set_metadata
-from ..model_facts import model_sha256, quantized_weight_layers, require_fitting_input
+from ..model_facts import model_sha256, require_fitting_input
 from .qdq import DYNAMIC_BATCH, INPUT_NAME, OUTPUT_NAME, QCDQ_OPSET
 
 
 def _quantizers_off(model: nn.Module):
-    if not quantized_weight_layers(model):
+    if not quantized_layers(model, enabled_only=False):
         return contextlib.nullcontext()
     return quantization_status_manager(
         model, disable_act_quant=True, disable_weight_quant=True, disable_bias_quant=True)

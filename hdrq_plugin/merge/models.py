@@ -73,7 +73,6 @@ def is_quantized_model(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLayerMixin) for m in model.modules())
 
 
-quantized_weight_layers = quantized_layers  # the name merge callers know (hdrq_plugin.quant.control)
 
 
 @contextlib.contextmanager
@@ -164,7 +163,7 @@ def _merge_quantized(members, coefficients, labels, *, first, rounding, trials, 
         members = hook.align_members(members)
     check_same_architecture(members, labels)
     merged = copy.deepcopy(members[first_index])
-    layers = quantized_weight_layers(merged)
+    layers = quantized_layers(merged)
     owned = _weight_state_keys(merged, layers)
     _average_other_tensors(members, coefficients, merged, owned)
     for hook in hooks:  # e.g. NIPQ's activation truncations: averaged as α, not as θ
