@@ -91,8 +91,10 @@ class Variant:
         """Everything that determines this variant's models (part of every cache key)."""
         config = self.config(seed, iterations)
         if self.method == "nipq":
-            return {"method": "nipq", "epochs": self.epochs, "batch_size": NIPQ_BATCH,
-                    **dataclasses.asdict(self.nipq_config(seed))}
+            # the config's own epochs/batch_size fields are unused here (quantize_nipq gets them
+            # as arguments): the variant's values go last so they are what the key holds
+            return {**dataclasses.asdict(self.nipq_config(seed)), "method": "nipq", "epochs": self.epochs,
+                    "batch_size": NIPQ_BATCH}
         if config is None:
             return {"method": "gptq", "num_samples": HDRQConfig().num_samples, "act_order": True, "seed": seed}
         return dataclasses.asdict(config)
