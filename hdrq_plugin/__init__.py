@@ -15,6 +15,7 @@ the ``cli`` on top. Only the names below are the public face; the rest is reacha
 """
 
 from . import _legacy_paths
+from .architectures import register_architecture
 from .bitspec import BitSpec
 from .convert import convert_to_brevitas
 from .errors import HDRQPluginError
@@ -33,7 +34,7 @@ __all__ = [
     "BitSpec", "GPTQConfig", "HDRQActQuantizer", "HDRQConfig", "HDRQPluginError", "HDRQQuantizer",
     "HDRQSignedActQuantizer", "HOTConfig", "NIPQConfig", "QuantizeResult", "QuantizerFamily",
     "average_float_models", "convert_to_brevitas", "error_barrier", "hdrq_calibrate", "hdrq_mode",
-    "hot_mode", "load_float_model", "load_quantized", "merge_models", "quantize_model", "register_family",
+    "hot_mode", "load_float_model", "load_quantized", "merge_models", "quantize_model", "register_architecture", "register_family",
     "save_float_model", "save_quantized",
 ]
 __version__ = "0.2.0"

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_write_path, ensure_writable_dir
+from .._io import ensure_writable_dir, save_torch_atomic
 from ..data import plain_tensor
-from ..errors import HDRQPluginError
+from ..errors import HDRQPluginError, InputError, one_line
 from ..quant.control import set_quant_mode
 from ..quant.quantizers import PseudoQuantIntQuant, QuantMode
 from .budget import NIPQTarget, check_reachable, freeze_bits, parse_target
@@ -53,6 +53,10 @@ CHECKPOINT_NAME = "nipq_last.pt"
 
 class NIPQTrainingError(HDRQPluginError, RuntimeError):
     """Training stopped (non-finite loss); the message names the step and the last good checkpoint."""
+
+
+class NIPQCheckpointError(InputError):
+    """A checkpoint folder holds a checkpoint of another run (seed, settings, data size) or junk."""
 
 
 @dataclass(frozen=True)
@@ -195,8 +199,15 @@ def _set_phase(model: nn.Module, *, noise: bool) -> None:
 
 
 def _save(path: Path, payload: dict) -> None:
-    with atomic_write_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch_atomic(path, payload)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign file: torch raises many types
+        raise NIPQCheckpointError(f"NIPQ checkpoint {path} is unreadable ({one_line(err, 120)}); "
+                                  "delete it or use another checkpoint_dir") from err
 
 
 def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, teacher: nn.Module | None = None,
@@ -237,12 +248,18 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
 
     path = None if checkpoint_dir is None else ensure_writable_dir(checkpoint_dir) / CHECKPOINT_NAME
     start_epoch, report_at_freeze, bn_layers = 0, None, 0
-    saved = torch.load(path, map_location="cpu", weights_only=True) if path is not None and path.is_file() else None
+    saved = _load_checkpoint(path) if path is not None and path.is_file() else None
     if saved is not None:
-        run = {"target": asdict(target), "epochs": epochs, "hard_epochs": hard_epochs}
-        if saved.get("format") != CHECKPOINT_FORMAT or {k: saved.get(k) for k in run} != run:
-            raise ValueError(f"{path} is a checkpoint of another run (format, target or epochs differ); "
-                             "use another checkpoint_dir")
+        run = {"target": asdict(target), "epochs": epochs, "hard_epochs": hard_epochs,
+               "config": asdict(config), "steps_per_epoch": steps_per_epoch}
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+            raise NIPQCheckpointError(f"{path} is not a NIPQ training checkpoint; use another checkpoint_dir")
+        differ = [k for k in run if saved.get(k) != run[k]]
+        if differ == ["config"]:
+            differ = [f"config.{k}" for k in run["config"] if (saved.get("config") or {}).get(k) != run["config"][k]]
+        if differ:
+            raise NIPQCheckpointError(f"{path} is a checkpoint of another run ({', '.join(differ)} differ); "
+                                      "use another checkpoint_dir or the same settings")
         model.load_state_dict(saved["model"], strict=True)
         start_epoch = int(saved["epoch"])
         report_at_freeze = None if saved.get("report_at_freeze") is None else CostReport(**saved["report_at_freeze"])
@@ -305,7 +322,7 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                              "epochs": epochs, "hard_epochs": hard_epochs,
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "report_at_freeze": None if report_at_freeze is None else report_at_freeze.as_dict(),
-                             "config": asdict(config)})
+                             "config": asdict(config), "steps_per_epoch": steps_per_epoch})
     finally:
         bar.close()
     if report_at_freeze is None:  # resumed after phase 1 ended without a saved report

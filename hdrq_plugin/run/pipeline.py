@@ -130,8 +130,10 @@ def finished_checkpoint(path: Path, key: str) -> nn.Module | None:
         return None
     try:
         model, info = load_quantized(path)
-    except CheckpointError:
-        return None  # unreadable: quantized again, and the atomic write replaces it
+    except (CheckpointError, HDRQPluginError):
+        # unreadable, or naming a builder that is not registered (never imported): quantized
+        # again, and the atomic write replaces it
+        return None
     return model if info.get("task_key") == key else None
 
 
