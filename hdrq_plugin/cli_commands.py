@@ -381,6 +381,8 @@ def cmd_quantize_targets(args) -> int:
         recipes[model_path] = info["recipe"]
         data = calibration_tensor(calibration)
         check_model_accepts(model, data[:1], f"calibration data {calibration}")
+        if name in tests:
+            check_model_accepts(model, _first_sample(tests[name]), f"test data of {name}")
         targets.append(TargetInputs(name, model, data, tests.get(name)))
     first = next(iter(recipes.values()))
     different = [path for path, recipe in recipes.items() if recipe != first]
