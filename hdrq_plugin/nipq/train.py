@@ -202,6 +202,20 @@ def _save(path: Path, payload: dict) -> None:
     save_torch_atomic(path, payload)
 
 
+def _restore_model(model: nn.Module, saved: dict, path: Path) -> None:
+    """Load a training checkpoint's state, and which widths are pinned (a Python attribute of
+    modules that Brevitas re-creates on load, so not in the state dict)."""
+    try:
+        model.load_state_dict(saved["model"], strict=True)
+    except (KeyError, RuntimeError) as err:
+        raise NIPQCheckpointError(f"{path} does not fit this model ({one_line(err, 120)}); "
+                                  "use another checkpoint_dir") from err
+    pinned = set(saved.get("pinned") or [])
+    for name, module in model.named_modules():
+        if isinstance(module, LearnedBitWidth):
+            module.pinned = name in pinned
+
+
 def _load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -230,6 +244,14 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
         raise TypeError("train_loader needs a length (a DataLoader or a list of batches)") from None
     if steps_per_epoch == 0:
         raise ValueError("train_loader is empty")
+    path = None if checkpoint_dir is None else ensure_writable_dir(checkpoint_dir) / CHECKPOINT_NAME
+    saved = _load_checkpoint(path) if path is not None and path.is_file() else None
+    if saved is not None:
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+            raise NIPQCheckpointError(f"{path} is not a NIPQ training checkpoint; use another checkpoint_dir")
+        _restore_model(model, saved, path)
+    # after the restore: Brevitas rebuilds its quantizer modules when a state dict is loaded, so
+    # the cost model must hold the modules that are trained, not the ones they replaced
     cost = describe_costs(model, inputs_of(next(iter(train_loader))))
     target = parse_target(target, cost)
     check_reachable(cost, target)
@@ -246,21 +268,16 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
     if teacher is not None:
         teacher.eval()
 
-    path = None if checkpoint_dir is None else ensure_writable_dir(checkpoint_dir) / CHECKPOINT_NAME
     start_epoch, report_at_freeze, bn_layers = 0, None, 0
-    saved = _load_checkpoint(path) if path is not None and path.is_file() else None
     if saved is not None:
         run = {"target": asdict(target), "epochs": epochs, "hard_epochs": hard_epochs,
                "config": asdict(config), "steps_per_epoch": steps_per_epoch}
-        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-            raise NIPQCheckpointError(f"{path} is not a NIPQ training checkpoint; use another checkpoint_dir")
         differ = [k for k in run if saved.get(k) != run[k]]
         if differ == ["config"]:
             differ = [f"config.{k}" for k in run["config"] if (saved.get("config") or {}).get(k) != run["config"][k]]
         if differ:
             raise NIPQCheckpointError(f"{path} is a checkpoint of another run ({', '.join(differ)} differ); "
                                       "use another checkpoint_dir or the same settings")
-        model.load_state_dict(saved["model"], strict=True)
         start_epoch = int(saved["epoch"])
         report_at_freeze = None if saved.get("report_at_freeze") is None else CostReport(**saved["report_at_freeze"])
     elif config.activation_init == "data":
@@ -322,7 +339,9 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                              "epochs": epochs, "hard_epochs": hard_epochs,
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "report_at_freeze": None if report_at_freeze is None else report_at_freeze.as_dict(),
-                             "config": asdict(config), "steps_per_epoch": steps_per_epoch})
+                             "config": asdict(config), "steps_per_epoch": steps_per_epoch,
+                             "pinned": [n for n, m in model.named_modules()
+                                        if isinstance(m, LearnedBitWidth) and m.pinned]})
     finally:
         bar.close()
     if report_at_freeze is None:  # resumed after phase 1 ended without a saved report
