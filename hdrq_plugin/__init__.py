@@ -26,13 +26,13 @@ from .nipq import NIPQConfig
 from .ptq import GPTQConfig, HDRQConfig, hdrq_calibrate, hdrq_mode
 from .quant import HDRQActQuantizer, HDRQQuantizer, HDRQSignedActQuantizer
 from .quantize import QuantizeResult, quantize_model
-from .run import load_float_model, load_quantized, save_float_model, save_quantized
+from .run import ModelRecipe, load_float_model, load_quantized, save_float_model, save_quantized
 
 _legacy_paths.install()
 
 __all__ = [
     "BitSpec", "GPTQConfig", "HDRQActQuantizer", "HDRQConfig", "HDRQPluginError", "HDRQQuantizer",
-    "HDRQSignedActQuantizer", "HOTConfig", "NIPQConfig", "QuantizeResult", "QuantizerFamily",
+    "HDRQSignedActQuantizer", "HOTConfig", "ModelRecipe", "NIPQConfig", "QuantizeResult", "QuantizerFamily",
     "average_float_models", "convert_to_brevitas", "error_barrier", "hdrq_calibrate", "hdrq_mode",
     "hot_mode", "load_float_model", "load_quantized", "merge_models", "quantize_model", "register_architecture", "register_family",
     "save_float_model", "save_quantized",

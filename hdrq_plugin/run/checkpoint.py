@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,13 @@ import torch
 from torch import nn
 
 from .._io import save_torch_atomic
-from ..architectures import build_architecture, get_architecture
+from ..architectures import (
+    build_architecture,
+    builder_name,
+    check_builder_kwargs,
+    get_architecture,
+    register_architecture,
+)
 from ..bitspec import BitSpec
 from ..errors import HDRQPluginError, one_line
 from ..families import UnknownFamilyError, get_family
@@ -65,14 +72,20 @@ def quantizer_family(name: str) -> dict[str, Any]:
         raise CheckpointError(str(err)) from err
 
 
-def save_float_model(path: str | Path, model: nn.Module, recipe: ModelRecipe,
-                     metadata: dict[str, Any] | None = None) -> Path:
+def save_float_model(path: str | Path, model: nn.Module, recipe: ModelRecipe | Callable[..., nn.Module],
+                     metadata: dict[str, Any] | None = None, **kwargs: Any) -> Path:
     """Save a float model with the recipe that rebuilds it (atomic, byte-reproducible).
 
-    ``recipe.builder`` must be registered (:func:`hdrq_plugin.register_architecture`), so a
-    file that cannot be loaded back is refused before it is written.
+    ``recipe``: a :class:`ModelRecipe` naming a registered builder, or the builder function
+    itself (registered here; ``kwargs`` are its plain keyword arguments). Loading the file
+    needs the builder registered again (``register_architecture`` or ``--arch module:function``).
     """
-    get_architecture(recipe.builder)
+    if callable(recipe) and not isinstance(recipe, ModelRecipe):
+        recipe = ModelRecipe(builder_name(register_architecture(recipe)), dict(kwargs))
+    elif kwargs:
+        raise TypeError("keyword arguments go into the ModelRecipe when one is given")
+    builder = get_architecture(recipe.builder)
+    check_builder_kwargs(recipe.builder, builder, recipe.kwargs)
     payload = {"format": FLOAT_FORMAT, "recipe": asdict(recipe),
                "state_dict": model.state_dict(), "metadata": dict(metadata or {})}
     return save_torch_atomic(path, payload)
