@@ -150,6 +150,8 @@ def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
         raise CheckpointError(f"{what} {path} is a directory, not a file")
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
