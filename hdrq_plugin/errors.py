@@ -40,11 +40,6 @@ class CheckFailedError(HDRQPluginError, RuntimeError):
     exit_code = EXIT_CHECK_FAILED
 
 
-class TargetsFailedError(HDRQPluginError, RuntimeError):
-    """Some targets of a multi-target run failed; the finished ones are kept (exit 4)."""
-
-    exit_code = EXIT_TARGETS_FAILED
-
 
 def one_line(err: BaseException | str, limit: int = 300) -> str:
     """A library or torch message folded to one line (they often span dozens)."""
