@@ -63,12 +63,28 @@ ELEMENTWISE_FUNCTIONS = (operator.add, torch.add, operator.iadd, operator.mul, t
 #: ``TorchFunctionalToModule`` map covers relu/relu6/pools/dropout, not these).
 FUNCTIONS_TO_MODULES = ((torch.relu, nn.ReLU), (F.hardswish, nn.Hardswish), (F.silu, nn.SiLU),
                         (torch.sigmoid, nn.Sigmoid), (F.sigmoid, nn.Sigmoid), (F.hardsigmoid, nn.Hardsigmoid))
-#: Functions and tensor methods a traced model may call besides modules: they move, combine or
-#: inspect values and need no quantizer of their own.
-SUPPORTED_FUNCTIONS = (*ELEMENTWISE_FUNCTIONS, operator.getitem, torch.flatten, torch.reshape,
-                       torch.squeeze, torch.unsqueeze, getattr)
-SUPPORTED_METHODS = ("add", "add_", "mul", "mul_", "flatten", "view", "reshape", "size", "squeeze",
-                     "unsqueeze", "contiguous", "dim")
+#: Calls that keep a QuantTensor on its grid (Brevitas' ``QuantTensor`` implements them, and
+#: Brevitas' ``are_inputs_quantized_and_aligned`` looks through them: a Conv after them gets no
+#: requantizer, so they must keep passing the quantized tensor on).
+GRID_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, getattr)
+GRID_PRESERVING_METHODS = ("flatten", "view", "reshape", "permute", "t", "size", "dim", "contiguous")
+#: Calls that move, slice, broadcast or reduce values between layers. ``QuantTensor`` implements
+#: none of them (``x[:, :, None, None]`` raises TypeError, ``.unsqueeze`` AttributeError), so
+#: the conversion feeds them the float value of their input (:func:`float_value_call`); Brevitas
+#: does not look through them, so whatever consumes their result gets its own requantizer.
+FLOAT_VALUE_FUNCTIONS = (*ELEMENTWISE_FUNCTIONS, operator.getitem, torch.squeeze, torch.unsqueeze,
+                         torch.permute, torch.chunk, torch.split, torch.mean, torch.sum)
+FLOAT_VALUE_METHODS = ("add", "add_", "mul", "mul_", "squeeze", "unsqueeze", "expand", "expand_as",
+                       "chunk", "split", "mean", "sum", "transpose")
+#: Functions and tensor methods a traced model may call besides modules.
+SUPPORTED_FUNCTIONS = (*GRID_PRESERVING_FUNCTIONS, *FLOAT_VALUE_FUNCTIONS)
+SUPPORTED_METHODS = (*GRID_PRESERVING_METHODS, *FLOAT_VALUE_METHODS)
+
+
+def float_value_call(node) -> bool:
+    """Whether ``node`` is a call whose tensor inputs the conversion feeds as float values."""
+    return (node.op == "call_function" and node.target in FLOAT_VALUE_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in FLOAT_VALUE_METHODS)
 
 
 _SPATIAL_DIMS = ((2, 3), (3, 2), (-2, -1), (-1, -2))
@@ -140,14 +156,42 @@ def spatial_means_to_pools(graph_model: torch.fx.GraphModule) -> torch.fx.GraphM
     return graph_model
 
 
-def check_supported_calls(graph_model: torch.fx.GraphModule) -> None:
-    """Raise naming the first function or method call the conversion cannot quantize."""
+def check_supported_calls(graph_model: torch.fx.GraphModule, source_lines: dict[str, str] | None = None) -> None:
+    """Raise naming the first function or method call the conversion cannot quantize.
+
+    ``source_lines`` maps graph node names to the line of ``forward`` that made them, where known.
+    """
+    source_lines = source_lines or {}
     for node in graph_model.graph.nodes:
         if node.op == "call_function" and node.target not in SUPPORTED_FUNCTIONS:
             name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', node.target)}"
-            raise UnsupportedOpError(node.name, name)
+            raise UnsupportedOpError(node.name, name, source_lines.get(node.name))
         if node.op == "call_method" and node.target not in SUPPORTED_METHODS:
-            raise UnsupportedOpError(node.name, f"Tensor.{node.target}")
+            raise UnsupportedOpError(node.name, f"Tensor.{node.target}", source_lines.get(node.name))
+
+
+def forward_source_lines(model: nn.Module) -> dict[str, str]:
+    """Graph node name -> ``file, line N: code`` of the ``forward`` line that made it.
+
+    Brevitas' tracer records no stack traces; a plain ``torch.fx`` trace with
+    ``record_stack_traces`` names call nodes the same way (one name per call, in call order), so
+    its lines are matched by name. Empty when the model does not trace with plain ``torch.fx``.
+    """
+    tracer = torch.fx.Tracer()
+    tracer.record_stack_traces = True
+    try:
+        graph = tracer.trace(model)
+    except Exception:  # only a better message is at stake; the conversion's own trace decides
+        return {}
+    lines = {}
+    for node in graph.nodes:
+        trace = [line.strip() for line in (node.stack_trace or "").strip().splitlines()]
+        files = [i for i, line in enumerate(trace) if line.startswith("File ")]
+        if files:
+            last = files[-1]
+            code = trace[last + 1] if last + 1 < len(trace) else ""
+            lines[node.name] = f"{trace[last].removeprefix('File ')}: {code}" if code else trace[last]
+    return lines
 
 
 class UnsupportedLayerError(HDRQPluginError, TypeError):
@@ -157,11 +201,14 @@ class UnsupportedLayerError(HDRQPluginError, TypeError):
 class UnsupportedOpError(UnsupportedLayerError):
     """A function or method call in ``forward`` that the conversion cannot quantize."""
 
-    def __init__(self, node: str, op: str) -> None:
+    def __init__(self, node: str, op: str, source_line: str | None = None) -> None:
+        where = f" at {source_line}" if source_line else ""
+        methods = sorted(set(GRID_PRESERVING_METHODS + FLOAT_VALUE_METHODS) - {"t", "dim", "size"})
         super().__init__(
-            f"op {op} (graph node {node!r}) is not supported by the conversion; write it as one of "
+            f"op {op} (graph node {node!r}){where} is not supported by the conversion; write it as one of "
             f"the supported modules ({', '.join(sorted(t.__name__ for t in FLOAT_ACTIVATIONS))}, ReLU, "
-            "ReLU6, pooling, Flatten, Dropout) or as add/mul/cat/flatten/view/reshape/mean over H,W")
+            f"ReLU6, pooling, Flatten, Dropout), as add/mul/cat, indexing with slices and None, or one "
+            f"of the tensor methods {', '.join(methods)}")
 
 
 class ReLU6Clamp(nn.Module):

@@ -21,12 +21,13 @@ from ..families import QuantizerFamily, family_for_prefix, loaded_families
 from ..quant.control import quantized_layers
 from .op_policy import (
     BOUNDARY_BITS,
-    ELEMENTWISE_FUNCTIONS,
     FLOAT_ACTIVATIONS,
     QuantReLU6,
     UnsupportedLayerError,
-    UnsupportedOpError,  # noqa: F401  (re-exported: both errors live with the op policy)
+    UnsupportedOpError,
     check_supported_calls,
+    float_value_call,
+    forward_source_lines,
     functions_to_modules,
     quantize_concat_outputs,
     quantize_float_activation_outputs,
@@ -161,7 +162,7 @@ def convert_to_brevitas(
             f"could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
             "the conversion needs an FX-traceable model (no data-dependent control flow)") from err
     _reject_functional_parameters(graph_model)
-    _check_traced(graph_model)
+    _check_traced(graph_model, float_copy)
 
     layer_kwargs = {"weight_quant": _with_bits(weight_quant, spec.weight_bits),
                     "bias_quant": Int32Bias}
@@ -227,14 +228,17 @@ def _trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
     return functions_to_modules(spatial_means_to_pools(remove_dropout(graph_model)))
 
 
-def _check_traced(graph_model: torch.fx.GraphModule) -> None:
+def _check_traced(graph_model: torch.fx.GraphModule, float_model: nn.Module) -> None:
     """The traced graph may hold modules made from functional calls (``F.leaky_relu`` becomes a
     LeakyReLU): check those too, and every remaining function or method call."""
     try:
         check_supported(graph_model)
     except UnsupportedLayerError as err:
         raise UnsupportedLayerError(f"{err} (found after tracing: it may come from a functional call)") from None
-    check_supported_calls(graph_model)
+    try:
+        check_supported_calls(graph_model)
+    except UnsupportedOpError:  # again, with the line of forward that made the call
+        check_supported_calls(graph_model, forward_source_lines(float_model))
 
 
 def _reject_functional_parameters(graph_model: torch.fx.GraphModule) -> None:
@@ -302,20 +306,16 @@ def dequantized(x):
     return plain_tensor(x)
 
 
-_ELEMENTWISE_METHODS = ("add", "add_", "mul", "mul_")
-
-
 def _dequantize_elementwise_inputs(graph_model: torch.fx.GraphModule) -> None:
-    """Feed adds, multiplies and concatenations with float values: their inputs carry independent
-    scales.
+    """Feed adds, multiplies, concatenations and the tensor methods QuantTensor lacks
+    (op_policy's ``FLOAT_VALUE_*``) with float values.
 
     Brevitas' QuantTensor addition and concatenation demand equal scales; onnxruntime does not
     (QDQ Add/Mul/Concat take one scale per input). The result is requantized by its consumer.
     """
     node_type = type(next(iter(graph_model.graph.nodes)))  # Brevitas traces with its backported FX Node
     for node in list(graph_model.graph.nodes):
-        if not ((node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS)
-                or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)):
+        if not float_value_call(node):
             continue
 
         def wrap(arg, node=node):
