@@ -30,6 +30,7 @@ Conv/Linear input stays on the ``act_bits`` grid (or 8 bits at the network's edg
 from __future__ import annotations
 
 import operator
+import os
 import warnings
 
 import torch
@@ -73,7 +74,9 @@ GRID_PRESERVING_METHODS = ("flatten", "view", "reshape", "permute", "t", "size",
 #: the conversion feeds them the float value of their input (:func:`float_value_call`); Brevitas
 #: does not look through them, so whatever consumes their result gets its own requantizer.
 FLOAT_VALUE_FUNCTIONS = (*ELEMENTWISE_FUNCTIONS, operator.getitem, torch.squeeze, torch.unsqueeze,
-                         torch.permute, torch.chunk, torch.split, torch.mean, torch.sum)
+                         torch.permute, torch.chunk, torch.split, torch.mean, torch.sum,
+                         # arithmetic: on sizes (``x.size(1) // 2``) or scaling values (``x / 6``)
+                         operator.sub, operator.truediv, operator.floordiv, operator.neg)
 FLOAT_VALUE_METHODS = ("add", "add_", "mul", "mul_", "squeeze", "unsqueeze", "expand", "expand_as",
                        "chunk", "split", "mean", "sum", "transpose")
 #: Functions and tensor methods a traced model may call besides modules.
@@ -183,14 +186,15 @@ def forward_source_lines(model: nn.Module) -> dict[str, str]:
         graph = tracer.trace(model)
     except Exception:  # only a better message is at stake; the conversion's own trace decides
         return {}
+    torch_dir = os.path.dirname(torch.__file__)
     lines = {}
     for node in graph.nodes:
         trace = [line.strip() for line in (node.stack_trace or "").strip().splitlines()]
-        files = [i for i, line in enumerate(trace) if line.startswith("File ")]
-        if files:
-            last = files[-1]
-            code = trace[last + 1] if last + 1 < len(trace) else ""
-            lines[node.name] = f"{trace[last].removeprefix('File ')}: {code}" if code else trace[last]
+        user = [i for i, line in enumerate(trace) if line.startswith("File ") and torch_dir not in line]
+        if user:
+            last = user[-1]
+            code = trace[last + 1] if last + 1 < len(trace) and not trace[last + 1].startswith("File ") else ""
+            lines[node.name] = f"{trace[last].removeprefix('File ')}: {code}" if code else trace[last].removeprefix("File ")
     return lines
 
 

@@ -158,9 +158,11 @@ def convert_to_brevitas(
     try:
         graph_model = _trace_and_fold(float_copy)
     except Exception as err:  # FX tracing errors are long; say what is needed first
+        advice = ("; index the parts of chunk/split (parts[0], parts[1]) instead of iterating over them"
+                  if "cannot be iterated" in str(err) else "")
         raise TypeError(
             f"could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
-            "the conversion needs an FX-traceable model (no data-dependent control flow)") from err
+            f"the conversion needs an FX-traceable model (no data-dependent control flow){advice}") from err
     _reject_functional_parameters(graph_model)
     _check_traced(graph_model, float_copy)
 
