@@ -16,7 +16,7 @@ the ``cli`` on top. Only the names below are the public face; the rest is reacha
 
 from . import _legacy_paths
 from .bitspec import BitSpec
-from .convert import convert_to_brevitas
+from .convert import adopt_brevitas_model, convert_to_brevitas
 from .errors import HDRQPluginError
 from .families import QuantizerFamily, register_family
 from .hot import HOTConfig, hot_mode
@@ -32,7 +32,7 @@ _legacy_paths.install()
 __all__ = [
     "BitSpec", "GPTQConfig", "HDRQActQuantizer", "HDRQConfig", "HDRQPluginError", "HDRQQuantizer",
     "HDRQSignedActQuantizer", "HOTConfig", "NIPQConfig", "QuantizeResult", "QuantizerFamily",
-    "average_float_models", "convert_to_brevitas", "error_barrier", "hdrq_calibrate", "hdrq_mode",
+    "adopt_brevitas_model", "average_float_models", "convert_to_brevitas", "error_barrier", "hdrq_calibrate", "hdrq_mode",
     "hot_mode", "load_float_model", "load_quantized", "merge_models", "quantize_model", "register_family",
     "save_float_model", "save_quantized",
 ]

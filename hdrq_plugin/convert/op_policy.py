@@ -79,8 +79,10 @@ FLOAT_VALUE_FUNCTIONS = (*ELEMENTWISE_FUNCTIONS, operator.getitem, torch.squeeze
                          operator.sub, operator.truediv, operator.floordiv, operator.neg)
 FLOAT_VALUE_METHODS = ("add", "add_", "mul", "mul_", "squeeze", "unsqueeze", "expand", "expand_as",
                        "chunk", "split", "mean", "sum", "transpose")
+#: Functions that make constants (``x - torch.tensor([1.0], device=x.device)``); exported as such.
+CONSTANT_FUNCTIONS = (torch.tensor, torch.zeros, torch.ones, torch.full)
 #: Functions and tensor methods a traced model may call besides modules.
-SUPPORTED_FUNCTIONS = (*GRID_PRESERVING_FUNCTIONS, *FLOAT_VALUE_FUNCTIONS)
+SUPPORTED_FUNCTIONS = (*GRID_PRESERVING_FUNCTIONS, *FLOAT_VALUE_FUNCTIONS, *CONSTANT_FUNCTIONS)
 SUPPORTED_METHODS = (*GRID_PRESERVING_METHODS, *FLOAT_VALUE_METHODS)
 
 
@@ -94,11 +96,13 @@ _SPATIAL_DIMS = ((2, 3), (3, 2), (-2, -1), (-1, -2))
 
 
 def remove_dropout(graph_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Drop every dropout module call: the quantized model is an inference model (Brevitas'
-    ``RemoveStochasticModules`` only removes stochastic depth)."""
+    """Drop every dropout and ``nn.Identity`` module call: the quantized model is an inference
+    model (Brevitas' ``RemoveStochasticModules`` only removes stochastic depth), and an identity
+    between a layer and the output would get a requantizer of its own."""
     graph = graph_model.graph
     for node in list(graph.nodes):
-        if node.op == "call_module" and isinstance(graph_model.get_submodule(node.target), nn.modules.dropout._DropoutNd):
+        module = graph_model.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.modules.dropout._DropoutNd) or type(module) is nn.Identity:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             graph_model.delete_submodule(node.target)
@@ -213,6 +217,20 @@ class UnsupportedOpError(UnsupportedLayerError):
             f"the supported modules ({', '.join(sorted(t.__name__ for t in FLOAT_ACTIVATIONS))}, ReLU, "
             f"ReLU6, pooling, Flatten, Dropout), as add/mul/cat, indexing with slices and None, or one "
             f"of the tensor methods {', '.join(methods)}")
+
+
+class SignedActivationGrid(nn.Identity):
+    """Marks where a Brevitas model quantized an activation on a signed grid (a ``QuantIdentity``
+    whose quantizer is the nonlinearity, as in the bnn_pynq models): the conversion puts a signed
+    activation quantizer here, and :func:`hdrq_plugin.convert.adopt_brevitas_model` its bit width."""
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        self.bits = bits
+
+
+class UnsignedActivationGrid(SignedActivationGrid):
+    """The same on an unsigned grid."""
 
 
 class ReLU6Clamp(nn.Module):

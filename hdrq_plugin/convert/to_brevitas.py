@@ -23,6 +23,8 @@ from .op_policy import (
     BOUNDARY_BITS,
     FLOAT_ACTIVATIONS,
     QuantReLU6,
+    SignedActivationGrid,
+    UnsignedActivationGrid,
     UnsupportedLayerError,
     UnsupportedOpError,
     check_supported_calls,
@@ -42,6 +44,9 @@ with warnings.catch_warnings():
     import brevitas.nn as qnn
     from brevitas import config as brevitas_config
     from brevitas.core.scaling import ScalingImplType
+    from brevitas.fx import Tracer as BackportTracer
+    from brevitas.fx.brevitas_tracer import _symbolic_trace
+    from brevitas.fx.value_tracer import UnsetValueException
     from brevitas.graph.calibrate import calibration_mode
     from brevitas.graph.quantize import (
         COMPUTE_LAYER_MAP,
@@ -72,6 +77,7 @@ SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, *FLOAT_ACTIVATIONS,
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    SignedActivationGrid, UnsignedActivationGrid,
 )
 COMPUTE_LAYERS = (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantLinear)
 
@@ -181,6 +187,9 @@ def convert_to_brevitas(
     act_map[nn.ReLU] = (qnn.QuantReLU, {"act_quant": unsigned, "return_quant_tensor": True})
     act_map[nn.ReLU6] = (QuantReLU6, {"act_quant": unsigned, "return_quant_tensor": True})
     act_map.pop(nn.Sigmoid, None)  # gates: float op between quantizers (op_policy)
+    # where an adopted Brevitas model had an activation quantizer of its own (adopt_brevitas_model)
+    act_map[SignedActivationGrid] = (qnn.QuantIdentity, {"act_quant": signed, "return_quant_tensor": True})
+    act_map[UnsignedActivationGrid] = (qnn.QuantIdentity, {"act_quant": unsigned, "return_quant_tensor": True})
     identity_map = {
         "signed": (qnn.QuantIdentity, {"act_quant": signed, "return_quant_tensor": True}),
         "unsigned": (qnn.QuantIdentity, {"act_quant": unsigned, "return_quant_tensor": True}),
@@ -226,8 +235,26 @@ def _trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*treespec\.children_specs.* is deprecated", category=FutureWarning)
         # relu6_to_relu=False: ReLU6 keeps its clamp (op_policy)
-        graph_model = preprocess_for_quantize(model, equalize_iters=0, merge_bn=True, relu6_to_relu=False)
+        graph_model = preprocess_for_quantize(_symbolic_trace(_Tracer(), model, None), trace_model=False, equalize_iters=0,
+                                              merge_bn=True, relu6_to_relu=False)
     return functions_to_modules(spatial_means_to_pools(remove_dropout(graph_model)))
+
+
+class _Tracer(BackportTracer):
+    """Brevitas' tracer (what ``preprocess_for_quantize`` traces with), with the activation-grid
+    markers of adopted Brevitas models kept as leaf modules (they live outside ``torch.nn``)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, SignedActivationGrid) or super().is_leaf_module(m, module_qualified_name)
+
+    # Brevitas patches torch.tensor/zeros/ones/... during a trace to record them with their value,
+    # which only its value tracer can compute (``symbolic_trace`` fails on ``torch.tensor([1.0],
+    # device=x.device)``, as in the bnn_pynq models); here they are recorded without one.
+    def unpack_arg(self, arg):
+        raise UnsetValueException
+
+    def create_proxy(self, *args, value=None, **kwargs):
+        return super().create_proxy(*args, **kwargs)
 
 
 def _check_traced(graph_model: torch.fx.GraphModule, float_model: nn.Module) -> None:
