@@ -10,6 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.conformance.brevitas_models import (
+    HandWritten,  # noqa: F401  (the hand-written Brevitas model)
+    bnn_pynq,
+    hand_written,
+    mobilenet_v1,
+    weight_formats,
+)
 from hdrq_plugin import HDRQConfig, adopt_brevitas_model, hdrq_calibrate, merge_models
 from hdrq_plugin.convert import UnsupportedLayerError
 from hdrq_plugin.export import export_qdq, validate
@@ -20,72 +27,14 @@ from hdrq_plugin.quant.quantizers import HDRQQuantizer
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import brevitas.nn as qnn
-    from brevitas.quant import (
-        Int8ActPerTensorFloat,
-        Int8WeightPerChannelFloat,
-        Int8WeightPerTensorFloat,
-        Uint8ActPerTensorFloat,
-    )
     from brevitas_examples.bnn_pynq.models import model_with_cfg
-    from brevitas_examples.imagenet_classification.models.mobilenetv1 import MobileNet
 
 CONFIG = HDRQConfig.cpu_preset("hdrq", iterations=1, num_samples=16, batch_size=8)
-
-
-class HandWritten(nn.Module):
-    """Brevitas layers with Brevitas quantizers, each at its own width and granularity."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True)
-        self.conv1 = qnn.QuantConv2d(3, 8, 3, padding=1, weight_quant=Int8WeightPerChannelFloat, weight_bit_width=6)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu1 = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=5, return_quant_tensor=True)
-        self.conv2 = qnn.QuantConv2d(8, 8, 3, padding=1, groups=8, weight_quant=Int8WeightPerTensorFloat,
-                                     weight_bit_width=3)
-        self.relu2 = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = qnn.QuantLinear(8 * 4 * 4, 10, bias=True, weight_quant=Int8WeightPerTensorFloat, weight_bit_width=8)
-
-    def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(self.inp(x))))
-        x = self.pool(self.relu2(self.conv2(x)))
-        return self.fc(x.flatten(1))
-
-
-def _with_bn_statistics(model: nn.Module, shape) -> nn.Module:
-    """Random-init networks: BatchNorm statistics from a few random batches, so activations do not vanish."""
-    torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.rand(64, *shape))
-    return model.eval()
-
-
-def _tfc():
-    torch.manual_seed(0)
-    return _with_bn_statistics(model_with_cfg("tfc_2w2a", pretrained=False)[0], (1, 28, 28)), (1, 28, 28)
-
-
-def _mobilenet():
-    torch.manual_seed(0)
-    model = MobileNet(channels=[[8], [16], [16, 16], [32]], first_stage_stride=False, act_bit_width=4,
-                      weight_bit_width=4, avg_pool_kernel_size=2, num_classes=10)
-    return _with_bn_statistics(model, (3, 16, 16)), (3, 16, 16)
-
-
-def _hand_written():
-    torch.manual_seed(0)
-    return _with_bn_statistics(HandWritten(), (3, 8, 8)), (3, 8, 8)
-
-
-MODELS = {"bnn_pynq-tfc-2w2a": _tfc, "imagenet-mobilenetv1": _mobilenet, "hand-written": _hand_written}
-
-
-def _weight_formats(model: nn.Module) -> dict[str, tuple[int, bool]]:
-    return {name: (int(layer.weight_quant.bit_width()), layer.quant_weight().scale.numel() > 1)
-            for name, layer in quantized_layers(model, enabled_only=False)}
+_hand_written = hand_written
+_weight_formats = weight_formats
+#: CNV 2W2A is left to the benchmark (30 s); the tests take one model per family plus the hand-written one.
+MODELS = {"bnn_pynq-tfc-2w2a": bnn_pynq("tfc_2w2a", (1, 28, 28)), "imagenet-mobilenetv1": mobilenet_v1,
+          "hand-written": hand_written}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
