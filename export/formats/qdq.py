@@ -38,6 +38,7 @@ from ..model_facts import (
 from ..rewrites.int4 import rewrite_weights_to_int4
 from ..rewrites.integer_path import keep_integer_path
 from ..rewrites.unsigned_grids import store_wide_weights_as_uint8
+from ..validation.self_check import onnxruntime_failures
 
 WEIGHT_STORAGES = ("int8", "int4", "int4-in-int8")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
@@ -84,6 +85,17 @@ def _require_integer_graph(onnx_model: onnx.ModelProto) -> None:
     custom = nonstandard_nodes(onnx_model)
     if custom:
         raise ExportError(f"unsupported ops outside the standard ONNX domain: {custom}")
+
+
+def _require_same_function_in_onnxruntime(tmp: Path, model: nn.Module, example_input: torch.Tensor,
+                                         path: str | os.PathLike) -> None:
+    """Refuse a file that onnxruntime, at any optimization level, runs as another function
+    (:mod:`..validation.self_check`); the file is not written."""
+    failures = onnxruntime_failures(tmp, model, example_input)
+    if failures:
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise ExportError(f"the exported graph computes another function than the model in onnxruntime, "
+                          f"so {path} was not written: {failures[0]}{more}")
 
 
 def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
@@ -134,4 +146,5 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as err:
             raise ExportError(f"the exported graph fails onnx.checker: {err}") from err
+        _require_same_function_in_onnxruntime(tmp, model, example_input, path)
     return Path(path)

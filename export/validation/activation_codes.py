@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import ValidationError
 from ..graph_facts import consumers, initializers
 from ..rewrites.integer_path import COPIED_QUANTIZE_SUFFIX
-from .ort_runtime import session_options
+from .ort_runtime import DEPLOYED_LEVEL, session_options
 
 _SCALE_RTOL = 1e-6  # scales are the same float32 numbers on both sides; this only absorbs printing
 
@@ -78,10 +78,11 @@ class OnnxCodeReader:
     for codes only, to locate where the two sides part.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int, level: str = DEPLOYED_LEVEL) -> None:
         model = onnx.load(str(path))
         self.sites = activation_quantize_sites(model)
-        options = session_options(threads)
+        self.path, self.level = str(path), level
+        options = session_options(threads, level=level)
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         present = {output.name for output in model.graph.output}
         for site in self.sites:
