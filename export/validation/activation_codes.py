@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ValidationError
 from ..graph_facts import consumers, initializers
-from ..rewrites.integer_path import COPIED_QUANTIZE_SUFFIX
+from ..rewrites.integer_path import COPIED_QUANTIZE_SUFFIXES
 from .ort_runtime import DEPLOYED_LEVEL, session_options
 
 _SCALE_RTOL = 1e-6  # scales are the same float32 numbers on both sides; this only absorbs printing
@@ -53,7 +53,7 @@ def activation_quantize_sites(model: onnx.ModelProto) -> list[QuantizeSite]:
     inits, users = initializers(graph), consumers(graph)
     sites = []
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in inits or node.name.endswith(COPIED_QUANTIZE_SUFFIX):
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or node.name.endswith(COPIED_QUANTIZE_SUFFIXES):
             continue  # weights are initializers; copies before a reshape repeat the quantizer after it
         scale = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
         if scale is None or scale.size != 1:
