@@ -56,11 +56,13 @@ def optimized_op_types(path: str | os.PathLike, threads: int = 2) -> Counter:
 
 
 def median_latencies_ms(sessions: dict[str, ort.InferenceSession], batch: np.ndarray,
-                        repeats: int, warmup: int = 3) -> dict[str, float]:
+                        repeats: int, warmup: int = 3, budget_s: float | None = None) -> dict[str, float]:
     """Median wall time per run of each session on ``batch``, the sessions taking turns.
 
     Interleaving the runs exposes every session to the same machine load (other jobs share
-    these cores), which a block of runs per session would not.
+    these cores), which a block of runs per session would not. ``budget_s`` stops the timed
+    rounds once they have taken that long (at least one round is timed); ``"timed_runs"`` in the
+    result says how many rounds the medians are over.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -69,9 +71,13 @@ def median_latencies_ms(sessions: dict[str, ort.InferenceSession], batch: np.nda
         for name, session in sessions.items():
             session.run(None, feeds[name])
     times: dict[str, list[float]] = {name: [] for name in sessions}
+    started = time.perf_counter()
     for _ in range(repeats):
         for name, session in sessions.items():
             start = time.perf_counter()
             session.run(None, feeds[name])
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+        if budget_s is not None and time.perf_counter() - started >= budget_s:
+            break
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {**medians, "timed_runs": len(next(iter(times.values())))}

@@ -63,7 +63,9 @@ class ParityRun:
         return tally
 
     def _chunk(self, tally: DatasetParity, x: torch.Tensor, labels: np.ndarray | None) -> None:
-        with torch.no_grad(), capture_activation_codes(self.model) as captured:
+        # grid values (the value each quantizer rounds) kept for the tie judgement: reading them in
+        # this pass saves a second float32 forward per diverging chunk
+        with torch.no_grad(), capture_activation_codes(self.model, keep_grid_values=True) as captured:
             reference = self.model(x)
         reference = plain_tensor(reference).numpy()
         candidate, twin, onnx_codes = self.reader.run(x.numpy())
@@ -89,7 +91,7 @@ class ParityRun:
         optional = np.flatnonzero(diverging & ~changed)[:room]
         examined = np.concatenate([must, optional])
         if examined.size:
-            certified[examined] = self._explain(tally, x, first, onnx_codes, examined)
+            certified[examined] = self._explain(tally, x, captured, first, onnx_codes, examined)
         tally.add_top1_causes(changed & codes_agree, changed & ~codes_agree & certified,
                               changed & ~codes_agree & ~certified)
 
@@ -121,26 +123,24 @@ class ParityRun:
         ok[np.flatnonzero(samples)[passed]] = True
         return ok
 
-    def _explain(self, tally: DatasetParity, x: torch.Tensor, first: np.ndarray, onnx_codes: list[np.ndarray],
-                 samples: np.ndarray) -> np.ndarray:
+    def _explain(self, tally: DatasetParity, x: torch.Tensor, run32: list, first: np.ndarray,
+                 onnx_codes: list[np.ndarray], samples: np.ndarray) -> np.ndarray:
         """Judge diverging samples' first diverging layer against the float64 model (parity.py, 1);
         returns, per sample given, whether every differing code is a certified tie flip.
 
-        The float32 model is re-run on the same chunk (same kernels, so the same codes) to read
-        the values its quantizers round; the float64 copy gives the exact values.
+        ``run32``: the float32 pass that gave the compared codes, with its grid values; the
+        float64 copy, run on the examined samples only, gives the exact values.
         """
-        with torch.no_grad():
-            with capture_activation_codes(self.model, keep_grid_values=True) as run32:
-                self.model(x)
-            with capture_activation_codes(self._float64(), keep_grid_values=True) as run64:
-                self._model64(x.double())
+        with torch.no_grad(), capture_activation_codes(self._float64(), keep_grid_values=True) as run64:
+            self._model64(x[torch.from_numpy(samples)].double())
         all_ties = []
-        for sample in samples.tolist():
+        for row, sample in enumerate(samples.tolist()):
             layer = int(first[sample])
             pick = slice(sample, sample + 1)
             verdict = judge_first_divergence(run32[layer].codes[pick], onnx_codes[layer][pick],
                                              run32[layer].grid_value[pick].numpy(),
-                                             run64[layer].grid_value[pick].numpy(), self.tolerance.tie_window_steps)
+                                             run64[layer].grid_value[row:row + 1].numpy(),
+                                             self.tolerance.tie_window_steps)
             tally.add_verdict(run32[layer].name, verdict)
             all_ties.append(verdict.unexplained == 0)
         return np.array(all_ties, dtype=bool)

@@ -43,8 +43,13 @@ from .ort_runtime import (
 from .parity import DatasetParity, ParityTolerance
 from .parity_run import ParityRun
 
-DEFAULT_BATCH_SIZES = (1, 64)  # latency at batch 1 (edge) and at a serving batch
-DEFAULT_REPEATS = 30  # timed runs per session and batch size; the median is reported
+DEFAULT_BATCH_SIZES = (1, 8)  # latency at batch 1 (edge) and at a small serving batch
+DEFAULT_REPEATS = 30  # at most this many timed runs per session and batch size; the median is reported
+# Timed rounds per batch size stop after this many seconds, after one warm-up round: at 224x224 one
+# batch-64 round of a W8A8 ResNet-18 took 6-9 s here, so 30 rounds at batch 64 were most of the
+# 133 s validate took (issue 19, docs/export.md §7). Pass batch_sizes=(1, 64) for that figure.
+DEFAULT_LATENCY_BUDGET_S = 2.0
+LATENCY_WARMUP_ROUNDS = 1
 DEFAULT_THREADS = 2  # intra-op threads of the latency measurement; figures in docs/toolchain_notes.md use 2
 DEFAULT_TOLERANCE = ParityTolerance()
 _INTEGER_WEIGHT_STORAGES = ("int8", "int4-in-int8")  # files onnxruntime must run on integer kernels
@@ -160,12 +165,14 @@ def validate(onnx_path: str | os.PathLike, model: nn.Module, data: object, *,
              batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES, repeats: int = DEFAULT_REPEATS,
              threads: int = DEFAULT_THREADS, float_onnx_path: str | os.PathLike | None = None,
              tolerance: ParityTolerance = DEFAULT_TOLERANCE, max_batches: int | None = None,
-             raise_on_failure: bool = False) -> ValidationReport:
+             raise_on_failure: bool = False,
+             latency_budget_s: float | None = DEFAULT_LATENCY_BUDGET_S) -> ValidationReport:
     """Validate an ``export_qdq`` file against ``model`` on ``data`` in onnxruntime (CPU).
 
     ``data``: a mapping dataset name -> iterable of ``(x, y)`` batches (accuracy per dataset),
-    or one iterable of batches or tensors. ``float_onnx_path``: the float32 twin for the
-    latency and size baseline (exported from ``model`` with quantizers off when omitted).
+    or one iterable of batches or tensors. Latency: up to ``repeats`` timed rounds per batch
+    size, stopped after ``latency_budget_s`` seconds (``None``: all ``repeats``).
+    ``float_onnx_path``: the float32 twin for the latency and size baseline (exported from ``model`` with quantizers off when omitted).
     Raises :class:`NotAnHdrqExportError` for files not written by this package and, with
     ``raise_on_failure``, :class:`ValidationError` listing every failed check.
     """
@@ -208,8 +215,9 @@ def validate(onnx_path: str | os.PathLike, model: nn.Module, data: object, *,
             with tempfile.TemporaryDirectory(prefix="hdrq-validate-") as folder:
                 twin = Path(float_onnx_path) if float_onnx_path is not None else export_float(
                     model, Path(folder) / "float32.onnx", inputs[0][None])
-                _measure_latency_and_size(report, cpu_session(path, threads), twin,
-                                          torch.stack(inputs).numpy(), batch_sizes, repeats, threads)
+                _measure_latency_and_size(report, run.reader.session, twin,
+                                          torch.stack(inputs).numpy(), batch_sizes, repeats, threads,
+                                          latency_budget_s)
     finally:
         model.train(was_training)
     if raise_on_failure:
@@ -218,11 +226,13 @@ def validate(onnx_path: str | os.PathLike, model: nn.Module, data: object, *,
 
 
 def _measure_latency_and_size(report: ValidationReport, session, float_path: Path, inputs: np.ndarray,
-                              batch_sizes: tuple[int, ...], repeats: int, threads: int) -> None:
+                              batch_sizes: tuple[int, ...], repeats: int, threads: int,
+                              latency_budget_s: float | None) -> None:
     sessions = {"quantized": session, "float32": cpu_session(float_path, threads)}
     for batch_size in batch_sizes:
         batch = np.ascontiguousarray(inputs[np.arange(batch_size) % len(inputs)])
-        medians = median_latencies_ms(sessions, batch, repeats)
+        medians = median_latencies_ms(sessions, batch, repeats, warmup=LATENCY_WARMUP_ROUNDS,
+                                      budget_s=latency_budget_s)
         medians["float32_over_quantized"] = medians["float32"] / medians["quantized"]
         report.latency_ms[batch_size] = medians
     report.file_bytes = {"quantized": Path(report.onnx_path).stat().st_size,
