@@ -119,12 +119,20 @@ def _enabled_activation_proxies(model: nn.Module) -> Iterator[tuple[str, nn.Modu
             yield name, module
 
 
+class EnoughActivations(Exception):
+    """Raised by :func:`capture_activation_codes` once ``stop_after`` quantizers have run: the
+    rest of the forward is not needed (e.g. a float64 run read only up to a sample's first
+    diverging layer)."""
+
+
 @contextlib.contextmanager
-def capture_activation_codes(model: nn.Module, keep_grid_values: bool = False) -> Iterator[list[CapturedActivation]]:
+def capture_activation_codes(model: nn.Module, keep_grid_values: bool = False,
+                             stop_after: int | None = None) -> Iterator[list[CapturedActivation]]:
     """Record every enabled activation quantizer's output codes while the block runs the model.
 
     ``keep_grid_values`` also records ``activation(x) / scale``, the value the quantizer rounds
     (for QuantReLU-style proxies the fused activation is applied first), in the model's dtype.
+    ``stop_after``: raise :class:`EnoughActivations` out of the forward once that many are recorded.
     """
     records: list[CapturedActivation] = []
 
@@ -141,6 +149,8 @@ def capture_activation_codes(model: nn.Module, keep_grid_values: bool = False) -
             x = activation(x) if activation is not None else x
             grid_value = (x.detach() / scale).to(torch.float64)
         records.append(CapturedActivation(proxy._hdrq_name, scale, codes.to(torch.int16).numpy(), grid_value))
+        if stop_after is not None and len(records) >= stop_after:
+            raise EnoughActivations
 
     handles = []
     for name, proxy in _enabled_activation_proxies(model):

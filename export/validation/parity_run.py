@@ -11,6 +11,7 @@ whole batch was held at once, docs/export.md §7).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from hdrq_plugin.data import plain_tensor, split_batch
 
-from .activation_codes import OnnxCodeReader, alignment_problems, capture_activation_codes
+from .activation_codes import EnoughActivations, OnnxCodeReader, alignment_problems, capture_activation_codes
 from .localize import first_changed_layer
 from .parity import DatasetParity, ParityTolerance, first_diverging_layer, judge_first_divergence
 
@@ -131,8 +132,11 @@ class ParityRun:
         ``run32``: the float32 pass that gave the compared codes, with its grid values; the
         float64 copy, run on the examined samples only, gives the exact values.
         """
-        with torch.no_grad(), capture_activation_codes(self._float64(), keep_grid_values=True) as run64:
-            self._model64(x[torch.from_numpy(samples)].double())
+        needed = int(first[samples].max()) + 1  # the float64 forward stops after the last layer judged
+        with torch.no_grad(), capture_activation_codes(self._float64(), keep_grid_values=True,
+                                                       stop_after=needed) as run64:
+            with contextlib.suppress(EnoughActivations):
+                self._model64(x[torch.from_numpy(samples)].double())
         all_ties = []
         for row, sample in enumerate(samples.tolist()):
             layer = int(first[sample])
