@@ -33,10 +33,10 @@ class ParityRun:
     """Runs both sides chunk by chunk and tallies one dataset; explains diverging samples."""
 
     def __init__(self, reader: OnnxCodeReader, model: nn.Module, output_step_: float | None,
-                 bound_steps: float | None, tolerance: ParityTolerance) -> None:
+                 bound_steps: float | None, tolerance: ParityTolerance, model64: nn.Module | None = None) -> None:
         self.reader, self.model, self.step, self.tolerance = reader, model, output_step_, tolerance
         self.bound_steps = bound_steps
-        self._model64: nn.Module | None = None  # the float64 copy, made on the first divergence
+        self._model64 = model64  # the float64 copy, made on the first divergence unless given
         self.misaligned: list[str] | None = None  # set on the first chunk; codes are compared only if empty
         self.deployed_only_inputs: list[torch.Tensor] = []  # samples only the deployed kernels got wrong
 
@@ -103,6 +103,10 @@ class ParityRun:
     def _within_bound(self, twin: np.ndarray, deployed: np.ndarray) -> np.ndarray:
         """Per sample: does the instrumented twin compute what the deployed graph computes?"""
         return self._steps(twin, deployed) <= (self.bound_steps or 0.0)
+
+    @property
+    def model64(self) -> nn.Module | None:
+        return self._model64
 
     def _float64(self) -> nn.Module:
         if self._model64 is None:

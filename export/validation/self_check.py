@@ -35,14 +35,16 @@ def onnxruntime_failures(path: str | os.PathLike, model: nn.Module, example_inpu
     was_training = model.training
     model.eval()
     failures = []
+    model64 = None  # one float64 copy for every level
     try:
         for level in levels:
             run = ParityRun(OnnxCodeReader(path, SELF_CHECK_THREADS, level=level), model, step, bound,
-                            ParityTolerance())
+                            ParityTolerance(), model64=model64)
             tally = run.dataset("example input", [example_input], None, [])
             found = tally.failures("example input", ParityTolerance(), bound)
             found += [f"parity: {problem}" for problem in run.misaligned or []]
             failures += [f"{level}: {line}" for line in found]
+            model64 = run.model64
     finally:
         model.train(was_training)
     return failures
