@@ -166,3 +166,16 @@ def test_export_refuses_a_file_onnxruntime_computes_differently_and_writes_nothi
     with pytest.raises(ExportError, match=r"computes another function.*ORT_ENABLE_\w+.*first changes at 3\.input_quant"):
         export_qdq(_double_grid_brevitas_model(), path, torch.randn(16, 8, generator=torch.Generator().manual_seed(9)))
     assert not path.exists() and os.listdir(tmp_path) == []
+
+
+def test_validate_names_the_layer_where_the_deployed_function_first_changes(tmp_path, monkeypatch):
+    import hdrq_plugin.export.formats.qdq as qdq
+
+    model = _double_grid_brevitas_model()
+    monkeypatch.setattr(qdq, "_require_same_function_in_onnxruntime", lambda *args: None)  # write the bad file
+    path = export_qdq(model, tmp_path / "double.onnx", torch.randn(4, 8))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5))
+    report = validate(path, model, [(x, torch.zeros(64, dtype=torch.long))], batch_sizes=(1,), repeats=1)
+    assert not report.ok
+    assert report.first_diverging_layer == {"data": "3.input_quant"}
+    assert any("first changes at 3.input_quant" in failure for failure in report.failures), report.failures

@@ -123,7 +123,10 @@ class ValidationReport:
     def summary(self) -> str:
         """One line: the file and its first failure (or that it passed), for logs and CLIs."""
         if self.ok:
-            agreement = ", ".join(f"{name} {100 * a:.2f} %" for name, a in self.top1_agreement.items() if a is not None)
+            agreement = ", ".join(
+                f"{name} {100 * a:.2f} %" + (f" ({ties} predictions changed by certified tie flips)"
+                                             if (ties := self.parity[name].tie_flip_samples) else "")
+                for name, a in self.top1_agreement.items() if a is not None)
             return f"{self.onnx_path}: validation passed (top-1 agreement {agreement})"
         more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
         return f"{self.onnx_path}: validation failed: {self.failures[0]}{more}"
