@@ -37,6 +37,7 @@ from ..model_facts import (
 )
 from ..rewrites.int4 import rewrite_weights_to_int4
 from ..rewrites.integer_path import keep_integer_path
+from ..rewrites.linear_weights import transposed_weights_to_gemm
 from ..rewrites.unsigned_grids import store_wide_weights_as_uint8
 from ..validation.self_check import onnxruntime_failures
 
@@ -130,6 +131,7 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
     with atomic_write_path(path, overwrite=overwrite) as tmp:
         write_brevitas_qcdq(model, example_input, tmp)
         onnx_model = onnx.load(tmp)
+        transposed_weights_to_gemm(onnx_model)  # nn.Linear(bias=False): MatMul(x, Transpose(DQ(W)))
         _require_integer_graph(onnx_model)
         keep_integer_path(onnx_model)  # exact rewrites so onnxruntime fuses every layer
         if saturation_safe:
