@@ -5,7 +5,8 @@ weight initializers and keeps Int32Bias; this module adds the dynamic batch axis
 every weight layer is on the integer path, applies exact rewrites that keep onnxruntime's
 integer kernels connected (:mod:`.integer_path`: uint8 activations, redundant ReLU6 Clips,
 a quantizer before Flatten), optionally rewrites <=4-bit weights
-to true INT4 (:mod:`.int4`), and writes the ``hdrq.*`` metadata, fully checked and atomically.
+to true INT4 (:mod:`.int4`), writes the ``hdrq.*`` metadata, checks that onnxruntime computes the
+model at every optimization level (:mod:`..validation.self_check`), and writes the file atomically.
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
     (onnxruntime runs them on its int8 kernels); ``"int4"`` stores those layers as true INT4
     at opset 21 (half the bytes, but onnxruntime runs them as float Conv, docs/toolchain_notes.md).
     ``metadata`` adds ``method``, ``merged_targets`` or other entries to the file's ``hdrq.*``
-    metadata. The file appears complete or not at all; an existing file needs ``overwrite``.
+    metadata. Before the file is written, onnxruntime runs it on ``example_input`` under every
+    optimization level and it must compute the model there (validate's parity rules); otherwise
+    :class:`ExportError` names the level and the layer where the function first changes. The
+    file appears complete or not at all; an existing file needs ``overwrite``.
 
     ``saturation_safe`` (default): weights with codes beyond +-64 are stored as uint8 so the file
     computes the model on every x86 CPU (:func:`.unsigned_grids.store_wide_weights_as_uint8`);
