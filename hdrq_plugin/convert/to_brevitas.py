@@ -37,6 +37,7 @@ from .op_policy import (
     spatial_means_to_pools,
     widen_float_activation_inputs,
 )
+from .shared_grids import share_activation_grids
 
 with warnings.catch_warnings():
     # Brevitas warns at import when an optional CUDA Hadamard kernel is missing; irrelevant here.
@@ -60,7 +61,6 @@ with warnings.catch_warnings():
         inp_placeholder_handler,
         layer_handler,
     )
-    from brevitas.graph.standardize import DisableLastReturnQuantTensor
     from brevitas.quant import (
         Int8ActPerTensorFloat,
         Int8WeightPerChannelFloat,
@@ -308,10 +308,11 @@ def _quantize_graph(graph_model, identity_map, compute_map, act_map, gate_quant)
         graph_model = layer_handler(graph_model, layer_map=compute_map, requantize_output=True,
                                     quant_identity_map=identity_map, quant_act_map=act_map,
                                     unsigned_act_tuple=UNSIGNED_ACT_TUPLE)
+        share_activation_grids(graph_model)  # one grid per activation (shared_grids.py)
         widen_float_activation_inputs(graph_model, _set_proxy_bits)
         _drop_output_quantizers(graph_model)
         _dequantize_elementwise_inputs(graph_model)
-        graph_model = DisableLastReturnQuantTensor().apply(graph_model)
+        _return_plain_outputs(graph_model)
     finally:
         brevitas_config.IGNORE_MISSING_KEYS = prev
     return graph_model
@@ -328,6 +329,20 @@ def _drop_output_quantizers(graph_model: torch.fx.GraphModule) -> None:
             graph_model.delete_submodule(node.target)
     graph_model.graph.lint()
     graph_model.recompile()
+
+
+def _return_plain_outputs(graph_model: torch.fx.GraphModule) -> None:
+    """The modules producing the graph's outputs return plain tensors.
+
+    Brevitas' ``DisableLastReturnQuantTensor`` switches off the last module in graph order that
+    returns a QuantTensor, which is not the output layer when that one already returns a plain
+    tensor (a Linear classifier): it would strip the quantized activation feeding the classifier.
+    """
+    output = next(n for n in graph_model.graph.nodes if n.op == "output")
+    for node in output.all_input_nodes:
+        module = graph_model.get_submodule(node.target) if node.op == "call_module" else None
+        if getattr(module, "return_quant_tensor", False):
+            module.return_quant_tensor = False
 
 
 def dequantized(x):
