@@ -17,7 +17,7 @@ the ``cli`` on top. Only the names below are the public face; the rest is reacha
 from . import _legacy_paths
 from .architectures import register_architecture
 from .bitspec import BitSpec
-from .convert import convert_to_brevitas
+from .convert import adopt_brevitas_model, convert_to_brevitas
 from .errors import HDRQPluginError
 from .families import QuantizerFamily, register_family
 from .hot import HOTConfig, hot_mode
@@ -32,9 +32,10 @@ _legacy_paths.install()
 
 __all__ = [
     "BitSpec", "GPTQConfig", "HDRQActQuantizer", "HDRQConfig", "HDRQPluginError", "HDRQQuantizer",
-    "HDRQSignedActQuantizer", "HOTConfig", "ModelRecipe", "NIPQConfig", "QuantizeResult", "QuantizerFamily",
-    "average_float_models", "convert_to_brevitas", "error_barrier", "hdrq_calibrate", "hdrq_mode",
-    "hot_mode", "load_float_model", "load_quantized", "merge_models", "quantize_model", "register_architecture", "register_family",
+    "HDRQSignedActQuantizer", "HOTConfig", "ModelRecipe", "NIPQConfig", "QuantizeResult",
+    "QuantizerFamily", "adopt_brevitas_model", "average_float_models", "convert_to_brevitas",
+    "error_barrier", "hdrq_calibrate", "hdrq_mode", "hot_mode", "load_float_model", "load_quantized",
+    "merge_models", "quantize_model", "register_architecture", "register_family",
     "save_float_model", "save_quantized",
 ]
 __version__ = "0.2.0"

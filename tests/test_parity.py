@@ -25,6 +25,8 @@ from hdrq_plugin.export.rewrites.unsigned_grids import (
 )
 from hdrq_plugin.export.validation.parity import (
     TIE_WINDOW_STEPS,
+    DatasetParity,
+    ParityTolerance,
     first_diverging_layer,
     judge_first_divergence,
 )
@@ -112,6 +114,34 @@ def test_the_tie_window_grows_with_the_reference_float32_error(value, error):
     assert too_far.unexplained == 1
 
 
+def _tally_with_one_changed_prediction(cause: str) -> DatasetParity:
+    tally = DatasetParity()
+    reference = np.array([[1.0, 0.0], [0.0, 1.0]])
+    candidate = np.array([[1.0, 0.0], [1.0, 0.0]])  # sample 1's prediction changed
+    agree = np.array([True, cause != "codes_agree"]) & np.array([True, cause == "codes_agree"])
+    tally.add_outputs(reference, candidate, None, 1.0, agree)
+    changed = np.array([False, True])
+    tally.add_top1_causes(changed & (cause == "codes_agree"), changed & (cause == "tie"),
+                          changed & (cause == "not_a_tie"))
+    return tally
+
+
+def test_a_prediction_changed_although_every_code_agrees_fails():
+    failures = _tally_with_one_changed_prediction("codes_agree").failures("a", ParityTolerance(), None)
+    assert any("changed although every activation code agrees" in f for f in failures)
+
+
+def test_a_prediction_changed_by_certified_tie_flips_is_counted_not_failed():
+    tally = _tally_with_one_changed_prediction("tie")
+    assert tally.failures("a", ParityTolerance(), None) == []
+    assert tally.tie_flip_samples == 1 and tally.top1_agreement == 0.5
+
+
+def test_a_prediction_changed_by_a_difference_that_is_not_a_tie_fails():
+    failures = _tally_with_one_changed_prediction("not_a_tie").failures("a", ParityTolerance(), None)
+    assert any("changed by differences that are not rounding ties" in f for f in failures)
+
+
 # --- validate on real files --------------------------------------------------------------------
 
 def test_a_faithful_w4a4_file_has_identical_codes_and_full_top1_agreement(w4a4, w4a4_file):
@@ -186,3 +216,45 @@ def test_storing_wide_weights_as_uint8_changes_no_value_and_only_wide_ones(seed,
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
            for m in (original, shifted)]
     assert run[0].tobytes() == run[1].tobytes()
+
+
+# --- W8A8: the tie rule must not excuse a broken file -------------------------------------------
+
+@pytest.fixture(scope="module")
+def w8a8():
+    return calibrate_activations(convert_to_brevitas(tiny_resnet(seed=0), "w8a8"), _batches(4, seed=1))
+
+
+@pytest.fixture(scope="module")
+def w8a8_file(w8a8, tmp_path_factory):
+    return export_qdq(w8a8, tmp_path_factory.mktemp("parity8") / "w8a8.onnx", torch.randn(2, *SHAPE))
+
+
+def test_a_faithful_w8a8_file_passes(w8a8, w8a8_file):
+    report = validate(w8a8_file, w8a8, {"a": _batches(4, seed=9)}, **FAST)
+    assert report.ok, report.failures
+
+
+def test_one_w8a8_weight_moved_one_step_fails(w8a8, w8a8_file, tmp_path):
+    def bump(model):
+        tensor, _ = _weight_initializer(model, "Conv", 1)
+        stored = numpy_helper.to_array(tensor)
+        codes = stored.astype(np.int64)
+        largest = int(np.abs(codes - int(np.median(codes))).argmax())  # a weight that matters
+        codes.flat[largest] += 1 if codes.flat[largest] < np.iinfo(stored.dtype).max else -1
+        tensor.CopyFrom(numpy_helper.from_array(codes.astype(stored.dtype), tensor.name))
+
+    report = validate(_edited(w8a8_file, tmp_path, bump), w8a8, {"a": _batches(4, seed=9)}, **FAST)
+    assert any("from any rounding tie" in failure for failure in report.failures), report.failures
+
+
+def test_one_w8a8_weight_scale_changed_fails(w8a8, w8a8_file, tmp_path):
+    def rescale(model):
+        _, dq = _weight_initializer(model, "Conv", 1)
+        scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
+        values = numpy_helper.to_array(scale).copy()
+        values.flat[0] *= np.float32(1.01)
+        scale.CopyFrom(numpy_helper.from_array(values, scale.name))
+
+    report = validate(_edited(w8a8_file, tmp_path, rescale), w8a8, {"a": _batches(4, seed=9)}, **FAST)
+    assert not report.ok and any("from any rounding tie" in f for f in report.failures), report.failures

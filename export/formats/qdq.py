@@ -5,7 +5,8 @@ weight initializers and keeps Int32Bias; this module adds the dynamic batch axis
 every weight layer is on the integer path, applies exact rewrites that keep onnxruntime's
 integer kernels connected (:mod:`.integer_path`: uint8 activations, redundant ReLU6 Clips,
 a quantizer before Flatten), optionally rewrites <=4-bit weights
-to true INT4 (:mod:`.int4`), and writes the ``hdrq.*`` metadata, fully checked and atomically.
+to true INT4 (:mod:`.int4`), writes the ``hdrq.*`` metadata, checks that onnxruntime computes the
+model at every optimization level (:mod:`..validation.self_check`), and writes the file atomically.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from ..model_facts import (
 )
 from ..rewrites.int4 import rewrite_weights_to_int4
 from ..rewrites.integer_path import keep_integer_path
+from ..rewrites.linear_weights import transposed_weights_to_gemm
 from ..rewrites.unsigned_grids import store_wide_weights_as_uint8
+from ..validation.self_check import onnxruntime_failures
 
 WEIGHT_STORAGES = ("int8", "int4", "int4-in-int8")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
@@ -86,6 +89,17 @@ def _require_integer_graph(onnx_model: onnx.ModelProto) -> None:
         raise ExportError(f"unsupported ops outside the standard ONNX domain: {custom}")
 
 
+def _require_same_function_in_onnxruntime(tmp: Path, model: nn.Module, example_input: torch.Tensor,
+                                         path: str | os.PathLike) -> None:
+    """Refuse a file that onnxruntime, at any optimization level, runs as another function
+    (:mod:`..validation.self_check`); the file is not written."""
+    failures = onnxruntime_failures(tmp, model, example_input)
+    if failures:
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise ExportError(f"the exported graph computes another function than the model in onnxruntime, "
+                          f"so {path} was not written: {failures[0]}{more}")
+
+
 def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
                weights: str = "int8", metadata: Mapping[str, object] | None = None,
                overwrite: bool = False, saturation_safe: bool = True) -> Path:
@@ -96,7 +110,10 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
     (onnxruntime runs them on its int8 kernels); ``"int4"`` stores those layers as true INT4
     at opset 21 (half the bytes, but onnxruntime runs them as float Conv, docs/toolchain_notes.md).
     ``metadata`` adds ``method``, ``merged_targets`` or other entries to the file's ``hdrq.*``
-    metadata. The file appears complete or not at all; an existing file needs ``overwrite``.
+    metadata. Before the file is written, onnxruntime runs it on ``example_input`` under every
+    optimization level and it must compute the model there (validate's parity rules); otherwise
+    :class:`ExportError` names the level and the layer where the function first changes. The
+    file appears complete or not at all; an existing file needs ``overwrite``.
 
     ``saturation_safe`` (default): weights with codes beyond +-64 are stored as uint8 so the file
     computes the model on every x86 CPU (:func:`.unsigned_grids.store_wide_weights_as_uint8`);
@@ -118,6 +135,7 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
     with atomic_write_path(path, overwrite=overwrite) as tmp:
         write_brevitas_qcdq(model, example_input, tmp)
         onnx_model = onnx.load(tmp)
+        transposed_weights_to_gemm(onnx_model)  # nn.Linear(bias=False): MatMul(x, Transpose(DQ(W)))
         _require_integer_graph(onnx_model)
         keep_integer_path(onnx_model)  # exact rewrites so onnxruntime fuses every layer
         if saturation_safe:
@@ -134,4 +152,5 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as err:
             raise ExportError(f"the exported graph fails onnx.checker: {err}") from err
+        _require_same_function_in_onnxruntime(tmp, model, example_input, path)
     return Path(path)

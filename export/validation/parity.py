@@ -31,10 +31,19 @@ quantizer (:mod:`.activation_codes`), and only two differences are legitimate:
 Anything else (a code off by more than one step, a flip far from a tie, larger output
 differences with identical codes) is an export error, or a runtime that computes another
 function than the file says (e.g. u8s8 kernels saturating in int16 on x86 CPUs without
-VNNI, fixed in :mod:`.unsigned_grids`). Top-1 agreement must stay at or above
-``min_top1_agreement`` even with legitimate flips (goal 100 % at A4, >= 99.9 %
-elsewhere; docs/export.md). History: the previous default, relative L2 error <= 1e-2 of the logits, is gone:
-it was not a statement about the integer grid and a freshly trained zoo crossed it.
+VNNI, fixed in :mod:`.unsigned_grids`; onnxruntime's DoubleQDQPairsRemover on back-to-back
+Q/DQ pairs with two scales, issue 19).
+
+**Top-1, from the same causes.** A sample whose activation codes all agree must keep its top-1
+prediction: its logits differ by float32 rounding only. A sample whose prediction changed is
+always judged, and is *certified* when every difference at its first diverging layer is a tie
+flip (point 1) or the deployed kernels are at least as exact as PyTorch (point 3): such samples
+are counted (``tie_flip_samples``) and reported, not failed, because a rounding tie may go
+either way (measured: 4 of 64 predictions on a 224x224 ResNet-18 W8A8 file, every differing
+code a certified tie). Any other changed prediction fails. ``min_top1_agreement`` applies to
+the agreement with certified samples counted as agreeing. History: the previous rule failed any
+dataset under 99.9 % agreement, tie flips included, which failed correct W8A8 files; before it,
+relative L2 error <= 1e-2 of the logits, which said nothing about the integer grid.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 TIE_WINDOW_STEPS = 2.0 ** -10  # see the module docstring, point 1
-MIN_TOP1_AGREEMENT = 0.999  # docs/export.md: tie flips may move at most 1 in 1,000 predictions
+MIN_TOP1_AGREEMENT = 0.999  # on agreement with certified tie samples counted as agreeing (docstring)
 EXPLAINED_SAMPLES = 32  # diverging samples re-run in float64 per dataset to judge their first flip
 
 
@@ -122,8 +131,13 @@ class DatasetParity:
     examined_samples: int = 0
     tie_flips: int = 0
     unexplained: list[dict] = field(default_factory=list)  # one entry per examined sample with an error
+    top1_changed_where_codes_agree: int = 0  # always a failure: identical codes, another prediction
+    tie_flip_samples: int = 0  # predictions changed by certified ties only: reported, not failed
+    top1_changed_uncertified: int = 0  # predictions changed by a difference that is not a tie
     deployed_only_samples: int = 0  # samples where the twin did not reproduce the deployed output
     deployed_only_failures: int = 0
+    function_changes_at: str | None = None  # where the deployed graph's function first changes (localize.py)
+    function_change_detail: str | None = None
     worst_deployed_excess_steps: float = 0.0  # deployed-vs-float64 minus float32-vs-float64, in steps
 
     @property
@@ -132,8 +146,9 @@ class DatasetParity:
 
     @property
     def first_diverging_layer(self) -> str | None:
-        """The earliest layer (execution order) where any sample's codes first differ."""
-        return next(iter(self.first_divergence_counts), None)
+        """The earliest layer (execution order) where any sample's codes first differ, or where
+        the deployed graph's function first changes when only its kernels differ."""
+        return next(iter(self.first_divergence_counts), self.function_changes_at)
 
     def accuracy(self) -> dict[str, float] | None:
         if not self.labelled:
@@ -176,12 +191,20 @@ class DatasetParity:
         self.first_divergence_counts = dict(sorted(self.first_divergence_counts.items(), key=lambda kv: order[kv[0]]))
 
     def add_deployed_only(self, deployed_from_exact: np.ndarray, reference_from_exact: np.ndarray,
-                          bound_steps: float) -> None:
-        """Judge samples by point 3: distances from the float64 model, in output steps."""
+                          bound_steps: float) -> np.ndarray:
+        """Judge samples by point 3 (distances from the float64 model, in output steps); returns
+        which passed."""
         excess = deployed_from_exact - reference_from_exact - bound_steps
         self.deployed_only_samples += len(excess)
         self.deployed_only_failures += int((excess > 0).sum())
         self.worst_deployed_excess_steps = max(self.worst_deployed_excess_steps, float(excess.max(initial=0.0)))
+        return excess <= 0
+
+    def add_top1_causes(self, codes_agree: np.ndarray, certified: np.ndarray, uncertified: np.ndarray) -> None:
+        """Sort the samples whose top-1 prediction changed by cause (module docstring, "Top-1")."""
+        self.top1_changed_where_codes_agree += int(codes_agree.sum())
+        self.tie_flip_samples += int(certified.sum())
+        self.top1_changed_uncertified += int(uncertified.sum())
 
     def add_verdict(self, layer: str, verdict: FlipVerdict) -> None:
         self.examined_samples += 1
@@ -201,16 +224,25 @@ class DatasetParity:
             found.append(f"{name}: activation codes of {worst['layer']} differ from PyTorch's by up to "
                          f"{worst['max_step_diff']} step(s), {worst['steps_from_a_tie']:.3g} steps from any "
                          f"rounding tie ({len(self.unexplained)} of {self.examined_samples} examined samples)")
+        if self.top1_changed_where_codes_agree:
+            found.append(f"{name}: {self.top1_changed_where_codes_agree} of {self.samples} predictions changed "
+                         "although every activation code agrees")
+        if self.top1_changed_uncertified:
+            found.append(f"{name}: {self.top1_changed_uncertified} of {self.samples} predictions changed by "
+                         "differences that are not rounding ties")
         agreement = self.top1_agreement
-        if agreement is not None and agreement < tolerance.min_top1_agreement:
-            found.append(f"{name}: top-1 agreement {100 * agreement:.2f} % is below "
-                         f"{100 * tolerance.min_top1_agreement:.1f} % ({self.samples - self.top1_agreeing} "
-                         f"of {self.samples} predictions changed)")
+        if agreement is not None:
+            agreement += self.tie_flip_samples / self.samples
+            if agreement < tolerance.min_top1_agreement:
+                found.append(f"{name}: top-1 agreement {100 * agreement:.2f} % (certified tie flips counted as "
+                             f"agreeing) is below {100 * tolerance.min_top1_agreement:.1f} %")
         if self.deployed_only_failures:
             found.append(f"{name}: the deployed graph's output is {self.worst_deployed_excess_steps:.3g} output steps "
                          f"farther from the float64 model than PyTorch's float32 output is, beyond the "
                          f"{bound_steps or 0.0:.3g}-step bound ({self.deployed_only_failures} of "
-                         f"{self.deployed_only_samples} samples its kernels alone compute)")
+                         f"{self.deployed_only_samples} samples its kernels alone compute)"
+                         + (f"; the function first changes at {self.function_changes_at} "
+                            f"({self.function_change_detail})" if self.function_changes_at else ""))
         if bound_steps is not None and self.max_diff_steps_where_codes_agree > bound_steps:
             found.append(f"{name}: outputs differ by {self.max_diff_steps_where_codes_agree:.3g} output steps "
                          f"where every activation code agrees (float32 bound of the last layer: "
