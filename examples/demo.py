@@ -199,7 +199,7 @@ def _export_and_validate(report, merged, spec, targets, tests, out, clock) -> No
     """
     from torch.utils.data import DataLoader
 
-    from hdrq_plugin.export import ValidationError, export_qdq, validate
+    from hdrq_plugin.export import ExportCheckError, ValidationError, export_qdq, validate
 
     example = tests[targets[0]][0][0].unsqueeze(0)
     fast = "int8" if spec.weight_bits == 8 else "int4-in-int8"
@@ -210,9 +210,15 @@ def _export_and_validate(report, merged, spec, targets, tests, out, clock) -> No
     report.extra["validation"] = {}
     failed = []
     for weights, path in files.items():
-        with clock(f"export_{weights}_s"):
-            export_qdq(merged, path, example, weights=weights, overwrite=True,
-                       metadata={"method": "hdrq", "merged_targets": ",".join(targets)})
+        try:
+            with clock(f"export_{weights}_s"):
+                export_qdq(merged, path, example, weights=weights, overwrite=True,
+                           metadata={"method": "hdrq", "merged_targets": ",".join(targets)})
+        except ExportCheckError as err:  # the exporter's own check refused the file: record, go on
+            report.extra["validation"][weights] = {"ok": False, "path": str(path), "refused": str(err)}
+            report.write(out)
+            failed.append(str(err))
+            continue
         with clock(f"validate_{weights}_s"):
             result = validate(path, merged, loaders)
         report.extra["validation"][weights] = result.to_dict()

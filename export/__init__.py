@@ -6,7 +6,7 @@
     report.raise_if_failed()
 """
 
-from .errors import ExportError, NotAnHdrqExportError, ValidationError
+from .errors import ExportCheckError, ExportError, NotAnHdrqExportError, ValidationError
 from .formats.float_export import export_float
 from .formats.ort_format import convert_to_ort_format
 from .formats.qdq import WEIGHT_STORAGES, export_qdq
@@ -15,7 +15,7 @@ from .validation.parity import ParityTolerance
 from .validation.validate import ValidationReport, validate
 
 __all__ = [
-    "ExportError", "NotAnHdrqExportError", "ParityTolerance", "ValidationError", "ValidationReport",
+    "ExportCheckError", "ExportError", "NotAnHdrqExportError", "ParityTolerance", "ValidationError", "ValidationReport",
     "WEIGHT_STORAGES", "convert_to_ort_format", "export_float", "export_qdq",
     "rewrite_weights_to_int4", "validate",
 ]

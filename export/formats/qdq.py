@@ -25,7 +25,7 @@ from torch import nn
 
 from hdrq_plugin._io import atomic_write_path
 
-from ..errors import ExportError
+from ..errors import ExportCheckError, ExportError
 from ..graph_facts import float_weight_nodes, nonstandard_nodes
 from ..metadata import quantized_metadata_props, set_metadata, user_metadata_props
 from ..model_facts import (
@@ -96,7 +96,7 @@ def _require_same_function_in_onnxruntime(tmp: Path, model: nn.Module, example_i
     failures = onnxruntime_failures(tmp, model, example_input)
     if failures:
         more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise ExportError(f"the exported graph computes another function than the model in onnxruntime, "
+        raise ExportCheckError(f"the exported graph computes another function than the model in onnxruntime, "
                           f"so {path} was not written: {failures[0]}{more}")
 
 
