@@ -32,8 +32,12 @@ def _output_size(pool: nn.Module) -> tuple:
 
 
 def _is_local(pool: nn.Module) -> bool:
-    """An adaptive average pool whose output is not 1 everywhere (not a global pool)."""
-    return type(pool) in _ADAPTIVE_AVG_POOLS and any(s != 1 for s in _output_size(pool))
+    """An adaptive average pool with a fixed output size that is not 1 everywhere (not a global
+    pool; a ``None`` entry, "keep this axis", is left to torch.onnx)."""
+    if type(pool) not in _ADAPTIVE_AVG_POOLS:
+        return False
+    size = _output_size(pool)
+    return all(isinstance(s, int) for s in size) and any(s != 1 for s in size)
 
 
 class _LocalAdaptiveAvgPoolToAvgPool(AdaptiveAvgPoolToAvgPool):
@@ -59,7 +63,7 @@ def with_static_pools(model: nn.Module, example_input: torch.Tensor) -> nn.Modul
     """
     if not any(_is_local(m) for m in model.modules()):
         return model
-    static = copy.deepcopy(model)
+    static = copy.deepcopy(model).eval()  # the forward that reads sizes must not update statistics
     transform = _LocalAdaptiveAvgPoolToAvgPool()
     try:
         with torch.no_grad():
@@ -70,8 +74,9 @@ def with_static_pools(model: nn.Module, example_input: torch.Tensor) -> nn.Modul
     if kept:
         name, pool = kept[0]
         raise ExportError(
-            f"{type(pool).__name__} {name!r} maps an input of size {transform.input_sizes[pool][2:]} to "
+            f"{type(pool).__name__} {name!r} maps an input of size "
+            f"{transform.input_sizes[pool][-len(_output_size(pool)):]} to "
             f"{pool.output_size}, not a divisor of it; ONNX AveragePool (one kernel and stride per axis) cannot "
             "compute that: export at an input size divisible by the output size, or write the pool as nn.AvgPool "
             "with an explicit kernel")
-    return static
+    return static.train(model.training)
