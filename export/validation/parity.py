@@ -46,7 +46,7 @@ bound B of point 2: each logit moves by at most B, so the margin moves by at mos
 margin within 2B may change sign in correct arithmetic (measured: with 2-bit weights and
 activations, bnn_pynq CNV/TFC 2W2A give logits that tie *exactly* on the integer grid, PyTorch
 and onnxruntime then break 1-3 of 64 ties differently by float32 summation order, margins
-~1e-6 steps against B = 4e-4 (TFC) and 2.6e-2 (CNV) steps). Such samples are counted
+4e-7 to 1.3e-5 output steps against B = 4e-4 (TFC) and 2.6e-2 (CNV) steps). Such samples are counted
 (``logit_tie_samples``) and reported, not failed; with codes agreeing, a changed prediction
 whose margin exceeds 2B, or any output with no computable B, fails. Any other changed
 prediction fails. ``min_top1_agreement`` applies to the agreement with both kinds of certified
