@@ -27,6 +27,7 @@ from hdrq_plugin.export.validation.parity import (
     TIE_WINDOW_STEPS,
     DatasetParity,
     ParityTolerance,
+    certified_logit_ties,
     first_diverging_layer,
     judge_first_divergence,
 )
@@ -140,6 +141,50 @@ def test_a_prediction_changed_by_certified_tie_flips_is_counted_not_failed():
 def test_a_prediction_changed_by_a_difference_that_is_not_a_tie_fails():
     failures = _tally_with_one_changed_prediction("not_a_tie").failures("a", ParityTolerance(), None)
     assert any("changed by differences that are not rounding ties" in f for f in failures)
+
+
+BOUND = 1e-3  # a last layer's float32 bound, in output steps
+
+
+def _logit_tie_tally(reference, candidate, bound=BOUND):
+    """Two samples whose activation codes all agree, tallied the way ParityRun does it."""
+    tally, agree = DatasetParity(), np.ones(len(reference), dtype=bool)
+    tally.add_outputs(reference, candidate, None, 1.0, agree)
+    ties = certified_logit_ties(reference, candidate, 1.0, bound)
+    changed = reference.argmax(1) != candidate.argmax(1)
+    tally.add_top1_causes(changed & ~ties, np.zeros_like(agree), np.zeros_like(agree), ties)
+    return tally, ties
+
+
+@settings(max_examples=50, deadline=None)
+@given(margin=st.floats(0.0, 1.99 * BOUND), logit=st.floats(-50, 50))
+def test_a_prediction_changed_within_twice_the_float32_bound_is_a_logit_tie(margin, logit):
+    """Codes agree, each logit moved by (just under) the bound: a reference margin < 2B may flip."""
+    move = 0.999 * BOUND  # not the bound itself: float64 rounding of the test's own sums
+    reference = np.array([[logit + margin, logit, logit - 3]])
+    candidate = np.array([[logit + margin - move, logit + move, logit - 3]])
+    tally, ties = _logit_tie_tally(reference, candidate)
+    assert ties.tolist() == [candidate.argmax() != reference.argmax()]
+    assert tally.failures("a", ParityTolerance(), BOUND) == []
+
+
+@settings(max_examples=50, deadline=None)
+@given(excess=st.floats(1e-6, 10.0), logit=st.floats(-50, 50))
+def test_a_prediction_changed_beyond_twice_the_float32_bound_fails_although_codes_agree(excess, logit):
+    margin = 2 * BOUND + excess
+    reference = np.array([[logit + margin, logit]])
+    candidate = np.array([[logit, logit + margin]])  # flipped by more than float32 can explain
+    tally, ties = _logit_tie_tally(reference, candidate)
+    assert not ties.any() and tally.logit_tie_samples == 0
+    assert any("changed although every activation code agrees and the reference margin exceeds" in f
+               for f in tally.failures("a", ParityTolerance(), BOUND))
+
+
+def test_no_logit_tie_is_certified_without_a_float32_bound():
+    reference, candidate = np.array([[1.0, 1.0]]), np.array([[1.0, 1.0 + 1e-7]])
+    tally, ties = _logit_tie_tally(reference, candidate, bound=None)
+    assert not ties.any()
+    assert any("has no float32 error bound" in f for f in tally.failures("a", ParityTolerance(), None))
 
 
 # --- validate on real files --------------------------------------------------------------------

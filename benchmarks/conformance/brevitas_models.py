@@ -5,7 +5,9 @@ ImageNet MobileNetV1 of reduced width (4-bit, per-channel inner weights, 8-bit p
 and per-tensor last layer) — and a hand-written Brevitas model, all randomly initialised with
 BatchNorm statistics from random batches (no weight downloads). Each goes adopt_brevitas_model →
 hdrq_calibrate (two copies, 1 iteration per unit) → merge_models → export_qdq (INT8 container and
-true INT4) → validate on 64 images; the figures are printed and written as JSON.
+true INT4) → validate on 64 images; the figures are printed and written as JSON. The ties column
+gives, per file (INT8/INT4), the predictions changed by certified activation-code tie flips and by
+float32 logit ties (validate's "Top-1" rule, export/validation/parity.py), reported, not failed.
 """
 
 from __future__ import annotations
@@ -118,7 +120,13 @@ def run_one(name: str, folder: Path) -> dict:
     for weights in ("int8", "int4"):
         path = export_qdq(merged, folder / f"{name}-{weights}.onnx", images[:1], weights=weights, overwrite=True)
         report = validate(path, merged, [images], batch_sizes=(1,), repeats=1, threads=1)
+        parity = report.parity["data"]
         row["files"][weights] = {"ok": report.ok, "top1_agreement": next(iter(report.top1_agreement.values())),
+                                 "tie_flip_samples": parity.tie_flip_samples,
+                                 "logit_tie_samples": parity.logit_tie_samples,
+                                 "samples_with_code_divergence": parity.samples_with_code_divergence,
+                                 "max_diff_steps": parity.max_diff_steps,
+                                 "output_bound_steps": report.output_bound_steps,
                                  "failures": report.failures, "integer_kernels": report.integer_kernels}
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
@@ -134,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hdrq-brevitas-models-") as folder:
         rows = [run_one(name, Path(folder)) for name in args.models]
     print(f"{'model':<22} {'layers':>6} {'weight bits':<12} {'kept':<5} {'INT8 top-1':>10} {'INT4 top-1':>10} "
-          f"{'ok':<5} {'s':>5}")
+          f"{'ties (code/logit)':>17} {'ok':<5} {'s':>5}")
     for r in rows:
         files = r["files"]
         print(f"{r['model']:<22} {r['layers']:>6} {','.join(map(str, r['weight_bits'])):<12} "
               f"{str(r['widths_and_granularity_kept']):<5} {files['int8']['top1_agreement']:>10.4f} "
-              f"{files['int4']['top1_agreement']:>10.4f} {str(all(f['ok'] for f in files.values())):<5} "
+              f"{files['int4']['top1_agreement']:>10.4f} "
+              f"{'/'.join(str(f['tie_flip_samples']) + ',' + str(f['logit_tie_samples']) for f in files.values()):>17} "
+              f"{str(all(f['ok'] for f in files.values())):<5} "
               f"{r['seconds']:>5}")
         for weights, f in files.items():
             for failure in f["failures"]:

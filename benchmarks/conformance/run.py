@@ -203,6 +203,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(rows: list[dict], wall_seconds: float, command: str) -> str:
+    """The table of :func:`table` as markdown, with the command, the totals and the wall time."""
+    cells: dict[tuple, Counter] = defaultdict(Counter)
+    for row in rows:
+        cells[(row["block"], row["spec"], row["storage"])][row["outcome"]] += 1
+    total = Counter(row["outcome"] for row in rows)
+    lines = [f"`{command}`", "", f"{len(rows)} cases: {total['validated']} validated, {total['refused']} refused naming the node, "
+             f"{total['other']} other; {wall_seconds:.0f} s wall.", "",
+             "| block | spec | storage | cases | validated | refused | other |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {block} | {spec} | {storage} | {sum(c.values())} | {c['validated']} | {c['refused']} | {c['other']} |"
+              for (block, spec, storage), c in sorted(cells.items())]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.conformance", description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=int, default=22, help="generated models (2 per block type by default)")
@@ -227,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     save(rows)
     print(file=sys.stderr)
     print(table(rows))
+    command = "python -m benchmarks.conformance " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_text_atomic(args.out.with_suffix(".md"), markdown_table(rows, time.perf_counter() - start, command))
     print(f"wall time {time.perf_counter() - start:.0f} s; JSON: {args.out}")
     for row in rows:
         if row["outcome"] == "other":

@@ -1,7 +1,8 @@
 """``export_qdq``: a calibrated Brevitas model -> one checked, self-describing ONNX QDQ file.
 
 Brevitas' QCDQ exporter on the TorchScript path (docs/toolchain_notes.md, "Export") writes integer
-weight initializers and keeps Int32Bias; this module adds the dynamic batch axis, checks that
+weight initializers and keeps Int32Bias (local adaptive average pools exported as the fixed
+AvgPool they are at the example input, :mod:`.static_pools`); this module adds the dynamic batch axis, checks that
 every weight layer is on the integer path, applies exact rewrites that keep onnxruntime's
 integer kernels connected (:mod:`.integer_path`: uint8 activations, redundant ReLU6 Clips,
 a quantizer before Flatten), optionally rewrites <=4-bit weights
@@ -41,6 +42,7 @@ from ..rewrites.integer_path import keep_integer_path
 from ..rewrites.linear_weights import transposed_weights_to_gemm
 from ..rewrites.unsigned_grids import store_wide_weights_as_uint8
 from ..validation.self_check import onnxruntime_failures
+from .static_pools import with_static_pools
 
 WEIGHT_STORAGES = ("int8", "int4", "int4-in-int8")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
@@ -73,7 +75,8 @@ def write_brevitas_qcdq(model: nn.Module, example_input: torch.Tensor, target: s
                 dynamo=False, keep_initializers_as_inputs=False, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_BATCH)
     except Exception as err:
-        raise ExportError(f"Brevitas QCDQ export failed: {type(err).__name__}: {err}") from err
+        first_line = str(err).strip().split("\n", 1)[0][:500]  # torch appends the whole TorchScript graph
+        raise ExportError(f"Brevitas QCDQ export failed: {type(err).__name__}: {first_line}") from err
     finally:
         # Brevitas leaves its export mode switched on when torch.onnx.export raises.
         StdQCDQONNXManager.set_export_mode(model, enabled=False)
@@ -133,7 +136,7 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
              "hdrq.saturation_safe": json.dumps(bool(saturation_safe))}
     require_fitting_input(model, example_input)
     with atomic_write_path(path, overwrite=overwrite) as tmp:
-        write_brevitas_qcdq(model, example_input, tmp)
+        write_brevitas_qcdq(with_static_pools(model, example_input), example_input, tmp)
         onnx_model = onnx.load(tmp)
         transposed_weights_to_gemm(onnx_model)  # nn.Linear(bias=False): MatMul(x, Transpose(DQ(W)))
         _require_integer_graph(onnx_model)

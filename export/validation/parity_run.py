@@ -23,7 +23,13 @@ from hdrq_plugin.data import plain_tensor, split_batch
 
 from .activation_codes import EnoughActivations, OnnxCodeReader, alignment_problems, capture_activation_codes
 from .localize import first_changed_layer
-from .parity import DatasetParity, ParityTolerance, first_diverging_layer, judge_first_divergence
+from .parity import (
+    DatasetParity,
+    ParityTolerance,
+    certified_logit_ties,
+    first_diverging_layer,
+    judge_first_divergence,
+)
 
 CHUNK_SAMPLES = 8  # samples whose activations are held at once (memory bound, module docstring)
 KEPT_INPUTS = 64  # inputs kept for the latency measurement
@@ -93,8 +99,9 @@ class ParityRun:
         examined = np.concatenate([must, optional])
         if examined.size:
             certified[examined] = self._explain(tally, x, captured, first, onnx_codes, examined)
-        tally.add_top1_causes(changed & codes_agree, changed & ~codes_agree & certified,
-                              changed & ~codes_agree & ~certified)
+        logit_ties = codes_agree & certified_logit_ties(reference, candidate, self.step, self.bound_steps)
+        tally.add_top1_causes(changed & codes_agree & ~logit_ties, changed & ~codes_agree & certified,
+                              changed & ~codes_agree & ~certified, logit_ties)
 
     def _steps(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         diff = np.abs(a.astype(np.float64) - b.astype(np.float64)).reshape(len(a), -1).max(axis=1)

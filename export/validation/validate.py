@@ -123,10 +123,8 @@ class ValidationReport:
     def summary(self) -> str:
         """One line: the file and its first failure (or that it passed), for logs and CLIs."""
         if self.ok:
-            agreement = ", ".join(
-                f"{name} {100 * a:.2f} %" + (f" ({ties} predictions changed by certified tie flips)"
-                                             if (ties := self.parity[name].tie_flip_samples) else "")
-                for name, a in self.top1_agreement.items() if a is not None)
+            agreement = ", ".join(f"{name} {100 * a:.2f} %" + _certified_changes(self.parity[name])
+                                  for name, a in self.top1_agreement.items() if a is not None)
             return f"{self.onnx_path}: validation passed (top-1 agreement {agreement})"
         more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
         return f"{self.onnx_path}: validation failed: {self.failures[0]}{more}"
@@ -138,6 +136,14 @@ class ValidationReport:
 
     def __str__(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def _certified_changes(tally: DatasetParity) -> str:
+    """The changed predictions a passing dataset was allowed, by cause (parity.py, "Top-1")."""
+    causes = [f"{n} {what}" for n, what in ((tally.tie_flip_samples, "by certified tie flips"),
+                                             (tally.logit_tie_samples, "by float32 logit ties"))
+              if n]
+    return f" ({', '.join(causes)} changed)" if causes else ""
 
 
 def _as_datasets(data: object) -> dict[str, Iterable]:
