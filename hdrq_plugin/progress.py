@@ -5,6 +5,8 @@ would be one unreadable line of carriage returns, so there bars are silent and :
 writes plain lines instead: one when a :func:`stage` starts and when it ends, and a heartbeat at
 least every :data:`HEARTBEAT_S` seconds naming what is running, its progress and the elapsed time,
 so a log never goes quiet for minutes (``hdrq demo`` used to print nothing for minutes at a time).
+The lines go to stdout: stderr keeps exactly one line for a failure (the CLI's rule), and a log
+(``nohup``, CI) collects both streams.
 
     with stage("quantize hdrq"):
         for _ in progress_bar(range(n), desc="reconstruction", unit="it"):
@@ -145,12 +147,13 @@ class ProgressLog:
         now = self._clock()
         self._last_line = now
         elapsed = format_elapsed(now - self._began) if self._began is not None else "0s"
-        stream = self._stream or sys.stderr
+        stream = self._stream or sys.stdout
         print(f"[hdrq +{elapsed}] {text}", file=stream, flush=True)
 
 
 def progress_mode(stream: TextIO | None = None) -> str:
-    """``"bars"`` on a terminal, ``"log"`` elsewhere; ``HDRQ_PROGRESS`` (bars, log, off) overrides."""
+    """``"bars"`` when the bars' stream (stderr) is a terminal, ``"log"`` elsewhere;
+    ``HDRQ_PROGRESS`` (bars, log, off) overrides."""
     forced = os.environ.get("HDRQ_PROGRESS", "").strip().lower()
     if forced in ("bars", "log", "off"):
         return forced
@@ -158,7 +161,7 @@ def progress_mode(stream: TextIO | None = None) -> str:
     return "bars" if getattr(stream, "isatty", lambda: False)() else "log"
 
 
-#: The process's progress log (stderr).
+#: The process's progress log (stdout).
 PROGRESS = ProgressLog()
 
 
@@ -173,7 +176,7 @@ def stage(name: str) -> Iterator[None]:
     if mode == "bars":
         from tqdm.auto import tqdm
 
-        tqdm.write(f"[hdrq] {name}", file=sys.stderr)
+        tqdm.write(f"[hdrq] {name}", file=sys.stdout)  # above the bars; stderr is for errors
     yield
 
 

@@ -115,3 +115,13 @@ def test_progress_mode_follows_the_terminal_and_the_environment(monkeypatch):
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (59.9, "59s"), (60, "1m00s"), (3725, "1h02m05s")])
 def test_elapsed_times_read_as_minutes_and_seconds(seconds, text):
     assert format_elapsed(seconds) == text
+
+
+def test_a_failing_stage_leaves_stderr_to_the_one_line_error(monkeypatch, capsys):
+    """The CLI's rule (one line on stderr per failure) holds with progress on: lines go to stdout."""
+    monkeypatch.setenv("HDRQ_PROGRESS", "log")
+    monkeypatch.setattr(progress, "PROGRESS", ProgressLog(heartbeat_thread=False))
+    with pytest.raises(ValueError), stage("quantize a"):
+        raise ValueError("bad calibration")
+    out, err = capsys.readouterr()
+    assert err == "" and "quantize a: failed after" in out
