@@ -29,6 +29,12 @@ _PUBLIC_NAMES = {
     "save_float_model": "run", "save_quantized": "run",
 }
 
+#: Subpackages and modules reachable as attributes once ``hdrq_plugin`` is imported.
+_SUBPACKAGES = frozenset({
+    "architectures", "bitspec", "cli", "cli_commands", "convert", "data", "errors", "evaluation", "export",
+    "families", "hot", "merge", "nipq", "options", "progress", "ptq", "quant", "quantize", "run",
+})
+
 _legacy_paths.install()
 
 __all__ = list(_PUBLIC_NAMES)
@@ -63,6 +69,8 @@ def __getattr__(name: str):
         warnings.warn(f"hdrq_plugin.{name} is now {where}.{name}; the old name goes in the next release",
                       DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(where), name)
+    if name in _SUBPACKAGES:  # ``import hdrq_plugin; hdrq_plugin.export.validate``, as when eagerly imported
+        return importlib.import_module(f"hdrq_plugin.{name}")
     raise AttributeError(f"module 'hdrq_plugin' has no attribute {name!r}")
 
 

@@ -86,3 +86,17 @@ def test_old_names_still_import_with_a_warning():
         from hdrq_plugin.quantizers import HDRQQuantizer  # a 0.1 module path
     assert HDRQQuantizer is quant.HDRQQuantizer
     assert cli.load_inputs is cli_commands.load_inputs  # a 0.1 name of the CLI module
+
+
+def test_subpackages_are_attributes_of_the_package_as_before():
+    done = subprocess.run([sys.executable, "-c", "import hdrq_plugin; print(hdrq_plugin.export.validate.__name__, "
+                           "hdrq_plugin.run.checkpoint.__name__)"], capture_output=True, text=True, timeout=300,
+                          check=True)
+    assert done.stdout.split() == ["validate", "hdrq_plugin.run.checkpoint"]
+
+
+def test_every_listed_subpackage_exists():
+    import hdrq_plugin
+
+    for name in hdrq_plugin._SUBPACKAGES:
+        assert getattr(hdrq_plugin, name) is importlib.import_module(f"hdrq_plugin.{name}")
