@@ -194,10 +194,12 @@ class _LogBar:
         self._activity.done = initial
 
     def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update()
-        self.close()
+        try:
+            for item in self.iterable:
+                yield item
+                self.update()
+        finally:  # also when the loop stops early: a finished bar must leave the heartbeat
+            self.close()
 
     def update(self, n: float = 1) -> None:
         self.n += n

@@ -125,3 +125,14 @@ def test_a_failing_stage_leaves_stderr_to_the_one_line_error(monkeypatch, capsys
         raise ValueError("bad calibration")
     out, err = capsys.readouterr()
     assert err == "" and "quantize a: failed after" in out
+
+
+def test_a_loop_left_early_leaves_the_heartbeat(monkeypatch):
+    log, clock, stream = make_log(interval_s=60)
+    monkeypatch.setattr(progress, "PROGRESS", log)
+    monkeypatch.setenv("HDRQ_PROGRESS", "log")
+    for i in progress_bar(range(10), desc="search"):
+        if i == 3:
+            break
+    clock.now += 600
+    assert not log.tick() and stream.getvalue() == ""
