@@ -7,6 +7,7 @@ grid → exported to ONNX (INT8 / INT4) → validated in onnxruntime, with a rep
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from hdrq_plugin._io import ensure_writable_dir
@@ -16,6 +17,7 @@ from hdrq_plugin.evaluation import accuracy, harmonic_mean
 from hdrq_plugin.merge.float_merge import average_float_models
 from hdrq_plugin.merge.models import merge_models
 from hdrq_plugin.nipq.train import CPU_EPOCHS as NIPQ_CPU_EPOCHS
+from hdrq_plugin.progress import stage
 from hdrq_plugin.quantize import quantize_model
 from hdrq_plugin.run.checkpoint import ModelRecipe, save_float_model, save_quantized
 from hdrq_plugin.run.report import HARMONIC_MEAN, Report
@@ -45,20 +47,20 @@ def float_recipe(benchmark: Benchmark) -> ModelRecipe:
 
 
 class _Clock:
+    """Times each stage into the report, and announces it (a line per stage in a log, issue 22)."""
+
     def __init__(self, timings: dict[str, float]):
         self.timings = timings
 
-    def __call__(self, name: str):
-        clock = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.timings[name] = clock.timings.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Span()
+    @contextmanager
+    def __call__(self, name: str, detail: str = ""):
+        start = time.perf_counter()
+        label = name.removesuffix("_s").replace("_", " ") + (f" ({detail})" if detail else "")
+        try:
+            with stage(label):
+                yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, size: str = "demo",
@@ -109,7 +111,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
     for method in ("rtn", "hdrq"):
         quantized[method] = {}
         for t in targets:
-            with clock(f"quantize_{method}_s"):
+            with clock(f"quantize_{method}_s", t):
                 result = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec, method=method,
                                         source=bench.source_model, seed=seed, iterations=iterations)
             report.add(method, str(spec), "single", t, accuracy(result.model, tests[t]))
@@ -122,7 +124,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
         for rounding in rules:
             for subset in merge_subsets(targets):
                 members = [quantized[method][t][0] for t in subset]
-                with clock(f"merge_{method}_{rounding}_s"):
+                with clock(f"merge_{method}_{rounding}_s", "+".join(subset)):
                     merged = merge_models(members, rounding=rounding, seed=seed)
                 label = _merge_label(f"{method}+{rounding}", subset, targets)
                 report.add_per_target(label, str(spec), "merged", {t: accuracy(merged, tests[t]) for t in subset},
@@ -151,7 +153,7 @@ def _nipq_rows(report, bench, spec, targets, tests, seed, epochs, clock) -> None
 
     models = {}
     for t in targets:
-        with clock("quantize_nipq_s"):
+        with clock("quantize_nipq_s", t):
             models[t], result = quantize_nipq(bench.adapted[t], bench.domains[t].train, spec, epochs=epochs,
                                               seed=seed)
         report.add("nipq", str(spec), "single", t, accuracy(models[t], tests[t]),

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
-from tqdm.auto import tqdm
 
 from hdrq_plugin._io import atomic_write_path
 from hdrq_plugin.hot.mode import HOTConfig
+from hdrq_plugin.progress import progress_bar, stage
 
 from .augment import AugmentConfig
 from .domains import FASHION_DOMAIN_NAMES, RENDERED_DEFAULT_IMAGES, DomainSplits, load_domain
@@ -237,15 +237,17 @@ def build_models(recipe: BenchmarkRecipe, domains: dict[str, DomainSplits]) -> t
     timings = {}
     wall, cpu = time.perf_counter(), time.process_time()
     source_data = ConcatDataset([domains[name].train for name in recipe.source_domains])
-    source = train_source(source_data, recipe.architecture, recipe.source_training, seed=recipe.seed)
+    with stage("zoo: train the source model"):
+        source = train_source(source_data, recipe.architecture, recipe.source_training, seed=recipe.seed)
     timings["source_training_s"] = time.perf_counter() - wall
     timings["source_training_cpu_s"] = time.process_time() - cpu
     adapted = {}
     wall, cpu = time.perf_counter(), time.process_time()
-    for index, target in enumerate(tqdm(recipe.target_domains, desc="adapting", disable=None, leave=False), start=1):
-        adapted[target] = adapt_to_target(
-            source, domains[target].train, recipe.adaptation, seed=recipe.seed + index, desc=f"adapt {target}"
-        )
+    for index, target in enumerate(progress_bar(recipe.target_domains, desc="adapting", unit="target", leave=False), start=1):
+        with stage(f"zoo: adapt to {target}"):
+            adapted[target] = adapt_to_target(
+                source, domains[target].train, recipe.adaptation, seed=recipe.seed + index, desc=f"adapt {target}"
+            )
     timings["adaptation_s"] = time.perf_counter() - wall
     timings["adaptation_cpu_s"] = time.process_time() - cpu
     return source, adapted, timings

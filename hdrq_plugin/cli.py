@@ -17,7 +17,6 @@ import time
 import traceback
 from collections.abc import Sequence
 
-from .cli_commands import calibration_tensor, load_any_model, load_inputs, load_labelled  # noqa: F401 (0.1 names)
 from .errors import (
     EXIT_BAD_INPUT,
     EXIT_CHECK_FAILED,
@@ -26,16 +25,37 @@ from .errors import (
     InputError,
     one_line,
 )
-from .export.formats.qdq import WEIGHT_STORAGES
-from .merge.rules import ROUNDING_RULES
-from .ptq.config import METHODS as RECONSTRUCTION_METHODS
-from .quantize import METHOD_NAMES
+
+# The parser needs only names and bounds (torch-free): ``hdrq --help`` and argument errors answer
+# in well under a second; a command imports the library when it runs (``cli_commands``).
+from .options import (
+    MAX_BARRIER_STEPS,
+    MAX_EPOCHS,
+    MAX_ITERATIONS,
+    MAX_TRIALS,
+    METHOD_NAMES,
+    RECONSTRUCTION_METHODS,
+    ROUNDING_RULES,
+    WEIGHT_STORAGES,
+    check_count,
+    check_seed,
+)
 
 EXIT_VALIDATION_FAILED = EXIT_CHECK_FAILED  # old names, one release
 EXIT_TASKS_FAILED = EXIT_TARGETS_FAILED
 
 
 EXIT_UNEXPECTED = 1
+#: 0.1 names of this module, now in :mod:`.cli_commands`; imported on use (PEP 562).
+_COMMAND_HELPERS = ("calibration_tensor", "load_any_model", "load_inputs", "load_labelled")
+
+
+def __getattr__(name: str):
+    if name in _COMMAND_HELPERS:
+        from . import cli_commands
+
+        return getattr(cli_commands, name)
+    raise AttributeError(f"module 'hdrq_plugin.cli' has no attribute {name!r}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -188,9 +208,7 @@ def exit_code_for(err: BaseException) -> int | None:
 
 
 def check_arguments(args) -> None:
-    """Bounds on every number a command takes, before any file is read (:mod:`.run.inputs`)."""
-    from .run.inputs import MAX_BARRIER_STEPS, MAX_EPOCHS, MAX_ITERATIONS, MAX_TRIALS, check_count, check_seed
-
+    """Bounds on every number a command takes, before any file is read (:mod:`.options`)."""
     if hasattr(args, "seed"):
         check_seed(args.seed)
     check_count("--trials", getattr(args, "trials", None), 1, MAX_TRIALS)

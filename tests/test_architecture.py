@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Lowest first. A module may import its own layer and the layers below it, never above.
 LAYERS = (
-    ("shared", ("errors", "families", "architectures", "bitspec", "data", "_io", "evaluation", "_legacy_paths")),
+    ("shared", ("errors", "families", "architectures", "bitspec", "data", "_io", "evaluation", "_legacy_paths",
+                "options", "progress")),
     ("quant", ("quant",)),
     ("convert", ("convert",)),
     ("ptq", ("ptq",)),

@@ -25,6 +25,7 @@ from brevitas.export.onnx.standard.qcdq.manager import StdQCDQONNXManager
 from torch import nn
 
 from hdrq_plugin._io import atomic_write_path
+from hdrq_plugin.options import WEIGHT_STORAGES  # the storages' names; torch-free for the CLI
 
 from ..errors import ExportCheckError, ExportError
 from ..graph_facts import float_weight_nodes, nonstandard_nodes
@@ -44,7 +45,6 @@ from ..rewrites.unsigned_grids import store_wide_weights_as_uint8
 from ..validation.self_check import onnxruntime_failures
 from .static_pools import with_static_pools
 
-WEIGHT_STORAGES = ("int8", "int4", "int4-in-int8")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
 # dynamo=False: the dynamo exporter rejects Int32Bias and stores float weights (docs/toolchain_notes.md).
 QCDQ_OPSET = 13  # docs/toolchain_notes.md: the measured-good opset for Brevitas' TorchScript QCDQ path

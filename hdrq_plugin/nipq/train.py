@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .._io import ensure_writable_dir, save_torch_atomic
 from ..data import plain_tensor
 from ..errors import HDRQPluginError, InputError, one_line
+from ..progress import progress_bar
 from ..quant.control import set_quant_mode
 from ..quant.quantizers import PseudoQuantIntQuant, QuantMode
 from .budget import NIPQTarget, check_reachable, freeze_bits, parse_target
@@ -296,8 +296,8 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
     last_good = {k: v.clone() for k, v in model.state_dict().items()}
     timings: dict[str, list[float]] = {"noise" if config.noise else "ste": [], "hard": []}
     step, loss_value = start_epoch * steps_per_epoch, float("nan")
-    bar = tqdm(total=total_epochs * steps_per_epoch, initial=step, desc="nipq", disable=None if progress is None else not progress,
-               leave=False)
+    bar = progress_bar(total=total_epochs * steps_per_epoch, initial=step, desc="nipq", unit="step",
+                       disable=None if progress is None else not progress, leave=False)
     try:
         for epoch in range(start_epoch, total_epochs):
             hard = epoch >= epochs

@@ -14,34 +14,21 @@ import torch
 from torch import nn
 
 from ..errors import InputError, one_line
+from ..options import (  # noqa: F401 (bounds of the options; torch-free for the CLI)
+    MAX_BARRIER_STEPS,
+    MAX_EPOCHS,
+    MAX_ITERATIONS,
+    MAX_SEED,
+    MAX_TRIALS,
+    check_count,
+    check_seed,
+)
 
-#: Seeds reach ``torch.manual_seed`` multiplied by small constants (NIPQ: ``seed * 100_003 +
-#: epoch``), which must stay in int64; 32 bits is what numpy and most tools accept too.
-MAX_SEED = 2**32 - 1
-#: Bounds of the counts a user gives; each one above is minutes or hours of CPU for no benefit
-#: (noise-sampling trials saturate long before, docs/merge.md; the CPU preset uses 2 000 iterations).
-MAX_TRIALS = 10_000
-MAX_ITERATIONS = 1_000_000
-MAX_EPOCHS = 10_000
-MAX_BARRIER_STEPS = 1_001
 #: The export's example input only fixes the traced shapes (the batch axis is dynamic).
 MAX_EXAMPLE_BATCH = 256
 #: Rough bytes a forward pass keeps per input byte (activations of a small CNN, float32).
 ACTIVATION_BYTES_PER_INPUT_BYTE = 64
 RAY_CONNECT_TIMEOUT_S = 3.0
-
-
-def check_seed(seed: int) -> int:
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"--seed {seed} is out of range: give 0..{MAX_SEED}")
-    return seed
-
-
-def check_count(name: str, value: int | None, low: int, high: int) -> int | None:
-    """``value`` within ``[low, high]`` (None = the default), else one line naming the option."""
-    if value is not None and not low <= value <= high:
-        raise InputError(f"{name} {value} is out of range: give {low}..{high}")
-    return value
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
