@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="offline multi-target digits demo, end to end")
     demo.add_argument("--bits", default="w4a4", help="bit spec, e.g. w4a4, w4a8, w4a4-per-channel")
-    demo.add_argument("--out", default="runs/demo", help="output folder for report.json/report.md")
+    demo.add_argument("--out", default=None,
+                      help="output folder for report.json/report.md (default runs/demo, runs/demo-segmentation)")
+    demo.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                      help="classification (digits, ResNet) or segmentation (digit scenes, U-Net; mIoU and mask PNGs)")
     demo.add_argument("--size", choices=("demo", "tiny"), default="demo",
                       help="benchmark size: 'demo' (default) or 'tiny' (seconds; for smoke tests)")
     demo.add_argument("--iterations", type=int, default=None,

@@ -137,8 +137,11 @@ def _finished_before(out: str, run: dict) -> bool:
 # commands
 
 def cmd_demo(args) -> int:
+    if args.task == "segmentation":
+        return _segmentation_demo(args)
     from hdrq_examples.demo import run_demo
 
+    args.out = args.out or "runs/demo"
     kwargs = {} if args.iterations is None else {"iterations": args.iterations}
     if args.hot:
         kwargs["hot"] = True
@@ -147,6 +150,19 @@ def cmd_demo(args) -> int:
     # the demo owns its output folder (report.json/report.md): a rerun replaces its own report
     report = run_demo(bits=args.bits, out=args.out, seed=args.seed, size=args.size, **kwargs)
     print(f"wrote {Path(args.out) / 'report.json'} and report.md ({len(report.rows)} rows)")
+    return 0
+
+
+def _segmentation_demo(args) -> int:
+    from hdrq_examples.segmentation_demo import run_segmentation_demo
+
+    if args.hot or args.nipq_epochs:
+        raise InputError("--hot and --nipq-epochs apply to the classification demo only")
+    args.out = args.out or "runs/demo-segmentation"
+    kwargs = {} if args.iterations is None else {"iterations": args.iterations}
+    report = run_segmentation_demo(bits=args.bits, out=args.out, seed=args.seed, size=args.size, **kwargs)
+    print(f"wrote {Path(args.out) / 'report.json'}, report.md ({len(report.rows)} rows) and "
+          f"{len(report.extra['pictures'])} mask pictures")
     return 0
 
 

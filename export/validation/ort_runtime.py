@@ -20,6 +20,10 @@ INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatM
 # Weight layers computing in float (including onnxruntime's fused and NCHWc variants).
 FLOAT_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm",
                      "FusedMatMul")
+#: Weight layers onnxruntime's CPU provider has no integer kernel for: it fuses no QDQ group around
+#: them and runs DequantizeLinear -> float op -> QuantizeLinear (measured on a U-Net's 2x2
+#: stride-2 ConvTranspose at every optimization level, onnxruntime 1.32; docs/export.md, op policy).
+NO_INTEGER_KERNEL_IN_ORT = ("ConvTranspose",)
 _QUIET = 3  # onnxruntime log severity "error": hides the NCHWc "hardware specific" warning
 #: Every graph optimization level a user can pick; a file must compute the model under each
 #: (the optimizers at EXTENDED and above rewrite QDQ groups, e.g. DoubleQDQPairsRemover).

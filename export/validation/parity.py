@@ -53,6 +53,11 @@ prediction fails. ``min_top1_agreement`` applies to the agreement with both kind
 samples counted as agreeing. History: the previous rule failed any
 dataset under 99.9 % agreement, tie flips included, which failed correct W8A8 files; before it,
 relative L2 error <= 1e-2 of the logits, which said nothing about the integer grid.
+
+**Dense outputs** (``[N, C, H, W]`` per-pixel logits of a segmentation network): a prediction is
+one pixel's argmax over ``C``, and the same rules apply per sample: a sample with a changed pixel
+is judged, and its changed pixels count as agreeing when it is certified. Agreement is then the
+fraction of pixels (``predictions``), accuracy the fraction of labelled pixels.
 """
 
 from __future__ import annotations
@@ -126,19 +131,22 @@ def judge_first_divergence(ours: np.ndarray, theirs: np.ndarray, grid32: np.ndar
 
 def certified_logit_ties(reference: np.ndarray, candidate: np.ndarray, output_step_: float | None,
                          bound_steps: float | None) -> np.ndarray:
-    """Per sample: the top-1 prediction changed and the reference margin between the two predicted
+    """Per sample: some prediction changed and, for every changed prediction (one per sample, or
+    one per pixel of ``[N, C, H, W]`` outputs), the reference margin between the two predicted
     classes is at most ``2 * bound_steps`` output steps (module docstring, "Top-1").
 
     Meaningful only for samples whose activation codes all agree (the bound assumes it). With no
     bound or no output step nothing is certified.
     """
     certified = np.zeros(len(reference), dtype=bool)
-    if reference.ndim != 2 or output_step_ is None or bound_steps is None:
+    if reference.ndim < 2 or output_step_ is None or bound_steps is None:
         return certified
-    rows = np.arange(len(reference))
     ours, theirs = reference.argmax(1), candidate.argmax(1)
-    margin = (reference[rows, ours].astype(np.float64) - reference[rows, theirs].astype(np.float64)) / output_step_
-    return (ours != theirs) & (margin <= 2.0 * bound_steps)
+    ref = reference.astype(np.float64)
+    margin = (np.take_along_axis(ref, ours[:, None], 1) - np.take_along_axis(ref, theirs[:, None], 1))[:, 0]
+    changed = (ours != theirs).reshape(len(reference), -1)
+    beyond = (changed & (margin / output_step_ > 2.0 * bound_steps).reshape(len(reference), -1)).any(axis=1)
+    return changed.any(axis=1) & ~beyond
 
 
 @dataclass
@@ -146,6 +154,7 @@ class DatasetParity:
     """Everything measured for one dataset: agreement, output steps, code divergences."""
 
     samples: int = 0
+    predictions: int = 0  # samples, or pixels for dense outputs (module docstring)
     top1_agreeing: int = 0
     labelled: int = 0
     correct: dict[str, int] = field(default_factory=lambda: {"onnxruntime": 0, "pytorch": 0})
@@ -159,7 +168,9 @@ class DatasetParity:
     unexplained: list[dict] = field(default_factory=list)  # one entry per examined sample with an error
     top1_changed_where_codes_agree: int = 0  # a failure: identical codes, another prediction, margin > 2B
     tie_flip_samples: int = 0  # predictions changed by certified ties only: reported, not failed
+    tie_flip_predictions: int = 0  # the predictions (pixels, for dense outputs) of those samples that changed
     logit_tie_samples: int = 0  # identical codes, reference margin <= 2B (docstring, "Top-1"): reported
+    logit_tie_predictions: int = 0  # the predictions of those samples that changed
     top1_changed_uncertified: int = 0  # predictions changed by a difference that is not a tie
     deployed_only_samples: int = 0  # samples where the twin did not reproduce the deployed output
     deployed_only_failures: int = 0
@@ -169,7 +180,7 @@ class DatasetParity:
 
     @property
     def top1_agreement(self) -> float | None:
-        return self.top1_agreeing / self.samples if self.samples else None
+        return self.top1_agreeing / self.predictions if self.predictions else None
 
     @property
     def first_diverging_layer(self) -> str | None:
@@ -194,14 +205,18 @@ class DatasetParity:
         if codes_agree.any():
             self.max_diff_steps_where_codes_agree = max(self.max_diff_steps_where_codes_agree,
                                                         float(per_sample[codes_agree].max()))
-        if reference.ndim == 2:
+        if reference.ndim >= 2:  # classes on axis 1, per sample or per pixel
             ours, theirs = reference.argmax(1), candidate.argmax(1)
+            self.predictions += ours.size
             self.top1_agreeing += int((ours == theirs).sum())
             if labels is not None:
-                self.labelled += len(labels)
+                if labels.shape != ours.shape:
+                    raise ValueError(f"labels of shape {labels.shape} do not match predictions of shape {ours.shape}")
+                self.labelled += labels.size
                 self.correct["pytorch"] += int((ours == labels).sum())
                 self.correct["onnxruntime"] += int((theirs == labels).sum())
         else:
+            self.predictions += len(reference)
             self.top1_agreeing += int(codes_agree.sum())  # no classes: agreement = identical codes
 
     def add_code_mismatches(self, names: list[str], brevitas_codes: list[np.ndarray],
@@ -228,13 +243,20 @@ class DatasetParity:
         return excess <= 0
 
     def add_top1_causes(self, codes_agree: np.ndarray, certified: np.ndarray, uncertified: np.ndarray,
-                        logit_ties: np.ndarray | None = None) -> None:
+                        logit_ties: np.ndarray | None = None,
+                        changed_predictions: np.ndarray | None = None) -> None:
         """Sort the samples whose top-1 prediction changed by cause (module docstring, "Top-1");
-        ``codes_agree`` excludes the ``logit_ties``."""
+        ``codes_agree`` excludes the ``logit_ties``; ``changed_predictions[i]``: how many
+        predictions of sample i changed (1 per sample if None)."""
         self.top1_changed_where_codes_agree += int(codes_agree.sum())
         self.tie_flip_samples += int(certified.sum())
+        self.tie_flip_predictions += int(certified.sum() if changed_predictions is None
+                                         else changed_predictions[certified].sum())
         self.top1_changed_uncertified += int(uncertified.sum())
-        self.logit_tie_samples += int(logit_ties.sum()) if logit_ties is not None else 0
+        if logit_ties is not None:
+            self.logit_tie_samples += int(logit_ties.sum())
+            self.logit_tie_predictions += int(logit_ties.sum() if changed_predictions is None
+                                              else changed_predictions[logit_ties].sum())
 
     def add_verdict(self, layer: str, verdict: FlipVerdict) -> None:
         self.examined_samples += 1
@@ -266,7 +288,7 @@ class DatasetParity:
                          "differences that are not rounding ties")
         agreement = self.top1_agreement
         if agreement is not None:
-            agreement += (self.tie_flip_samples + self.logit_tie_samples) / self.samples
+            agreement += (self.tie_flip_predictions + self.logit_tie_predictions) / self.predictions
             if agreement < tolerance.min_top1_agreement:
                 found.append(f"{name}: top-1 agreement {100 * agreement:.2f} % (certified tie flips and logit ties "
                              f"counted as agreeing) is below {100 * tolerance.min_top1_agreement:.1f} %")

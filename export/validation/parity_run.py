@@ -90,7 +90,8 @@ class ParityRun:
         if not twin_is_deployed.all():
             certified |= self._judge_against_float64(tally, x, reference, candidate, ~twin_is_deployed)
         tally.add_code_mismatches([record.name for record in captured], ours, onnx_codes, first)
-        changed = _top1_changed(reference, candidate)
+        changed_predictions = _changed_predictions(reference, candidate)
+        changed = changed_predictions > 0
         diverging = (first >= 0) & twin_is_deployed
         # every sample whose prediction changed is judged; others while the budget lasts
         must = np.flatnonzero(diverging & changed)
@@ -101,7 +102,7 @@ class ParityRun:
             certified[examined] = self._explain(tally, x, captured, first, onnx_codes, examined)
         logit_ties = codes_agree & certified_logit_ties(reference, candidate, self.step, self.bound_steps)
         tally.add_top1_causes(changed & codes_agree & ~logit_ties, changed & ~codes_agree & certified,
-                              changed & ~codes_agree & ~certified, logit_ties)
+                              changed & ~codes_agree & ~certified, logit_ties, changed_predictions)
 
     def _steps(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         diff = np.abs(a.astype(np.float64) - b.astype(np.float64)).reshape(len(a), -1).max(axis=1)
@@ -161,7 +162,10 @@ class ParityRun:
         return np.array(all_ties, dtype=bool)
 
 
-def _top1_changed(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    if reference.ndim != 2:  # no classes: nothing to predict
-        return np.zeros(len(reference), dtype=bool)
-    return reference.argmax(1) != candidate.argmax(1)
+def _changed_predictions(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per sample, how many argmax predictions over axis 1 changed (one per sample for
+    ``[N, C]`` logits, one per pixel for ``[N, C, H, W]``)."""
+    if reference.ndim < 2:  # no classes: nothing to predict
+        return np.zeros(len(reference), dtype=np.int64)
+    changed = reference.argmax(1) != candidate.argmax(1)
+    return changed.reshape(len(reference), -1).sum(axis=1)

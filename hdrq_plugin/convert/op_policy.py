@@ -17,6 +17,9 @@ The README table "Per op, what the conversion quantizes" is this module in prose
 * A concatenation's output gets one quantizer shared by all its consumers (as Brevitas does for
   residual adds), so onnxruntime runs it as one QLinearConcat instead of a float Concat
   requantized once per consumer.
+* Resizing (``F.interpolate``, any mode: the decoders of segmentation networks) takes the float
+  value of its input and its consumer requantizes, as for adds: bilinear values fall between
+  grid points, and onnxruntime has no integer Resize for a QDQ model to reuse a grid with.
 * Pooling, flatten and dropout add no quantizer: max pooling keeps the grid, average pooling's
   result is requantized by its consumer, dropout is removed at conversion (:func:`remove_dropout`).
 
@@ -76,7 +79,10 @@ GRID_PRESERVING_METHODS = ("flatten", "view", "reshape", "permute", "t", "size",
 FLOAT_VALUE_FUNCTIONS = (*ELEMENTWISE_FUNCTIONS, operator.getitem, torch.squeeze, torch.unsqueeze,
                          torch.permute, torch.chunk, torch.split, torch.mean, torch.sum,
                          # arithmetic: on sizes (``x.size(1) // 2``) or scaling values (``x / 6``)
-                         operator.sub, operator.truediv, operator.floordiv, operator.neg)
+                         operator.sub, operator.truediv, operator.floordiv, operator.neg,
+                         # resizing (U-Net/DeepLab decoders): bilinear makes off-grid values, so
+                         # every mode is fed the float value and its consumer requantizes
+                         F.interpolate)
 FLOAT_VALUE_METHODS = ("add", "add_", "mul", "mul_", "squeeze", "unsqueeze", "expand", "expand_as",
                        "chunk", "split", "mean", "sum", "transpose")
 #: Functions that make constants (``x - torch.tensor([1.0], device=x.device)``); exported as such.

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..bitspec import BitSpec, split_quantizer_prefix
@@ -72,14 +73,14 @@ with warnings.catch_warnings():
 #: Leaf module types the conversion knows how to handle (compute layers, folded BN, activations
 #: (op_policy says what is quantized around each), and shape/pooling/dropout ops).
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.Conv2d, nn.Linear,
+    nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear,
     nn.BatchNorm1d, nn.BatchNorm2d,
     nn.ReLU, nn.ReLU6, *FLOAT_ACTIVATIONS,
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     SignedActivationGrid, UnsignedActivationGrid,
 )
-COMPUTE_LAYERS = (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantLinear)
+COMPUTE_LAYERS = (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantConvTranspose2d, qnn.QuantLinear)
 
 #: Default weight quantizers: Brevitas' per-tensor / per-channel float-scale quantizers with the
 #: scale turned into a learnable parameter initialised from max-abs statistics, so merges and
@@ -177,6 +178,7 @@ def convert_to_brevitas(
     compute_map = dict(COMPUTE_LAYER_MAP)
     compute_map[nn.Conv1d] = (qnn.QuantConv1d, {**layer_kwargs, "return_quant_tensor": True})
     compute_map[nn.Conv2d] = (qnn.QuantConv2d, {**layer_kwargs, "return_quant_tensor": True})
+    compute_map[nn.ConvTranspose2d] = (qnn.QuantConvTranspose2d, {**layer_kwargs, "return_quant_tensor": True})
     unsigned = _with_bits(act_quant, spec.act_bits)
     signed = _with_bits(signed_act_quant, spec.act_bits)
     # A Linear usually follows pooling/flatten, whose output is off the activation grid, so it
@@ -319,16 +321,36 @@ def _quantize_graph(graph_model, identity_map, compute_map, act_map, gate_quant)
 
 
 def _drop_output_quantizers(graph_model: torch.fx.GraphModule) -> None:
-    """Remove requantizers whose only user is the graph output (keep the logits in float)."""
+    """Remove requantizers whose only user is the graph output (keep the logits in float), also
+    through the resize that brings a segmentation network's logits to the input size.
+
+    A convolution's logits (a segmentation head) keep theirs at ``BOUNDARY_BITS``, the 8-bit edge
+    policy of the network input: onnxruntime's integer conv (QLinearConv) needs a quantized
+    output, unlike QGemm, so a float-output head would stay a float Conv; at ``act_bits`` a
+    4-bit logit grid would cost what the classification policy avoids.
+    """
     output = next(n for n in graph_model.graph.nodes if n.op == "output")
-    for node in list(output.all_input_nodes):
+    for node in [_through_output_resizes(n) for n in output.all_input_nodes]:
         if node.op == "call_module" and isinstance(graph_model.get_submodule(node.target), qnn.QuantIdentity) \
                 and len(node.users) == 1:
+            producer = node.all_input_nodes[0]
+            if producer.op == "call_module" and isinstance(graph_model.get_submodule(producer.target),
+                                                           (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantConvTranspose2d)):
+                _set_proxy_bits(graph_model.get_submodule(node.target).act_quant, BOUNDARY_BITS)
+                continue
             node.replace_all_uses_with(node.all_input_nodes[0])
             graph_model.graph.erase_node(node)
             graph_model.delete_submodule(node.target)
     graph_model.graph.lint()
     graph_model.recompile()
+
+
+def _through_output_resizes(node):
+    """The node a chain of single-use ``F.interpolate`` (and its ``dequantized`` input) reads."""
+    while node.op == "call_function" and node.target in (F.interpolate, dequantized) and len(node.users) == 1 \
+            and node.args and hasattr(node.args[0], "op"):
+        node = node.args[0]
+    return node
 
 
 def _return_plain_outputs(graph_model: torch.fx.GraphModule) -> None:
