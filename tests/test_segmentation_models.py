@@ -10,7 +10,7 @@ from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.convert.to_brevitas import convert_to_brevitas
 from hdrq_plugin.export import export_qdq, validate
 from hdrq_plugin.export.validation.ort_runtime import FLOAT_COMPUTE_OPS
-from hdrq_plugin.export.validation.parity import DatasetParity, ParityTolerance
+from hdrq_plugin.export.validation.parity import DatasetParity, ParityTolerance, certified_logit_ties
 from hdrq_plugin.export.validation.validate import _kernel_failures
 
 FAST = {"batch_sizes": (1,), "repeats": 2}  # latency is measured, not judged, here
@@ -84,7 +84,8 @@ def test_dense_parity_counts_changed_pixels_against_the_agreement_floor():
                       codes_agree=np.array([False, True]))
     assert tally.predictions == 32 and tally.top1_agreeing == 28
     assert tally.accuracy() == {"onnxruntime": 28 / 32, "pytorch": 1.0}
-    tally.add_top1_causes(np.zeros(2, bool), np.zeros(2, bool), np.array([True, False]), np.array([4, 0]))
+    tally.add_top1_causes(np.zeros(2, bool), np.zeros(2, bool), np.array([True, False]),
+                          changed_predictions=np.array([4, 0]))
     failures = tally.failures("d", ParityTolerance(), None)
     assert any("not rounding ties" in f for f in failures) and any("87.50 %" in f for f in failures)
 
@@ -95,9 +96,22 @@ def test_dense_parity_counts_certified_tie_pixels_as_agreeing():
     candidate[0, 1, 0, 0] = 1.0
     tally = DatasetParity()
     tally.add_outputs(reference, candidate, None, None, codes_agree=np.array([False]))
-    tally.add_top1_causes(np.zeros(1, bool), np.array([True]), np.zeros(1, bool), np.array([1]))
+    tally.add_top1_causes(np.zeros(1, bool), np.array([True]), np.zeros(1, bool), changed_predictions=np.array([1]))
     assert tally.top1_agreement == 0.99 and tally.tie_flip_predictions == 1
     assert tally.failures("d", ParityTolerance(), None) == []
+
+
+def test_dense_logit_ties_are_certified_only_when_every_changed_pixel_is_within_2b():
+    reference = np.zeros((2, 2, 4, 4), dtype=np.float32)
+    reference[:, 0] = 1.0
+    reference[:, 1] = 1.0 - 1e-6  # every pixel: class 0 wins by 1e-6
+    reference[1, 1, 3, 3] = 0.5  # sample 1: one pixel wins by 0.5
+    candidate = reference.copy()
+    candidate[:, 1, 0, 0] = 1.0 + 1e-6  # pixel (0, 0) flips to class 1 in both samples
+    candidate[1, 1, 3, 3] = 2.0  # and in sample 1 the pixel with the wide margin flips too
+    ties = certified_logit_ties(reference, candidate, 1.0, 1e-3)
+    assert ties.tolist() == [True, False]
+    assert not certified_logit_ties(reference, reference, 1.0, 1e-3).any()  # nothing changed
 
 
 def test_dense_parity_refuses_labels_of_another_shape():
