@@ -171,14 +171,31 @@ def test_bops_target_is_reached_within_2_percent():
     target = low + 0.3 * (high - low)
     params = [m.theta for m in bit_modules(model).values() if m.theta.requires_grad]
     opt = torch.optim.Adam(params, lr=0.05)
-    for _ in range(150):  # the cost term alone drives the widths toward the budget
+    gaps = []
+    for _ in range(150):  # the cost term alone drives the rounded widths to the budget and holds them there
         opt.zero_grad()
         bops_loss(cost, target).backward()
         opt.step()
-    continuous = float(cost.bops().detach())
-    assert abs(continuous - target) / target < 0.02  # the loss alone gets there (continuous bits)
+        gaps.append(float(cost.bops(deployed=True)) - target)
+    # L1 on the deployed BOPs: a constant pull that flips sign at the budget, so the rounded widths
+    # cross it from both sides (Adam moves every width together, so a crossing is several moves)
+    assert min(gaps[-50:]) <= 0 <= max(gaps[-50:])
     report = freeze_bits(cost, NIPQTarget(bops=target))
     assert abs(report.bops - target) / target <= 0.02 and report.bops <= target
+    assert target - report.bops < _smallest_one_bit_bops_move(cost)  # refilled: no upward move fits
+
+
+def _smallest_one_bit_bops_move(cost) -> float:
+    """BOPs added by the finest single move: one bit more on the width that weighs least (an
+    activation width counts once per layer it feeds)."""
+    moves: dict[int, float] = {}
+    for layer in cost.layers:
+        w, a = float(layer.weight.bits.rounded()), float(layer.input_bits.rounded())
+        if not layer.weight.bits.pinned:
+            moves[id(layer.weight.bits)] = moves.get(id(layer.weight.bits), 0.0) + layer.macs * a
+        if not layer.input_bits.pinned:
+            moves[id(layer.input_bits)] = moves.get(id(layer.input_bits), 0.0) + layer.macs * w
+    return min(moves.values())
 
 
 # --- the training engine -----------------------------------------------------------------------
@@ -228,13 +245,13 @@ def test_resumed_training_ends_with_the_same_weights(tmp_path):
 
 def test_nan_loss_stops_keeps_the_checkpoint_and_names_the_step(tmp_path):
     class NanAt(list):
-        # passes: cost probe, activation-range init, epoch 0, epoch 1 -> NaN in epoch 1, batch 1
+        # passes: cost probe, budget batches, activation-range init, epoch 0, epoch 1 -> NaN in epoch 1, batch 1
         passes = 0
 
         def __iter__(self):
             self.passes += 1
             for index, (x, y) in enumerate(super().__iter__()):
-                yield (torch.full_like(x, float("nan")) if (self.passes, index) == (4, 1) else x), y
+                yield (torch.full_like(x, float("nan")) if (self.passes, index) == (5, 1) else x), y
 
     model = nipq_model()
     with pytest.raises(NIPQTrainingError, match=r"at step 4 \(epoch 1, batch 1\)"):
