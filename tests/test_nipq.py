@@ -218,6 +218,55 @@ def test_training_freezes_bits_and_reports_the_cost(tmp_path):
     assert not model.training
 
 
+def _learned_average(report, tensors) -> float:
+    """Average deployed bits of the learned (unpinned) tensors, from a report's per-tensor widths."""
+    learned = [t for t in tensors if not t.bits.pinned]
+    widths = {**report.weight_bits, **report.act_bits}
+    return sum(widths[t.name] * t.numel for t in learned) / sum(t.numel for t in learned)
+
+
+def _step(tensors, pick) -> float:
+    learned = [t.numel for t in tensors if not t.bits.pinned]
+    return pick(learned) / sum(learned)
+
+
+def _train_to_budget(cost_weight: float):
+    model = nipq_model()
+    config = NIPQConfig.cpu_preset(hard_epochs=1, init_batches=1, warmup_epochs=0, freeze_fraction=0.75,
+                                   bits_lr=0.1, cost_weight=cost_weight)
+    result = nipq_train(model, _batches(10), target=5, epochs=4, teacher=tiny_resnet(), config=config,
+                        progress=False)
+    return result, describe_costs(model, X)
+
+
+def _learned_widths_on_budget(result, cost, target=5.0) -> bool:
+    """The rounded widths as learned (before any projection) sit on the budget, within one move of
+    the largest tensor (the coarsest a single width can change the average)."""
+    return all(abs(_learned_average(result.report_at_freeze, tensors) - target) <= _step(tensors, max)
+               for tensors in (cost.weights, cost.activations))
+
+
+def test_the_cost_lands_the_rounded_widths_on_the_budget_and_freezing_keeps_them_there(capsys):
+    result, cost = _train_to_budget(1.0)
+    assert _learned_widths_on_budget(result, cost)
+    for tensors in (cost.weights, cost.activations):  # deployed: at most the budget, and refilled
+        deployed = _learned_average(result.report, tensors)
+        widths = {**result.report.weight_bits, **result.report.act_bits}
+        total = sum(t.numel for t in tensors if not t.bits.pinned)
+        upward = [t.numel / total for t in tensors if not t.bits.pinned and widths[t.name] < 8]
+        assert deployed <= 5.0 + 1e-9
+        assert not upward or 5.0 - deployed < min(upward)  # no one-bit move up still fits
+    assert result.freeze_epoch == 3 and result.accuracy_before_freeze is not None
+    out = capsys.readouterr().out
+    assert "widths frozen after noise epoch 3/4" in out and "acc" in out and "deployed w" in out
+
+
+@pytest.mark.parametrize("cost_weight", [0.0, -1.0], ids=["cost-off", "sign-flipped"])
+def test_a_broken_cost_leaves_the_learned_widths_off_the_budget(cost_weight):
+    result, cost = _train_to_budget(cost_weight)
+    assert not _learned_widths_on_budget(result, cost)
+
+
 def test_resumed_training_ends_with_the_same_weights(tmp_path):
     class Interrupting(list):
         def __init__(self, batches, after):
