@@ -198,6 +198,24 @@ def _smallest_one_bit_bops_move(cost) -> float:
     return min(moves.values())
 
 
+def test_the_projection_lowers_the_width_with_least_measured_loss_per_bit_and_refills():
+    model = nipq_model()
+    cost = describe_costs(model, X)
+    learned = [t for t in cost.weights if not t.bits.pinned]
+    with torch.no_grad():
+        for t in learned:
+            t.bits.theta.fill_(bits_to_logit(6.0))
+    largest = max(learned, key=lambda t: t.numel)
+    def measure_loss() -> float:  # lowering the largest tensor is very costly, the others cheap
+        return sum((8 - float(t.bits.rounded())) * (100.0 if t is largest else 1.0) for t in learned)
+    report = freeze_bits(cost, NIPQTarget(weight_bits=5.0), measure_loss=measure_loss)
+    assert report.weight_bits[largest.name] == 6  # the dearest move per bit is never taken
+    average = float(cost.average_bits("weights", learned_only=True, deployed=True))
+    total = sum(t.numel for t in learned)
+    upward = [t.numel / total for t in learned if report.weight_bits[t.name] < 8]
+    assert average <= 5.0 + 1e-9 and 5.0 - average < min(upward)  # on budget, refilled
+
+
 # --- the training engine -----------------------------------------------------------------------
 
 def _batches(n=3, seed=0):

@@ -131,28 +131,25 @@ def freeze_bits(model_cost: CostModel, target=None, *, fit_budget: bool = True,
 def _fit(measure, budget: float, learned: list[LearnedBitWidth], continuous: dict,
          measure_loss: Callable[[], float] | None) -> None:
     """Greedy one-bit moves onto ``measure() <= budget``, ranked by loss per unit of budget."""
-    def price(width: LearnedBitWidth, delta: int, spent: float, base_loss: float | None) -> tuple[float, float]:
-        """(loss change per unit of budget, budget change) of moving ``width`` by ``delta`` bits."""
-        bits = int(width.frozen_bits)
-        width.freeze(bits + delta)
-        change = measure() - spent
-        if base_loss is None:  # no data: the distance b_c had to go, a proxy of the loss
-            loss_change = abs(bits + delta - continuous[id(width)]) - abs(bits - continuous[id(width)])
-        else:
-            loss_change = measure_loss() - base_loss
-        width.freeze(bits)
-        return loss_change / abs(change) if change else math.inf, change
-
     def best_move(delta: int, admissible) -> LearnedBitWidth | None:
+        """The width whose one-bit move by ``delta`` changes the loss least per unit of budget
+        (most negative first), among moves that leave the budget ``admissible``."""
         spent = measure()
         base_loss = None if measure_loss is None else measure_loss()
         offers = []
         for width in learned:
-            if not MIN_BITS <= int(width.frozen_bits) + delta <= MAX_BITS:
+            bits = int(width.frozen_bits)
+            if not MIN_BITS <= bits + delta <= MAX_BITS:
                 continue
-            per_unit, change = price(width, delta, spent, base_loss)
-            if admissible(spent + change):
-                offers.append((per_unit, width))
+            width.freeze(bits + delta)
+            change = measure() - spent
+            if change and admissible(spent + change):  # the loss is measured only for moves that fit
+                if base_loss is None:  # no data: the distance b_c has to go, a proxy of the loss
+                    loss_change = abs(bits + delta - continuous[id(width)]) - abs(bits - continuous[id(width)])
+                else:
+                    loss_change = measure_loss() - base_loss
+                offers.append((loss_change / abs(change), width))
+            width.freeze(bits)
         return min(offers, key=lambda offer: offer[0])[1] if offers else None
 
     while measure() > budget:  # down: cheapest loss per unit of budget saved

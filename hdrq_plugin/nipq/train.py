@@ -151,7 +151,9 @@ class NIPQResult:
 
 # --- pieces the loop uses ---------------------------------------------------------------------
 
-def _task_loss(model: nn.Module, teacher: nn.Module | None, batch, config: NIPQConfig) -> Tensor:
+def _task_loss(model: nn.Module, teacher: nn.Module | None, batch, config: NIPQConfig,
+               soft: Tensor | None = None) -> Tensor:
+    """Cross-entropy and distillation; ``soft``: the teacher's logits when already computed."""
     x, y = inputs_of(batch), labels_of(batch)
     out = model(x)
     out = plain_tensor(out)
@@ -159,8 +161,9 @@ def _task_loss(model: nn.Module, teacher: nn.Module | None, batch, config: NIPQC
     if y is not None:
         terms.append(F.cross_entropy(out, y))
     if teacher is not None and config.distillation_weight > 0:
-        with torch.no_grad():
-            soft = teacher(x)
+        if soft is None:
+            with torch.no_grad():
+                soft = teacher(x)
         t = config.distillation_temperature
         kd = F.kl_div(F.log_softmax(out / t, 1), F.softmax(soft / t, 1), reduction="batchmean") * t * t
         terms.append(config.distillation_weight * kd)
@@ -202,12 +205,14 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def _task_loss_eval(model: nn.Module, teacher: nn.Module | None, batches, config: NIPQConfig) -> float:
+def _task_loss_eval(model: nn.Module, teacher: nn.Module | None, batches, config: NIPQConfig,
+                    soft: list) -> float:
     """Mean task loss over ``batches``, hard-rounded (eval mode): the price of a projection move."""
     was = model.training
     model.eval()
     try:
-        return sum(float(_task_loss(model, teacher, batch, config)) for batch in batches) / len(batches)
+        return sum(float(_task_loss(model, teacher, batch, config, s)) for batch, s in zip(batches, soft, strict=True)
+                   ) / len(batches)
     finally:
         model.train(was)
 
@@ -236,8 +241,10 @@ def _freeze_widths(model, teacher, cost: CostModel, target: NIPQTarget, config: 
     widths and the accuracy before and after, and return them for :class:`NIPQResult`."""
     learned = cost.report()  # round(b_c): the widths as learned
     before = _accuracy(model, eval_batches)
+    with torch.no_grad():  # the teacher's logits are the same for every candidate move
+        soft = [None if teacher is None else teacher(inputs_of(batch)) for batch in budget_batches]
     def measure_loss() -> float:
-        return _task_loss_eval(model, teacher, budget_batches, config)
+        return _task_loss_eval(model, teacher, budget_batches, config, soft)
     freeze_bits(cost, target, fit_budget=config.fit_budget and config.learn_bits, measure_loss=measure_loss)
     deployed = cost.report()
     after = _accuracy(model, eval_batches)
