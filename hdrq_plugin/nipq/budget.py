@@ -131,34 +131,43 @@ def freeze_bits(model_cost: CostModel, target=None, *, fit_budget: bool = True,
 def _fit(measure, budget: float, learned: list[LearnedBitWidth], continuous: dict,
          measure_loss: Callable[[], float] | None) -> None:
     """Greedy one-bit moves onto ``measure() <= budget``, ranked by loss per unit of budget."""
-    def best_move(delta: int, admissible) -> LearnedBitWidth | None:
-        """The width whose one-bit move by ``delta`` changes the loss least per unit of budget
-        (most negative first), among moves that leave the budget ``admissible``."""
-        spent = measure()
-        base_loss = None if measure_loss is None else measure_loss()
-        offers = []
-        for width in learned:
-            bits = int(width.frozen_bits)
-            if not MIN_BITS <= bits + delta <= MAX_BITS:
-                continue
-            width.freeze(bits + delta)
+    def price(width: LearnedBitWidth, delta: int, spent: float, base_loss: float | None, admissible):
+        """Loss change per unit of budget of moving ``width`` by ``delta`` bits (None if it does not fit)."""
+        bits = int(width.frozen_bits)
+        if not MIN_BITS <= bits + delta <= MAX_BITS:
+            return None
+        width.freeze(bits + delta)
+        try:
             change = measure() - spent
-            if change and admissible(spent + change):  # the loss is measured only for moves that fit
-                if base_loss is None:  # no data: the distance b_c has to go, a proxy of the loss
-                    loss_change = abs(bits + delta - continuous[id(width)]) - abs(bits - continuous[id(width)])
-                else:
-                    loss_change = measure_loss() - base_loss
-                offers.append((loss_change / abs(change), width))
+            if not change or not admissible(spent + change):
+                return None
+            if base_loss is None:  # no data: the distance b_c has to go, a proxy of the loss
+                return (abs(bits + delta - continuous[id(width)]) - abs(bits - continuous[id(width)])) / abs(change)
+            return (measure_loss() - base_loss) / abs(change)  # measured only for moves that fit
+        finally:
             width.freeze(bits)
-        return min(offers, key=lambda offer: offer[0])[1] if offers else None
 
-    while measure() > budget:  # down: cheapest loss per unit of budget saved
-        pick = best_move(-1, lambda _after: True)
-        if pick is None:
+    def base() -> tuple[float, float | None]:
+        return measure(), None if measure_loss is None else measure_loss()
+
+    # down: the least loss per unit of budget saved first. Lazy greedy: a width's price is measured
+    # again only after it moved (moving one width barely changes the others' prices), so the
+    # projection costs one loss measurement per width plus one per move.
+    spent, base_loss = base()
+    prices = {id(w): price(w, -1, spent, base_loss, lambda _after: True) for w in learned}
+    while measure() > budget:
+        offers = [(prices[id(w)], i, w) for i, w in enumerate(learned) if prices[id(w)] is not None]
+        if not offers:
             return
+        _, _, pick = min(offers)
         pick.freeze(int(pick.frozen_bits) - 1)
+        spent, base_loss = base()
+        prices[id(pick)] = price(pick, -1, spent, base_loss, lambda _after: True)
     while True:  # refill: most loss removed per unit of budget spent, while it fits
-        pick = best_move(+1, lambda after: after <= budget)
-        if pick is None:
+        spent, base_loss = base()
+        offers = [(p, i, w) for i, w in enumerate(learned)
+                  if (p := price(w, +1, spent, base_loss, lambda after: after <= budget)) is not None]
+        if not offers:
             return
+        _, _, pick = min(offers)
         pick.freeze(int(pick.frozen_bits) + 1)

@@ -118,7 +118,7 @@ class NIPQConfig:
         warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
         BN unfolded).
         """
-        return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.02,
+        return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.1,
                       "warmup_epochs": 0.5, "hard_epochs": 1, **changes})
 
 
