@@ -453,3 +453,15 @@ def test_training_reestimates_batchnorm_before_the_hard_phase():
     folded = nipq_model()
     assert nipq_train(folded, _batches(), target=5, epochs=1, teacher=tiny_resnet(), config=FAST,
                       progress=False).batchnorm_reestimated == 0  # convert_to_brevitas folds BN
+
+
+def test_frozen_widths_leave_the_optimizer_even_when_groups_have_equal_sizes():
+    from hdrq_plugin.nipq.train import _drop_frozen_bits
+
+    weights = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))]
+    thetas = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))]
+    opt = torch.optim.SGD([{"params": weights}, {"params": thetas}], lr=0.1, momentum=0.9)
+    for theta in thetas:
+        theta.requires_grad_(False)
+    _drop_frozen_bits(opt)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == weights

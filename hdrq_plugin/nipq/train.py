@@ -263,15 +263,13 @@ def _pct(value: float | None) -> str:
 def _drop_frozen_bits(optimizer: torch.optim.Optimizer) -> None:
     """Remove parameters that no longer train (frozen θ_b) from the optimizer, as a resumed run
     builds it (:func:`_optimizer` takes only trainable parameters)."""
-    for group in list(optimizer.param_groups):
-        kept = [p for p in group["params"] if p.requires_grad]
+    for group in optimizer.param_groups:
         for p in group["params"]:
             if not p.requires_grad:
                 optimizer.state.pop(p, None)
-        if kept:
-            group["params"] = kept
-        else:
-            optimizer.param_groups.remove(group)
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+    # by identity: groups hold tensors, so list.remove's == would compare them
+    optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
 
 
 def _enter_hard_phase(model: nn.Module, data) -> int:
