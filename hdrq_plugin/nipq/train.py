@@ -43,10 +43,8 @@ from .quantizers import LearnedBitWidth, LearnedTruncation
 __all__ = ["NIPQConfig", "NIPQTarget", "NIPQResult", "NIPQTrainingError", "nipq_train", "freeze_bits",
            "observe_activation_ranges", "reestimate_batchnorm", "parse_target", "quantize_nipq"]
 
-#: Noise epochs of :func:`quantize_nipq` (and the CLI, demo and benchmarks) with the CPU preset.
-#: Measured on the digits zoo (≈10 steps an epoch, target w4a4): after 3 epochs the learned
-#: widths stop at 4.3 / 5.9 average weight / activation bits and freeze_bits' projection does
-#: the rest; after 10 they reach 4.1 / 4.2, the cost term's own allocation (BENCHMARKS.md, NIPQ).
+#: Noise epochs of :func:`quantize_nipq` (and the CLI, demo and benchmarks) with the CPU preset:
+#: ≈ 100 steps on a digits target, the widths freezing after 60 % of them (``freeze_fraction``).
 CPU_EPOCHS = 10
 CHECKPOINT_FORMAT = "hdrq-plugin/nipq-training/v1"
 CHECKPOINT_NAME = "nipq_last.pt"
@@ -112,10 +110,9 @@ class NIPQConfig:
 
         Weights lr 0.001 / hard 0.0002: the converted model has BatchNorm folded, and SGD at
         0.01 diverged within 5 steps even in float (measured on the digits zoo); θ_α lr 0.01,
-        θ_b lr 0.02 with the reference's momentum 0.9 (measured on the digits zoo at w4a4: after
-        30 steps the widths stop near 4.3 / 5.9 bits, after 100 steps (``CPU_EPOCHS``) they reach
-        4.1 / 4.2; without momentum on θ_b they only reach 5.9 / 7.2 in 100 steps); half a
-        warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
+        θ_b lr 0.1 with the reference's momentum 0.9 (ablation in docs/nipq_method.md
+        "Schedule": at 0.02 the deployed-width cost had not settled the widths in 30 steps);
+        half a warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
         BN unfolded).
         """
         return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.1,
