@@ -155,10 +155,12 @@ def _nipq_rows(report, bench, spec, targets, tests, seed, epochs, clock) -> None
     for t in targets:
         with clock("quantize_nipq_s", t):
             models[t], result = quantize_nipq(bench.adapted[t], bench.domains[t].train, spec, epochs=epochs,
-                                              seed=seed)
+                                              seed=seed, eval_data=tests[t])
         report.add("nipq", str(spec), "single", t, accuracy(models[t], tests[t]),
                    average_weight_bits=result.report.average_weight_bits,
-                   average_act_bits=result.report.average_act_bits)
+                   average_act_bits=result.report.average_act_bits,
+                   accuracy_before_freeze=result.accuracy_before_freeze,
+                   accuracy_after_freeze=result.accuracy_after_freeze)
     with clock("merge_nipq_s"):
         merged = merge_models([models[t] for t in targets], rounding="noise-sampling", seed=seed)
     report.add_per_target("nipq+noise-sampling", str(spec), "merged", {t: accuracy(merged, tests[t]) for t in targets},
