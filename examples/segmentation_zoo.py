@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from .segmentation_scenes import (
     load_scene_domain,
 )
 from .training import TrainConfig, adapt_to_target, train_classifier
-from .zoo import default_cache_dir, library_versions
+from .zoo import default_cache_dir, library_versions, read_zoo_cache
 
 CACHE_FORMAT = 1
 CODE_REVISION = 1  # bump when scene generation or training changes in a way the recipe does not capture
@@ -114,27 +113,9 @@ def _fresh_model(recipe: SegmentationRecipe) -> nn.Module:
         return build_segmentation_model(recipe.model, NUM_CLASSES)
 
 
-def _from_state(recipe: SegmentationRecipe, state: dict) -> nn.Module:
-    model = build_segmentation_model(recipe.model, NUM_CLASSES)
-    model.load_state_dict(state)  # strict: a missing or misshapen entry is a corrupt cache
-    return model.eval()
-
-
 def _read_cache(path: Path, recipe: SegmentationRecipe):
-    if not path.is_file():
-        return None
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-        if content.get("format") != CACHE_FORMAT or content.get("key") != recipe.cache_key():
-            raise ValueError("format or recipe key does not match")
-        if set(content["adapted"]) != set(recipe.target_domains):
-            raise ValueError(f"targets {sorted(content['adapted'])} do not match the recipe")
-        adapted = {t: _from_state(recipe, content["adapted"][t]) for t in recipe.target_domains}
-        return _from_state(recipe, content["source"]), adapted, dict(content["timings"])
-    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, whatever the cause
-        warnings.warn(f"segmentation cache {path} is unusable ({type(err).__name__}: {err}); rebuilding it",
-                      stacklevel=3)
-        return None
+    return read_zoo_cache(path, CACHE_FORMAT, recipe.cache_key(), recipe.target_domains,
+                          lambda: build_segmentation_model(recipe.model, NUM_CLASSES), "segmentation cache")
 
 
 def load_or_build_segmentation_zoo(recipe: SegmentationRecipe | None = None, *,
