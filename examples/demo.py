@@ -6,8 +6,7 @@ grid → exported to ONNX (INT8 / INT4) → validated in onnxruntime, with a rep
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from hdrq_plugin._io import ensure_writable_dir
@@ -17,7 +16,7 @@ from hdrq_plugin.evaluation import accuracy, harmonic_mean
 from hdrq_plugin.merge.float_merge import average_float_models
 from hdrq_plugin.merge.models import merge_models
 from hdrq_plugin.nipq.train import CPU_EPOCHS as NIPQ_CPU_EPOCHS
-from hdrq_plugin.progress import stage
+from hdrq_plugin.progress import timed_stage
 from hdrq_plugin.quantize import quantize_model
 from hdrq_plugin.run.checkpoint import ModelRecipe, save_float_model, save_quantized
 from hdrq_plugin.run.report import HARMONIC_MEAN, Report
@@ -46,23 +45,6 @@ def float_recipe(benchmark: Benchmark) -> ModelRecipe:
                        {"config": benchmark.recipe.architecture.to_dict()})
 
 
-class _Clock:
-    """Times each stage into the report, and announces it (a line per stage in a log, issue 22)."""
-
-    def __init__(self, timings: dict[str, float]):
-        self.timings = timings
-
-    @contextmanager
-    def __call__(self, name: str, detail: str = ""):
-        start = time.perf_counter()
-        label = name.removesuffix("_s").replace("_", " ") + (f" ({detail})" if detail else "")
-        try:
-            with stage(label):
-                yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-
-
 def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, size: str = "demo",
              iterations: int | None = DEMO_ITERATIONS, export: bool = True, hot: bool = False,
              nipq_epochs: int = DEMO_NIPQ_EPOCHS) -> Report:
@@ -79,7 +61,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
         recipe = recipe.with_hot_adaptation()
     report = Report(recipe={"benchmark": recipe.to_dict(), "bits": str(spec), "seed": seed,
                             "iterations_per_unit": iterations or "cpu-preset"})
-    clock = _Clock(report.timings)
+    clock = partial(timed_stage, report.timings)  # times each stage into the report, announces it
 
     with clock("zoo_s"):
         bench = load_or_build_benchmark(recipe)

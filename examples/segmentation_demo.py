@@ -8,7 +8,7 @@ picture per target (input, ground truth, float θt, merged integer model as onnx
 
 from __future__ import annotations
 
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from hdrq_plugin.convert.to_brevitas import fold_batchnorm
 from hdrq_plugin.evaluation import harmonic_mean
 from hdrq_plugin.merge.float_merge import average_float_models
 from hdrq_plugin.merge.models import merge_models
+from hdrq_plugin.progress import timed_stage
 from hdrq_plugin.quantize import quantize_model
 from hdrq_plugin.run.report import HARMONIC_MEAN, Report
 
@@ -47,10 +48,9 @@ def run_segmentation_demo(bits: str = "w4a4", out: str | Path = "runs/demo-segme
     report = Report(recipe={"task": "segmentation", "metric": "mIoU", "benchmark": recipe.to_dict(),
                             "bits": str(spec), "seed": seed, "iterations_per_unit": iterations or "cpu-preset"})
     report.extra["metric"] = "the accuracy column is the mIoU of the test scenes (11 classes)"
-    timings = report.timings
-    start = time.perf_counter()
-    bench = load_or_build_segmentation_zoo(recipe, cache_dir=cache_dir)
-    timings["zoo_s"] = time.perf_counter() - start
+    clock = partial(timed_stage, report.timings)  # times each stage into the report, announces it
+    with clock("zoo_s"):
+        bench = load_or_build_segmentation_zoo(recipe, cache_dir=cache_dir)
     report.extra["zoo_from_cache"] = bench.from_cache
     targets = list(recipe.target_domains)
     tests = {t: bench.domains[t].test for t in targets}
@@ -69,39 +69,42 @@ def run_segmentation_demo(bits: str = "w4a4", out: str | Path = "runs/demo-segme
     for method, rounding in (("rtn", "half-to-even"), ("hdrq", "noise-sampling")):
         models = []
         for t in targets:
-            start = time.perf_counter()
-            result = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec, method=method,
-                                    source=bench.source_model, seed=seed, iterations=iterations)
-            timings[f"quantize_{method}_s"] = timings.get(f"quantize_{method}_s", 0.0) + time.perf_counter() - start
+            with clock(f"quantize_{method}_s", t):
+                result = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec, method=method,
+                                        source=bench.source_model, seed=seed, iterations=iterations)
             report.add(method, str(spec), "single", t, mean_iou(result.model, tests[t], NUM_CLASSES))
             models.append(result.model)
         merged[method] = merge_models(models, rounding=rounding, seed=seed)
         report.add_per_target(f"{method}+{rounding}", str(spec), "merged", miou(merged[method]))
         report.write(out)
 
-    onnx_path = _export_and_validate(report, merged["hdrq"], spec, targets, tests, out)
-    report.extra["pictures"] = [str(_mask_picture(out / f"masks-{t}.png", t, tests[t], bench.adapted[t], onnx_path))
+    with clock("export_validate_s"):
+        session = _export_and_validate(report, merged["hdrq"], spec, targets, tests, out)
+    report.extra["pictures"] = [str(_mask_picture(out / f"masks-{t}.png", t, tests[t], bench.adapted[t], session))
                                 for t in targets]
     report.write(out)
     return report
 
 
-def _export_and_validate(report: Report, merged, spec: BitSpec, targets, tests, out: Path) -> Path:
+def _export_and_validate(report: Report, merged, spec: BitSpec, targets, tests, out: Path):
+    """Export and validate the merged model; its mIoU in onnxruntime per target. Returns the
+    file's onnxruntime session (one for every later prediction: the mIoU rows and the pictures)."""
+    import onnxruntime as ort
+
     from hdrq_plugin.export import ValidationError, export_qdq, validate
 
     weights = "int8" if spec.weight_bits == 8 else "int4-in-int8"
     path = out / f"merged-hdrq-{weights}.onnx"
     example = tests[targets[0]].tensors[0][:1]
-    start = time.perf_counter()
     export_qdq(merged, path, example, weights=weights, overwrite=True,
                metadata={"method": "hdrq", "merged_targets": ",".join(targets), "task": "segmentation"})
     result = validate(path, merged, {t: DataLoader(tests[t], batch_size=64) for t in targets}, batch_sizes=(1,))
-    report.timings["export_validate_s"] = time.perf_counter() - start
     report.extra["validation"] = {weights: result.to_dict()}
     label = f"hdrq+noise-sampling[{weights}]"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ort_miou = {}
     for t in targets:
-        ort_miou[t] = _onnx_miou(path, tests[t])
+        ort_miou[t] = _onnx_miou(session, tests[t])
         report.add(label, str(spec), "merged_ort", t, ort_miou[t], pixel_agreement=result.top1_agreement[t],
                    validation_ok=result.ok)
     report.add(label, str(spec), "merged_ort", HARMONIC_MEAN, harmonic_mean(list(ort_miou.values())),
@@ -109,27 +112,24 @@ def _export_and_validate(report: Report, merged, spec: BitSpec, targets, tests, 
     report.write(out)
     if not result.ok:
         raise ValidationError(result.summary())
-    return path
+    return session
 
 
-def _onnx_predictions(path: Path, images: torch.Tensor) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _onnx_predictions(session, images: torch.Tensor) -> np.ndarray:
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i:i + 64].numpy()})[0].argmax(1)
                            for i in range(0, len(images), 64)])
 
 
-def _onnx_miou(path: Path, data) -> float:
+def _onnx_miou(session, data) -> float:
     from .segmentation_metrics import confusion_matrix, mean_iou_from_confusion
 
     images, masks = data.tensors
-    predictions = torch.from_numpy(_onnx_predictions(path, images))
+    predictions = torch.from_numpy(_onnx_predictions(session, images))
     return mean_iou_from_confusion(confusion_matrix(predictions, masks, NUM_CLASSES))
 
 
-def _mask_picture(path: Path, target: str, data, float_model, onnx_path: Path) -> Path:
+def _mask_picture(path: Path, target: str, data, float_model, session) -> Path:
     """One PNG: rows of test scenes, columns input / ground truth / float θt / merged INT (onnxruntime)."""
     import matplotlib
 
@@ -139,7 +139,7 @@ def _mask_picture(path: Path, target: str, data, float_model, onnx_path: Path) -
     images, masks = data.tensors[0][:PICTURE_SCENES], data.tensors[1][:PICTURE_SCENES]
     with torch.no_grad():
         float_masks = float_model.eval()(images).argmax(1)
-    int_masks = _onnx_predictions(onnx_path, images)
+    int_masks = _onnx_predictions(session, images)
     colours = plt.get_cmap("tab20", 20)
     figure, axes = plt.subplots(len(images), 4, figsize=(8, 2 * len(images)), squeeze=False)
     titles = ("input", "ground truth", "float θt", "merged INT (onnxruntime)")

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from hdrq_plugin import progress
-from hdrq_plugin.progress import ProgressLog, format_elapsed, progress_bar, progress_mode, stage
+from hdrq_plugin.progress import ProgressLog, format_elapsed, progress_bar, progress_mode, stage, timed_stage
 
 
 class FakeClock:
@@ -99,6 +99,19 @@ def test_bars_become_heartbeat_progress_in_a_log(monkeypatch):
                 assert log.tick()
     assert "error barrier 2/4 point [λ=0.5] (1m00s)" in lines(stream)[1]
     assert lines(stream)[-1].endswith("merge: done in 1m00s")
+
+
+def test_a_timed_stage_is_announced_by_its_label_and_adds_up_its_time(monkeypatch):
+    log, _, stream = make_log()
+    monkeypatch.setattr(progress, "PROGRESS", log)
+    monkeypatch.setenv("HDRQ_PROGRESS", "log")
+    timings = {"quantize_hdrq_s": 2.0}
+    with timed_stage(timings, "quantize_hdrq_s", "mnist"):
+        pass
+    with pytest.raises(RuntimeError), timed_stage(timings, "export_s"):
+        raise RuntimeError("refused")
+    assert lines(stream)[0] == "[hdrq +0s] quantize hdrq (mnist): started"
+    assert timings["quantize_hdrq_s"] >= 2.0 and "export_s" in timings  # a failed stage is timed too
 
 
 def test_progress_mode_follows_the_terminal_and_the_environment(monkeypatch):
