@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="rtn")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--models", nargs="+", choices=list(PAIRS), default=list(PAIRS))
     parser.add_argument("--zoo-seed", type=int, default=0, help="the demo's zoo (float models) seed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
               "load_average_start": os.getloadavg(),
               "float": {t: accuracy(bench.adapted[t], bench.domains[t].test) for t in targets}, "accuracy": {},
               "paired_difference_after_minus_before": {}}
-    for model, specs in PAIRS.items():
+    for model, specs in ((m, PAIRS[m]) for m in args.models):
         runs = {}
         for when, spec in zip(("before (full 8-bit grid)", "after (saturation-free default)"), specs, strict=True):
             runs[when] = {t: [] for t in targets}
