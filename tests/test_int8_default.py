@@ -130,3 +130,19 @@ def test_weight_clips_are_dropped_only_where_they_change_nothing(low, high, code
     onnx.checker.check_model(rewritten, full_check=True)
     assert ("Clip" in {n.op_type for n in rewritten.graph.node}) != dropped
     assert _run_graph(original).tobytes() == _run_graph(rewritten).tobytes()
+
+
+def test_nipq_edges_are_pinned_on_the_saturation_free_grid_and_export_as_fast_int8(tmp_path):
+    from hdrq_plugin.nipq.quantizers import LearnedBitWidth
+
+    model = convert_to_brevitas(tiny_resnet(seed=0), "nipq-w4a4").eval()
+    for module in model.modules():
+        if isinstance(module, LearnedBitWidth) and not module.pinned:
+            module.freeze(4)
+    x = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(x)
+    layers = dict(compute_layers(model))
+    for edge in ("conv1", "fc"):
+        assert layers[edge].quant_weight().int().abs().max() <= 64, edge
+    assert fast_int8_problems(export_qdq(model, tmp_path / "nipq.onnx", x[:1], weights="int4-in-int8")) == []
