@@ -165,3 +165,34 @@ def output_float_error_steps(model: onnx.ModelProto) -> float | None:
     largest_input = max(abs(low), abs(high))
     largest_bias = float(np.abs(bias).max()) if bias is not None else 0.0
     return (terms + 4) * _FLOAT32_UNIT_ROUNDOFF * (largest_input * float(rows.sum(axis=1).max()) + largest_bias)
+
+
+#: The largest weight code magnitude onnxruntime's u8s8 kernels take without overflow on every
+#: x86 CPU: without VNNI (AVX2, e.g. Haswell..Zen 3) MLAS multiplies uint8 activations by int8
+#: weights with vpmaddubsw, which adds each pair of adjacent products into a *saturating* int16;
+#: 2 x 255 x 64 = 32,640 <= 32,767, 2 x 255 x 65 is not (onnxruntime's own answer to the same
+#: overflow is ``reduce_range``: 7-bit weights; :data:`hdrq_plugin.bitspec.WEIGHT_RANGES`).
+SATURATION_FREE_WEIGHT_CODE = 64
+
+
+def stored_weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Weight layer name -> the integer initializer its DequantizeLinear reads (through a Clip or not)."""
+    made_by, inits = producers(model.graph), initializers(model.graph)
+    found = {}
+    for node in model.graph.node:
+        dq = made_by.get(node.input[1]) if node.op_type in WEIGHT_OPS and len(node.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        source = made_by.get(dq.input[0])
+        name = source.input[0] if source is not None and source.op_type == "Clip" else dq.input[0]
+        if name in inits:
+            found[node.name or node.output[0]] = inits[name]
+    return found
+
+
+def saturating_int8_weights(model: onnx.ModelProto) -> list[str]:
+    """Weight layers stored as int8 with a code beyond +-:data:`SATURATION_FREE_WEIGHT_CODE`: the
+    layers whose u8s8 kernel can saturate on x86 CPUs without VNNI (docs/export.md §4)."""
+    return [layer for layer, tensor in stored_weights(model).items()
+            if tensor.data_type == TensorProto.INT8
+            and np.abs(numpy_helper.to_array(tensor).astype(np.int16)).max(initial=0) > SATURATION_FREE_WEIGHT_CODE]

@@ -46,6 +46,8 @@ EXIT_TASKS_FAILED = EXIT_TARGETS_FAILED
 
 
 EXIT_UNEXPECTED = 1
+BITS_HELP = ("bit spec w<bits>a<bits>[-per-channel][-full-range], e.g. w4a4, w4a8, w8a8; 8-bit weights "
+             "use codes -64..63 (fast and exact in int8 on every CPU) unless -full-range")
 #: 0.1 names of this module, now in :mod:`.cli_commands`; imported on use (PEP 562).
 _COMMAND_HELPERS = ("calibration_tensor", "load_any_model", "load_inputs", "load_labelled")
 
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="offline multi-target digits demo, end to end")
-    demo.add_argument("--bits", default="w4a4", help="bit spec, e.g. w4a4, w4a8, w4a4-per-channel")
+    demo.add_argument("--bits", default="w4a4", help=BITS_HELP)
     demo.add_argument("--out", default=None,
                       help="output folder for report.json/report.md (default runs/demo, runs/demo-segmentation)")
     demo.add_argument("--task", choices=("classification", "segmentation"), default="classification",
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--source", help="float source model θ0 checkpoint (distance regulariser)")
     quant.add_argument("--method", default="hdrq",
                        choices=METHOD_NAMES)
-    quant.add_argument("--bits", default="w4a4")
+    quant.add_argument("--bits", default="w4a4", help=BITS_HELP)
     quant.add_argument("--iterations", type=int, default=None,
                        help="iterations per unit (default: the CPU preset)")
     quant.add_argument("--out", required=True, help="quantized checkpoint to write")
@@ -144,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the ORT-format model (.ort and its operator config, with the .onnx as one unit)")
     _add_files(exp)
     exp.add_argument("--vnni-only", action="store_true",
-                     help="keep 8-bit weights as int8: fastest on x86 CPUs with VNNI, but the file "
-                          "saturates (computes another function) on x86 CPUs without VNNI")
+                     help="keep full-range 8-bit weights (w8a8-full-range, older checkpoints) as int8: "
+                          "fast on x86 CPUs with VNNI, but the file saturates (computes another function) on "
+                          "x86 CPUs without VNNI; default weights (codes within +-64) are int8 anyway")
 
     val = sub.add_parser("validate", help="check an exported ONNX file in onnxruntime")
     val.add_argument("onnx")
@@ -180,7 +183,7 @@ def _add_quantize_targets(sub) -> None:
     pipe.add_argument("--test", nargs=2, action="append", default=[], metavar=("NAME", "DATA"),
                       help="labelled test data of target NAME for the validation (domain:NAME or .pt)")
     pipe.add_argument("--method", default="hdrq", choices=RECONSTRUCTION_METHODS)
-    pipe.add_argument("--bits", default="w4a4")
+    pipe.add_argument("--bits", default="w4a4", help=BITS_HELP)
     pipe.add_argument("--iterations", type=int, default=None, help="iterations per unit (default: the CPU preset)")
     pipe.add_argument("--rounding", default="noise-sampling",
                       choices=ROUNDING_RULES)

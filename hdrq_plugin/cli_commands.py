@@ -175,6 +175,7 @@ def cmd_quantize(args) -> int:
     inputs = [args.model, args.calibration, args.source]
     run = {"model": _file_sha256(args.model), "calibration": _file_sha256(args.calibration),
            "source": _file_sha256(args.source) if args.source else None, "method": args.method, "bits": str(spec),
+           "weight_range": spec.weight_range,
            "iterations": args.iterations, "seed": args.seed, "target_bits": args.target_bits,
            "target_gbops": args.target_gbops, "epochs": args.epochs} if Path(args.model).is_file() else None
     if run is not None and not args.overwrite and Path(args.out).is_file() and _finished_before(args.out, run):

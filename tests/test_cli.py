@@ -98,3 +98,27 @@ def test_an_unwritable_output_folder_is_refused(workspace, capsys):
                  "--method", "rtn", "--out", str(blocker / "q.pt")])
     assert code == EXIT_BAD_INPUT
     assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("bits,vnni_only,stored,saturating", [
+    ("w8a8", False, "INT8", False),             # the default: int8 codes within +-64
+    ("w8a8", True, "INT8", False),              # --vnni-only changes nothing for it
+    ("w8a8-full-range", False, "UINT8", False),  # the opt-in full grid: safe uint8 storage
+    ("w8a8-full-range", True, "INT8", True),    # ... or int8 that saturates without VNNI
+])
+def test_bits_and_export_flags_pick_the_weight_grid_and_its_storage(workspace, bits, vnni_only, stored,
+                                                                     saturating):
+    import onnx
+    from onnx import TensorProto
+
+    from hdrq_plugin.export.graph_facts import saturating_int8_weights, stored_weights
+
+    checkpoint = workspace / f"{bits}.pt"
+    if not checkpoint.exists():
+        assert main(["quantize", str(workspace / "target_a.pt"), "--calibration", str(workspace / "calib.pt"),
+                     "--method", "rtn", "--bits", bits, "--out", str(checkpoint)]) == 0
+    path = workspace / f"{bits}-{vnni_only}.onnx"
+    assert main(["export", str(checkpoint), "--out", str(path), *(["--vnni-only"] if vnni_only else [])]) == 0
+    model = onnx.load(path)
+    assert {TensorProto.DataType.Name(t.data_type) for t in stored_weights(model).values()} == {stored}
+    assert bool(saturating_int8_weights(model)) == saturating

@@ -16,12 +16,14 @@ def _calibrated(spec: str, seed: int = 0):
     return model, qmodel
 
 
-@pytest.mark.parametrize("text", ["w4a8", "w4a4-per-channel", "w8a8", "w2a3"])
+@pytest.mark.parametrize("text", ["w4a8", "w4a4-per-channel", "w8a8", "w2a3", "w8a8-full-range",
+                                  "w4a4-per-channel-full-range"])
 def test_bit_spec_round_trips_through_its_string(text):
     assert str(BitSpec.parse(text)) == text
 
 
-@pytest.mark.parametrize("text", ["w4", "a4w4", "w9a8", "w4a1", "w4a8-per-tensorx", "", "W4A8 extra"])
+@pytest.mark.parametrize("text", ["w4", "a4w4", "w9a8", "w4a1", "w4a8-per-tensorx", "", "W4A8 extra",
+                                  "w8a8-full-range-per-channel", "w8a8-fullrange"])
 def test_malformed_or_out_of_range_bit_specs_are_rejected(text):
     with pytest.raises(ValueError):
         BitSpec.parse(text)
@@ -43,13 +45,47 @@ def test_batchnorm_is_folded_and_every_conv_and_linear_is_quantized():
 
 
 def test_edge_layers_keep_eight_bit_weights_and_inner_layers_use_the_spec():
+    # issue 22: an 8-bit layer's default grid is the saturation-free -64..63 (7 bits in int8)
     _, qmodel = _calibrated("w4a4")
     layers = dict(compute_layers(qmodel))
-    assert int(layers["conv1"].quant_weight().bit_width) == 8
-    assert int(layers["fc"].quant_weight().bit_width) == 8
+    for edge in ("conv1", "fc"):
+        codes = layers[edge].quant_weight()
+        assert int(codes.bit_width) == 7
+        assert codes.int().min() >= -64 and codes.int().max() <= 63
     inner = layers["layer1.0.conv1"].quant_weight()
     assert int(inner.bit_width) == 4
     assert inner.int().min() >= -8 and inner.int().max() <= 7
+
+
+def test_the_full_eight_bit_grid_is_an_explicit_opt_in():
+    _, qmodel = _calibrated("w8a8-full-range")
+    layers = dict(compute_layers(qmodel))
+    assert {int(layer.quant_weight().bit_width) for layer in layers.values()} == {8}
+    assert max(int(layer.quant_weight().int().abs().max()) for layer in layers.values()) > 64
+
+
+@pytest.mark.parametrize("spec", ["w8a8", "w8a8-per-channel", "w4a4", "w4a8"])
+def test_every_eight_bit_layer_of_a_default_spec_has_saturation_free_codes(spec):
+    _, qmodel = _calibrated(spec)
+    for name, layer in compute_layers(qmodel):
+        codes = layer.quant_weight().int()
+        assert codes.abs().max() <= 64, name
+    assert {int(layer.quant_weight().bit_width) for _, layer in compute_layers(qmodel)} <= {4, 7}
+
+
+def test_the_classifier_input_stays_an_eight_bit_activation():
+    # the saturation-free range is a weight grid only: uint8 activations cannot saturate vpmaddubsw
+    _, qmodel = _calibrated("w4a4")
+    assert int(dict(compute_layers(qmodel))["fc"].input_quant.bit_width()) == 8
+
+
+def test_bit_spec_weight_range_is_checked_and_named_in_its_string():
+    assert BitSpec.parse("w8a8").weight_range == "saturation-free"
+    assert BitSpec.parse("w8a8-per-channel-full-range") == BitSpec(8, 8, per_channel=True, weight_range="full")
+    assert BitSpec(8, 8).grid_bits(8) == 7 and BitSpec(8, 8).grid_bits(4) == 4
+    assert BitSpec(8, 8, weight_range="full").grid_bits(8) == 8
+    with pytest.raises(ValueError, match="weight_range"):
+        BitSpec(8, 8, weight_range="reduced")
 
 
 def test_per_channel_spec_gives_one_scale_per_output_channel():

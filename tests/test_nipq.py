@@ -118,7 +118,9 @@ def test_nipq_spec_picks_nipq_quantizers_and_pins_the_edges_at_8_bits():
     model = nipq_model()
     cost = describe_costs(model, X)
     assert {t.name for t in cost.weights if t.bits.pinned} == {"conv1.weight", "fc.weight"}
-    assert all(float(t.bits.frozen_bits) == 8 for t in cost.weights + cost.activations if t.bits.pinned)
+    # 8-bit edge weights on the saturation-free grid (issue 22): 7 bits, codes within +-63
+    assert all(float(t.bits.frozen_bits) == 7 for t in cost.weights if t.bits.pinned)
+    assert all(float(t.bits.frozen_bits) == 8 for t in cost.activations if t.bits.pinned)
     assert all(not t.bits.is_frozen for t in cost.weights + cost.activations if not t.bits.pinned)
     assert parse_target(None, cost) == NIPQTarget(weight_bits=4.0, act_bits=4.0)
     with pytest.raises(ValueError, match="per tensor"):
@@ -378,7 +380,7 @@ def test_mixed_precision_export_runs_exactly_in_onnxruntime(tmp_path, weights):
     import onnx
     meta = {p.key: p.value for p in onnx.load(path).metadata_props}
     bits = json.loads(meta["hdrq.weight_bits"])
-    assert bits["layer2.0.conv1"] == 3 and bits["layer1.0.conv2"] == 6 and bits["conv1"] == 8
+    assert bits["layer2.0.conv1"] == 3 and bits["layer1.0.conv2"] == 6 and bits["conv1"] == 7  # saturation-free edge
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {"input": X.numpy()})[0]
     with torch.no_grad():

@@ -4,8 +4,9 @@ The demo's merged W4A4 file failed validation on a fresh machine while passing h
 classifier (and stem) ran onnxruntime's u8s8 kernels, which on CPUs without VNNI add pairs of
 uint8 x int8 products in a saturating int16 (MLAS, vpmaddubsw). This machine has VNNI, so the
 failing CPU is emulated with qemu's user mode (``qemu-x86_64 -cpu Haswell``: AVX2, no VNNI).
-The test shows the file without the uint8 weight storage really breaks there (the check can
-fail), and the exported file does not.
+The test shows a full 8-bit weight grid stored as int8 really breaks there (the check can
+fail), and that neither the default saturation-free grid (codes -64..63, int8 storage, issue 22)
+nor the uint8 storage the exporter picks for a full grid does.
 """
 
 import shutil
@@ -45,13 +46,18 @@ def _on_haswell(onnx_path, x: np.ndarray, folder) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def saturating_model():
-    """A W4A4 model whose 8-bit classifier has large same-sign weights: wide int8 codes in a row."""
+    """A W4A4 model whose full-range 8-bit classifier has large same-sign weights: wide int8
+    codes in a row (the grid of ``w4a4-full-range`` and of checkpoints from before issue 22)."""
+    return _wide_classifier_model("w4a4-full-range")
+
+
+def _wide_classifier_model(spec):
     model = tiny_resnet(seed=0)
     with torch.no_grad():
         model.fc.weight.copy_(torch.linspace(0.5, 1.0, model.fc.weight.numel()).reshape(model.fc.weight.shape))
     gen = torch.Generator().manual_seed(1)
     calib = [torch.rand(16, 3, 16, 16, generator=gen) * 4 for _ in range(2)]
-    qmodel = calibrate_activations(convert_to_brevitas(model, "w4a4"), calib)
+    qmodel = calibrate_activations(convert_to_brevitas(model, spec), calib)
     x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 4
     with torch.no_grad():
         reference = qmodel(x).numpy()
@@ -92,27 +98,23 @@ def test_the_file_says_whether_it_is_saturation_safe(saturating_model, tmp_path)
         assert props["hdrq.saturation_safe"] == ("true" if safe else "false")
 
 
-def test_a_7_bit_weight_grid_keeps_int8_weights_and_computes_the_model_without_vnni(tmp_path):
-    """The fast safe file (issue 22): 8-bit layers on a 7-bit weight grid (codes -64..63,
-    onnxruntime's reduce_range) need no uint8 storage, so they keep u8s8/VNNI kernels, and the
-    emulated CPU without VNNI computes the model."""
+@pytest.mark.parametrize("spec,weights", [("w4a4", "int4-in-int8"), ("w8a8", "int8")])
+@pytest.mark.parametrize("saturation_safe", [True, False])
+def test_the_default_weight_grid_keeps_int8_weights_and_computes_the_model_without_vnni(spec, weights,
+                                                                                         saturation_safe, tmp_path):
+    """The default, fast and safe file (issue 22): 8-bit layers on the saturation-free grid
+    (codes -64..63, onnxruntime's reduce_range) need no uint8 storage, so they keep u8s8/VNNI
+    kernels, and the emulated CPU without VNNI computes the model — with or without the
+    exporter's uint8 safety net, which finds nothing to do."""
     import onnx
     from onnx import TensorProto
 
-    from hdrq_plugin import BitSpec
+    from hdrq_plugin.export.graph_facts import saturating_int8_weights, stored_weights
 
-    model = tiny_resnet(seed=0)
-    with torch.no_grad():  # the same wide same-sign classifier that saturates at 8 bits above
-        model.fc.weight.copy_(torch.linspace(0.5, 1.0, model.fc.weight.numel()).reshape(model.fc.weight.shape))
-    gen = torch.Generator().manual_seed(1)
-    calib = [torch.rand(16, 3, 16, 16, generator=gen) * 4 for _ in range(2)]
-    qmodel = calibrate_activations(convert_to_brevitas(model, BitSpec(4, 4, edge_weight_bits=7)), calib)
-    x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 4
-    with torch.no_grad():
-        reference = qmodel(x).numpy()
-    path = _export(qmodel, x, tmp_path / "seven-bit-edges.onnx")
+    qmodel, x, reference = _wide_classifier_model(spec)
+    path = export_qdq(qmodel, tmp_path / "default.onnx", x[:1], weights=weights, saturation_safe=saturation_safe)
     exported = onnx.load(path)
-    weights = [t for t in exported.graph.initializer if t.dims and len(t.dims) >= 2]
-    assert weights and all(t.data_type == TensorProto.INT8 for t in weights)
+    assert all(t.data_type == TensorProto.INT8 for t in stored_weights(exported).values())
+    assert saturating_int8_weights(exported) == []
     off = np.abs(_on_haswell(path, x.numpy(), tmp_path) - reference).max() / output_step(exported)
     assert off <= output_float_error_steps(exported)

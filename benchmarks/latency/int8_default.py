@@ -5,20 +5,23 @@ fusions do not depend on training), onnxruntime CPU, one thread, every file's se
 turns with the others (``median_latencies_ms``), at batch 1 and 8. Files:
 
 * ``fp32``: the float model;
-* ``w8a8-default``: ``export_qdq(weights="int8")`` as shipped (``saturation_safe=True``: weights
-  with codes beyond ±64 stored as uint8, u8u8 kernels);
-* ``w8a8-vnni-only``: ``saturation_safe=False`` (int8 weights; saturates on x86 without VNNI);
-* ``w8a8-7bit-grid``: the same model converted with 7-bit weights (codes -64..63: cannot saturate
-  ``vpmaddubsw``, so the file keeps int8 weights and u8s8 kernels) — onnxruntime's
-  ``reduce_range``, the candidate safe-and-fast default;
-* ``w4a4-in-int8`` (8-bit edges, default storage), ``w4a4-in-int8-7bit-edges``;
+* ``w8a8-default``: ``export_qdq(weights="int8")`` of ``w8a8`` as shipped now: 8-bit layers on the
+  saturation-free grid (codes -64..63, onnxruntime's ``reduce_range``), stored as int8, u8s8
+  kernels (VNNI, AVX2, ARM), exact on every CPU;
+* ``w8a8-old-default``: ``w8a8-full-range`` (the grid before issue 22) with the exporter's safe
+  storage: weights beyond ±64 stored as uint8, u8u8 kernels;
+* ``w8a8-full-range-int8``: the same model with ``saturation_safe=False``: int8 weights, fast with
+  VNNI but saturating (wrong) on x86 without VNNI;
+* ``w4a4-in-int8``: W4A4 (8-bit edges on the default grid) in the INT8 container;
+* ``w4a4-in-int8-old-default``: W4A4 with full-range 8-bit edges (uint8 storage), as before;
 * ``w4a4-int4``: true INT4 weights, run by stock onnxruntime;
 * ``w4a4-int4-widened``: the same file through ``int4_session`` (4-bit weights widened to int8
   in memory at load, :mod:`hdrq_plugin.export.formats.int4_loading`).
 
-Per file: size, the optimized graph's integer-kernel / float-compute node counts (from
-``SessionOptions.optimized_model_filepath``) and the median latencies; the widened INT4 session's
-outputs are checked equal to the INT8 container's.
+Per file: size, the optimized graph's integer-kernel / float-compute node counts and every op
+type left in it (from ``SessionOptions.optimized_model_filepath``: what runs outside the integer
+kernels, e.g. DequantizeLinear/QuantizeLinear pairs or layout transposes) and the median
+latencies; the widened INT4 session's outputs are checked equal to the INT8 container's.
 
     OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.latency.int8_default --out benchmarks/results/int8_default.json
 """
@@ -53,10 +56,10 @@ from hdrq_plugin.export.validation.ort_runtime import (
 #: label -> (bit spec, weight storage, saturation_safe, widen 4-bit weights at load)
 FILES = {
     "w8a8-default": (BitSpec(8, 8), "int8", True, False),
-    "w8a8-vnni-only": (BitSpec(8, 8), "int8", False, False),
-    "w8a8-7bit-grid": (BitSpec(7, 8, edge_weight_bits=7), "int8", True, False),
+    "w8a8-old-default": (BitSpec(8, 8, weight_range="full"), "int8", True, False),
+    "w8a8-full-range-int8": (BitSpec(8, 8, weight_range="full"), "int8", False, False),
     "w4a4-in-int8": (BitSpec(4, 4), "int4-in-int8", True, False),
-    "w4a4-in-int8-7bit-edges": (BitSpec(4, 4, edge_weight_bits=7), "int4-in-int8", True, False),
+    "w4a4-in-int8-old-default": (BitSpec(4, 4, weight_range="full"), "int4-in-int8", True, False),
     "w4a4-int4": (BitSpec(4, 4), "int4", True, False),
     "w4a4-int4-widened": (BitSpec(4, 4), "int4", True, True),
 }
@@ -69,12 +72,13 @@ def _session(path: Path, threads: int, widen: bool, optimized: Path | None = Non
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def kernel_counts(path: Path, widen: bool, folder: Path) -> dict[str, int]:
+def kernel_counts(path: Path, widen: bool, folder: Path) -> dict:
     optimized = folder / f"{path.stem}{'-widened' if widen else ''}.optimized.onnx"
     _session(path, 1, widen, optimized)
     ops = Counter(node.op_type for node in onnx.load(optimized).graph.node)
     return {"integer_kernel_nodes": sum(ops[op] for op in INTEGER_KERNELS),
-            "float_compute_nodes": sum(ops[op] for op in FLOAT_COMPUTE_OPS)}
+            "float_compute_nodes": sum(ops[op] for op in FLOAT_COMPUTE_OPS),
+            "optimized_op_types": dict(sorted(ops.items()))}
 
 
 def build(folder: Path, seed: int, calibration_images: int) -> dict[str, tuple[Path, bool]]:
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int8_default.json"))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calibration-images", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             medians = median_latencies_ms(sessions, np.ascontiguousarray(images[:batch]), args.repeats,
                                           warmup=2)
             result["latency_ms"][f"batch={batch}"] = medians
+            result.setdefault("ratio_to_fp32", {})[f"batch={batch}"] = {
+                label: ms / medians["fp32"] for label, ms in medians.items() if label in files}
     result["load_average_end"] = os.getloadavg()
     write_text_atomic(args.out, json.dumps(result, indent=2))
     print_table(result)

@@ -3,11 +3,13 @@
 A weight code within ±64 cannot saturate the int16 pair sums of ``vpmaddubsw`` (x86 without VNNI:
 2·255·64 = 32,640 ≤ 32,767), so a 7-bit weight grid (codes -64..63, onnxruntime's
 ``reduce_range``) keeps int8 weights and fast u8s8/VNNI kernels on every CPU. This measures what
-that grid costs against the 8-bit grid on the demo's cached zoo (``hdrq demo`` builds it): every
-target model quantized with ``--method`` at W8A8 vs the 7-bit grid, and at W4A4 with 8-bit vs
-7-bit edge layers, test accuracy per target.
+that grid costs against the full 8-bit grid on the demo's cached zoo (``hdrq demo`` builds it):
+every target model quantized with ``--method`` at W8A8 and W4A4 (whose first and last layers are
+the 8-bit ones), before the default changed (``-full-range``) and after (the saturation-free
+default), test accuracy per target, for each seed in ``--seeds``; the seed drives the
+quantization (HDRQ's noise, data order), before and after share it (paired differences).
 
-    OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.latency.seven_bit_grid_accuracy --method rtn
+    OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.latency.seven_bit_grid_accuracy --method hdrq --iterations 100 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from hdrq_plugin import BitSpec, quantize_model
 from hdrq_plugin._io import write_text_atomic
 from hdrq_plugin.evaluation import accuracy
 
-SPECS = {
-    "w8a8": BitSpec(8, 8), "w8a8 (7-bit grid)": BitSpec(7, 8, edge_weight_bits=7),
-    "w4a4": BitSpec(4, 4), "w4a4 (7-bit edges)": BitSpec(4, 4, edge_weight_bits=7),
+#: model -> (before: the full 8-bit grid, after: the saturation-free default)
+PAIRS = {
+    "w8a8": (BitSpec(8, 8, weight_range="full"), BitSpec(8, 8)),
+    "w4a4": (BitSpec(4, 4, weight_range="full"), BitSpec(4, 4)),
 }
 
 
@@ -32,21 +35,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="rtn")
     parser.add_argument("--iterations", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--models", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument("--zoo-seed", type=int, default=0, help="the demo's zoo (float models) seed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or Path(f"benchmarks/results/seven_bit_grid_accuracy_{args.method}.json")
-    bench = load_or_build_benchmark(BenchmarkRecipe(seed=args.seed))
+    bench = load_or_build_benchmark(BenchmarkRecipe(seed=args.zoo_seed))
     targets = list(bench.recipe.target_domains)
-    result = {"method": args.method, "iterations": args.iterations, "load_average_start": os.getloadavg(),
-              "float": {t: accuracy(bench.adapted[t], bench.domains[t].test) for t in targets}, "accuracy": {}}
-    for label, spec in SPECS.items():
-        result["accuracy"][label] = {}
-        for t in targets:
-            q = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec, method=args.method,
-                               source=bench.source_model, seed=args.seed, iterations=args.iterations).model
-            result["accuracy"][label][t] = accuracy(q, bench.domains[t].test)
-        print(label, {t: round(a, 4) for t, a in result["accuracy"][label].items()}, flush=True)
+    result = {"method": args.method, "iterations": args.iterations, "seeds": args.seeds,
+              "load_average_start": os.getloadavg(),
+              "float": {t: accuracy(bench.adapted[t], bench.domains[t].test) for t in targets}, "accuracy": {},
+              "paired_difference_after_minus_before": {}}
+    for model, specs in ((m, PAIRS[m]) for m in args.models):
+        runs = {}
+        for when, spec in zip(("before (full 8-bit grid)", "after (saturation-free default)"), specs, strict=True):
+            runs[when] = {t: [] for t in targets}
+            for seed in args.seeds:
+                for t in targets:
+                    q = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec, method=args.method,
+                                       source=bench.source_model, seed=seed, iterations=args.iterations).model
+                    runs[when][t].append(accuracy(q, bench.domains[t].test))
+            print(model, when, {t: [round(a, 4) for a in accs] for t, accs in runs[when].items()}, flush=True)
+        result["accuracy"][model] = runs
+        before, after = runs.values()
+        diffs = {t: [a - b for a, b in zip(after[t], before[t], strict=True)] for t in targets}
+        result["paired_difference_after_minus_before"][model] = {
+            "per_target_per_seed": diffs,
+            "mean_over_targets_and_seeds": sum(sum(d) for d in diffs.values()) / sum(len(d) for d in diffs.values())}
     result["load_average_end"] = os.getloadavg()
     write_text_atomic(out, json.dumps(result, indent=2))
     print(f"wrote {out}")

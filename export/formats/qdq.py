@@ -41,7 +41,7 @@ from ..model_facts import (
 from ..rewrites.int4 import rewrite_weights_to_int4
 from ..rewrites.integer_path import keep_integer_path
 from ..rewrites.linear_weights import transposed_weights_to_gemm
-from ..rewrites.unsigned_grids import store_wide_weights_as_uint8
+from ..rewrites.unsigned_grids import drop_saturation_free_weight_clips, store_wide_weights_as_uint8
 from ..validation.self_check import onnxruntime_failures
 from .static_pools import with_static_pools
 
@@ -118,14 +118,17 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
     :class:`ExportError` names the level and the layer where the function first changes. The
     file appears complete or not at all; an existing file needs ``overwrite``.
 
-    ``saturation_safe`` (default): weights with codes beyond +-64 are stored as uint8 so the file
-    computes the model on every x86 CPU (:func:`.unsigned_grids.store_wide_weights_as_uint8`);
-    onnxruntime then runs those layers on u8u8 kernels, which VNNI does not accelerate
-    (measured here, W8A8 ResNet-18 224x224, 1 thread: 2.7x slower at batch 1, 3.0x at batch 8;
-    W4A4/W4A8 files only have their two 8-bit edge layers affected). ``False`` keeps int8
-    weights: fastest on CPUs with VNNI (AVX512-VNNI / AVX-VNNI), but a file that saturates, and
-    computes another function, on x86 CPUs without it (docs/export.md). Recorded as
-    ``hdrq.saturation_safe``.
+    8-bit layers converted with the default saturation-free weight grid (codes -64..63,
+    :data:`hdrq_plugin.bitspec.WEIGHT_RANGES`) are stored as int8 as they are: they cannot
+    saturate, so onnxruntime runs them on its fast u8s8 kernels (VNNI, AVX2, ARM) on every CPU.
+    ``saturation_safe`` (default) covers the others — a full 8-bit grid (``w8a8-full-range``,
+    older checkpoints, adopted Brevitas models): weights with codes beyond +-64 are stored as
+    uint8 so the file computes the model on every x86 CPU
+    (:func:`.unsigned_grids.store_wide_weights_as_uint8`); onnxruntime then runs those layers on
+    u8u8 kernels, which VNNI does not accelerate (no faster than FP32, benchmarks/results/int8_default.json).
+    ``False`` keeps int8 weights: fast on CPUs with VNNI (AVX512-VNNI / AVX-VNNI), but such a file
+    saturates, and computes another function, on x86 CPUs without it (docs/export.md §4).
+    Recorded as ``hdrq.saturation_safe``.
     """
     require_brevitas_model(model)
     require_calibrated(model)
@@ -141,6 +144,7 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
         transposed_weights_to_gemm(onnx_model)  # nn.Linear(bias=False): MatMul(x, Transpose(DQ(W)))
         _require_integer_graph(onnx_model)
         keep_integer_path(onnx_model)  # exact rewrites so onnxruntime fuses every layer
+        drop_saturation_free_weight_clips(onnx_model)  # -64..63 weights read as plain int8 (no-op Clips)
         if saturation_safe:
             store_wide_weights_as_uint8(onnx_model)  # no int16 saturation on x86 CPUs without VNNI
         if weights == "int4":

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ..graph_facts import consumers, drop_unused_initializers, initializers
+from ..graph_facts import SATURATION_FREE_WEIGHT_CODE, consumers, drop_unused_initializers, initializers
 
 _SHIFT = 128  # int8 -> uint8 offset
 
@@ -86,12 +86,6 @@ def shift_clipped_signed_activations(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-#: The largest weight code magnitude onnxruntime's u8s8 kernels can take without overflow on
-#: every x86 CPU: without VNNI (AVX2, e.g. Haswell..Zen 3) MLAS multiplies uint8 activations by
-#: int8 weights with vpmaddubsw, which adds each pair of adjacent products into a *saturating*
-#: int16; 2 x 255 x 64 = 32,640 <= 32,767, 2 x 255 x 65 is not (onnxruntime's own answer to the
-#: same overflow is ``reduce_range``: 7-bit weights).
-SATURATION_FREE_WEIGHT_CODE = 64
 
 
 def _weight_codes(name: str, inits: dict, users: dict) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
@@ -146,3 +140,41 @@ def store_wide_weights_as_uint8(model: onnx.ModelProto) -> list[str]:
         rewritten.append(tensor.name)
     drop_unused_initializers(graph)
     return rewritten
+
+
+_INT4_RANGE = (-8, 7)
+
+
+def drop_saturation_free_weight_clips(model: onnx.ModelProto) -> list[str]:
+    """Drop Brevitas' integer Clip after int8 weights of saturation-free grids (5..7 bits), in place.
+
+    Brevitas writes every sub-8-bit weight as int8 initializer -> Clip(qmin, qmax) ->
+    DequantizeLinear. On a constant whose codes already lie inside the bounds (they are the
+    quantizer's output) the Clip changes nothing, so dropping it is exact; the default 8-bit grid
+    (-64..63, :data:`hdrq_plugin.bitspec.WEIGHT_RANGES`) then reads as a plain int8 weight, as
+    onnxruntime's ``reduce_range`` files do, and a tiny model's file does not grow by two nodes
+    and three constants per layer. Clips inside the 4-bit range stay: they mark the weights the
+    INT4 storage rewrites (:mod:`.int4`). Returns the names of the weights whose Clip was dropped.
+    """
+    graph = model.graph
+    inits, users = initializers(graph), consumers(graph)
+    dropped = []
+    for tensor in list(graph.initializer):
+        if tensor.data_type != TensorProto.INT8:
+            continue
+        clip, dequantizers = _weight_codes(tensor.name, inits, users)
+        if clip is None or clip.input[0] != tensor.name or not dequantizers \
+                or any(dq.op_type != "DequantizeLinear" for dq in dequantizers):
+            continue  # (the Clip's int8 bounds are read by it too)
+        low, high = (int(numpy_helper.to_array(inits[bound]).reshape(-1)[0]) for bound in clip.input[1:])
+        if _INT4_RANGE[0] <= low and high <= _INT4_RANGE[1] or max(-low, high) > SATURATION_FREE_WEIGHT_CODE:
+            continue
+        codes = numpy_helper.to_array(tensor)
+        if codes.min(initial=low) < low or codes.max(initial=high) > high:
+            continue  # the Clip would change a code: not a no-op
+        for dq in dequantizers:
+            dq.input[0] = tensor.name
+        graph.node.remove(clip)
+        dropped.append(tensor.name)
+    drop_unused_initializers(graph)
+    return dropped

@@ -61,7 +61,8 @@ def adopt_brevitas_model(model: nn.Module) -> torch.fx.GraphModule:
     if not layer_bits:
         raise UnsupportedLayerError(f"{type(model).__name__} has no Brevitas QuantConv/QuantLinear layer to adopt; "
                                     "for a float model use convert_to_brevitas")
-    spec = BitSpec(max(b for b, _ in layer_bits.values()), max(act_bits.values(), default=8), edge_weight_bits=None)
+    spec = BitSpec(max(b for b, _ in layer_bits.values()), max(act_bits.values(), default=8), edge_weight_bits=None,
+                   weight_range="full")  # each layer keeps the user's own grid
     qmodel = convert_to_brevitas(twin, spec, weight_quant=HDRQ_FAMILY.weight_quant, act_quant=HDRQ_FAMILY.act_quant,
                                  signed_act_quant=HDRQ_FAMILY.signed_act_quant, input_bits=input_bits)
     modules = dict(qmodel.named_modules())

@@ -130,7 +130,9 @@ def convert_to_brevitas(
     input, residual adds) are Brevitas quantizer classes; their bit width is set from ``bits``.
     The first conv and the last linear layer get ``bits.edge_weight_bits`` weight bits and the
     network input ``input_bits`` (image pixels are 8-bit data), the reference policy of
-    BRECQ/QDrop/HDRQ. Biases use ``Int32Bias`` so onnxruntime reproduces the model exactly.
+    BRECQ/QDrop/HDRQ. 8-bit weight layers get the grid of ``bits.weight_range``: by default the
+    saturation-free -64..63 (a 7-bit grid stored in int8, :data:`hdrq_plugin.bitspec.WEIGHT_RANGES`),
+    so the model and its exported file agree and the file keeps int8 weights on every CPU. Biases use ``Int32Bias`` so onnxruntime reproduces the model exactly.
     The float model is not modified. Activation scales still need calibration
     (:func:`calibrate_activations`).
     """
@@ -173,7 +175,7 @@ def convert_to_brevitas(
     _reject_functional_parameters(graph_model)
     _check_traced(graph_model, float_copy)
 
-    layer_kwargs = {"weight_quant": _with_bits(weight_quant, spec.weight_bits),
+    layer_kwargs = {"weight_quant": _with_bits(weight_quant, spec.grid_bits(spec.weight_bits)),
                     "bias_quant": Int32Bias}
     compute_map = dict(COMPUTE_LAYER_MAP)
     compute_map[nn.Conv1d] = (qnn.QuantConv1d, {**layer_kwargs, "return_quant_tensor": True})
@@ -206,7 +208,7 @@ def convert_to_brevitas(
         raise UnsupportedLayerError("the model has no Conv or Linear layer to quantize")
     if spec.edge_weight_bits is not None:
         for _, layer in (layers[0], layers[-1]):
-            set_weight_bit_width(layer, spec.edge_weight_bits)
+            set_weight_bit_width(layer, spec.grid_bits(spec.edge_weight_bits))
         # the classifier's own input quantizer follows the same 8-bit edge policy
         if getattr(layers[-1][1], "input_quant", None) is not None and layers[-1][1].input_quant.is_quant_enabled:
             _set_proxy_bits(layers[-1][1].input_quant, spec.edge_weight_bits)

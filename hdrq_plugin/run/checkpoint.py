@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,7 @@ def save_quantized(path: str | Path, qmodel: nn.Module, *, recipe: ModelRecipe, 
         "format": FORMAT,
         "recipe": asdict(recipe),
         "bits": str(BitSpec.parse(bits)),
+        "weight_range": BitSpec.parse(bits).weight_range,  # absent in checkpoints of full-range days
         "family": family,
         "state_dict": qmodel.state_dict(),
         "metadata": json.loads(json.dumps(metadata or {}, default=str)),
@@ -132,6 +133,12 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     recipe = ModelRecipe.from_payload(payload.get("recipe"), path)
     try:
         bits = BitSpec.parse(payload.get("bits"))
+        # Checkpoints saved before the saturation-free default (issue 22) have no "weight_range":
+        # their 8-bit layers were on the full int8 grid and reload so (the exporter stores them as uint8).
+        if "weight_range" not in payload:
+            bits = replace(bits, weight_range="full")
+        elif payload["weight_range"] != bits.weight_range:
+            raise ValueError(f"weight_range {payload['weight_range']!r} contradicts bits {str(bits)!r}")
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has a bad bit spec: {one_line(err)}") from err
     family = quantizer_family(payload.get("family"))

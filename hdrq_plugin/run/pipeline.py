@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError, ModelRecipe, load_quantized, save_quant
 from .distributed import SequentialRunner, Task, TaskFailure
 
 #: Bump when quantize_target computes differently in a way its key does not capture.
-TASK_CODE_VERSION = 1
+TASK_CODE_VERSION = 2  # 2: 8-bit layers on the saturation-free weight grid by default (issue 22)
 
 
 class TargetsFailedError(HDRQPluginError, RuntimeError):
