@@ -75,22 +75,22 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
     targets = list(recipe.target_domains)
     tests = {t: bench.domains[t].test for t in targets}
 
-    # float references: θ0 everywhere, θt at home, the float merge everywhere
-    report.add_per_target("source", "fp32", "float_source",
-                          {t: accuracy(bench.source_model, tests[t]) for t in targets})
-    for t in targets:
-        report.add("adapted", "fp32", "float_adapted", t, accuracy(bench.adapted[t], tests[t]))
-    # the reference merge averages BN-folded weights, the space every quantized merge works in;
-    # averaging BN statistics separately is reported too (it is what a float-only user does)
-    folded = {t: fold_batchnorm(bench.adapted[t]) for t in targets}
-    for subset in merge_subsets(targets):
-        float_merged = average_float_models([folded[t] for t in subset])
-        report.add_per_target(_merge_label("float-merge", subset, targets), "fp32", "float_merged",
-                              {t: accuracy(float_merged, tests[t]) for t in subset},
-                              merged_targets="+".join(subset))
-    bn_averaged = average_float_models([bench.adapted[t] for t in targets])
-    report.add_per_target("float-merge-bn-averaged", "fp32", "float_merged",
-                          {t: accuracy(bn_averaged, tests[t]) for t in targets})
+    with clock("float_references_s"):  # θ0 everywhere, θt at home, the float merge everywhere
+        report.add_per_target("source", "fp32", "float_source",
+                              {t: accuracy(bench.source_model, tests[t]) for t in targets})
+        for t in targets:
+            report.add("adapted", "fp32", "float_adapted", t, accuracy(bench.adapted[t], tests[t]))
+        # the reference merge averages BN-folded weights, the space every quantized merge works in;
+        # averaging BN statistics separately is reported too (it is what a float-only user does)
+        folded = {t: fold_batchnorm(bench.adapted[t]) for t in targets}
+        for subset in merge_subsets(targets):
+            float_merged = average_float_models([folded[t] for t in subset])
+            report.add_per_target(_merge_label("float-merge", subset, targets), "fp32", "float_merged",
+                                  {t: accuracy(float_merged, tests[t]) for t in subset},
+                                  merged_targets="+".join(subset))
+        bn_averaged = average_float_models([bench.adapted[t] for t in targets])
+        report.add_per_target("float-merge-bn-averaged", "fp32", "float_merged",
+                              {t: accuracy(bn_averaged, tests[t]) for t in targets})
     save_float_model(out / "source.pt", bench.source_model, float_recipe(bench))
     report.write(out)  # every stage below rewrites the report: a late failure keeps the earlier ones
 
