@@ -114,11 +114,14 @@ def raise_value_error(message: str) -> None:
     raise ValueError(message)
 
 
-def test_process_runner_reports_a_raising_task_and_finishes_the_others():
+def test_process_runner_reports_a_raising_task_and_finishes_the_others(monkeypatch, capfd):
+    monkeypatch.setenv("HDRQ_PROGRESS", "log")  # as in a CI log: each worker announces its task
     tasks = [Task("bad", raise_value_error, ("broken input",)), Task("good", max, (3, 4))]
     outcomes = {task.name: outcome for task, outcome in ProcessRunner(2).as_completed(tasks)}
     assert outcomes["good"] == 4
     assert isinstance(outcomes["bad"], TaskFailure) and outcomes["bad"].error == "ValueError: broken input"
+    out = capfd.readouterr().out
+    assert "good: started" in out and "good: done in" in out and "bad: failed after" in out
     with pytest.raises(ValueError, match="workers"):
         ProcessRunner(0)
     assert isinstance(make_runner(workers=2), ProcessRunner) and isinstance(make_runner(workers=1), SequentialRunner)

@@ -122,6 +122,14 @@ def _init_worker(progress: str) -> None:
     os.environ["HDRQ_PROGRESS"] = progress
 
 
+def _run_staged(name: str, function: Callable[..., Any], num_threads: int, seed: int | None, /,
+                *args, **kwargs) -> Any:
+    """:func:`run_task` inside a worker, announced as a stage: its own start/end lines and
+    heartbeats name the task (the driver only sees tasks finish)."""
+    with stage(name):
+        return run_task(function, num_threads, seed, *args, **kwargs)
+
+
 class ProcessRunner:
     """Runs tasks in ``workers`` local processes (spawned: no state inherited from the driver).
 
@@ -155,8 +163,8 @@ class ProcessRunner:
         with ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)), mp_context=context,
                                  initializer=_init_worker, initargs=(worker_progress,)) as pool, \
                 _progress(len(tasks), desc) as bar:
-            futures = {pool.submit(run_task, task.function, task.num_cpus, task.seed, *task.args, **task.kwargs): task
-                       for task in tasks}
+            futures = {pool.submit(_run_staged, task.name, task.function, task.num_cpus, task.seed,
+                                   *task.args, **task.kwargs): task for task in tasks}
             for future in as_completed(futures):
                 task = futures[future]
                 try:
