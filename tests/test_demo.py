@@ -91,6 +91,14 @@ def test_demo_refuses_negative_iterations_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_demo_refuses_zero_workers_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--size", "tiny", "--workers", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--workers must be >= 1, got 0" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def _corrupt_one_weight(model):
     """A broken exporter: the first weight initializer's first code is off by one step."""
     import numpy as np
