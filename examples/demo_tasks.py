@@ -25,11 +25,12 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
+from hdrq_plugin.errors import HDRQPluginError
 from hdrq_plugin.evaluation import accuracy
 from hdrq_plugin.progress import timed_stage
-from hdrq_plugin.run.checkpoint import ModelRecipe, load_quantized, save_quantized
+from hdrq_plugin.run.checkpoint import CheckpointError, ModelRecipe, load_quantized, save_quantized
 from hdrq_plugin.run.distributed import SequentialRunner, Task, TaskFailure, make_runner
-from hdrq_plugin.run.pipeline import TargetsFailedError, finished_checkpoint
+from hdrq_plugin.run.pipeline import TargetsFailedError
 
 from .zoo import library_versions
 
@@ -109,6 +110,18 @@ def run_job(job: QuantizeJob, adapted: nn.Module, source: nn.Module, calib: Data
     return info
 
 
+def _cached(path: Path, key: str) -> tuple[nn.Module, str, dict] | None:
+    """``(model, family, metadata)`` of the checkpoint at ``path`` if it was made under ``key``;
+    None when missing, unreadable or made from other inputs (then quantized again, replaced atomically)."""
+    if not path.is_file():
+        return None
+    try:  # the reuse rule of hdrq_plugin.run.pipeline.finished_checkpoint, keeping the metadata
+        model, info = load_quantized(path)
+    except (CheckpointError, HDRQPluginError):
+        return None
+    return (model, info["family"], info) if info.get("task_key") == key else None
+
+
 def run_jobs(jobs: list[QuantizeJob], bench, recipe: ModelRecipe, cache_dir: Path, workers: int,
              timings: dict[str, float]) -> dict[QuantizeJob, tuple[nn.Module, str, dict]]:
     """Every job's ``(model, family, metadata)``: from the cache where its key matches, else
@@ -118,7 +131,8 @@ def run_jobs(jobs: list[QuantizeJob], bench, recipe: ModelRecipe, cache_dir: Pat
     zoo_key = bench.recipe.cache_key()
     keys = {job: job_key(job, zoo_key) for job in jobs}
     paths = {job: folder / f"{keys[job][:24]}.pt" for job in jobs}
-    todo = [job for job in jobs if finished_checkpoint(paths[job], keys[job]) is None]
+    cached = {job: _cached(paths[job], keys[job]) for job in jobs}  # loaded once, kept
+    todo = [job for job in jobs if cached[job] is None]
     todo.sort(key=lambda job: _COST_RANK.get(job.method, 2))  # stable: targets keep their order
     runner = make_runner(workers=min(workers, len(todo))) if todo else SequentialRunner()
     tasks = [Task(job.label, run_job,
@@ -139,10 +153,9 @@ def run_jobs(jobs: list[QuantizeJob], bench, recipe: ModelRecipe, cache_dir: Pat
     models = {}
     with timed_stage(timings, "load_quantized_s"):
         for job in jobs:
-            model, info = load_quantized(paths[job])
-            if info.get("task_key") != keys[job]:  # replaced between the check and now
-                raise RuntimeError(f"{paths[job]} does not hold {job.label}")
-            models[job] = (model, info["family"], info)
+            models[job] = cached[job] or _cached(paths[job], keys[job])
+            if models[job] is None:  # replaced or damaged between the write and now
+                raise TargetsFailedError(f"{paths[job]} does not hold {job.label}")
     timings["quantize_cached_models"] = float(len(jobs) - len(todo))
     return models
 
