@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 BITS ?= w4a4
 BENCH_ARGS ?= --quick
+# pytest-xdist workers for `make test` (auto: one per CPU). --dist loadfile keeps each test file in
+# one worker, so a module's fixtures (a demo run, a local Ray) are built once, not once per worker.
+TEST_WORKERS ?= auto
 
 # OpenMP threads that busy-wait make torch several times slower when anything else shares the
 # two cores (measured: 24 vs 136 img/s training); passive waiting costs nothing when idle.
@@ -33,7 +36,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.mtda $(BENCH_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -17,10 +17,11 @@ from hdrq_plugin.merge.float_merge import average_float_models
 from hdrq_plugin.merge.models import merge_models
 from hdrq_plugin.nipq.train import CPU_EPOCHS as NIPQ_CPU_EPOCHS
 from hdrq_plugin.progress import timed_stage
-from hdrq_plugin.quantize import quantize_model
 from hdrq_plugin.run.checkpoint import ModelRecipe, save_float_model, save_quantized
+from hdrq_plugin.run.distributed import default_workers
 from hdrq_plugin.run.report import HARMONIC_MEAN, Report
 
+from .demo_tasks import QuantizeJob, run_jobs
 from .zoo import Benchmark, BenchmarkRecipe, load_or_build_benchmark, merge_subsets
 
 #: the two rounding rules every quantized merge is reported with (docs/hdrq_method.md §5): the biased naive
@@ -47,8 +48,12 @@ def float_recipe(benchmark: Benchmark) -> ModelRecipe:
 
 def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, size: str = "demo",
              iterations: int | None = DEMO_ITERATIONS, export: bool = True, hot: bool = False,
-             nipq_epochs: int = DEMO_NIPQ_EPOCHS) -> Report:
-    """Run the whole pipeline and write ``report.json`` / ``report.md`` (and models) into ``out``."""
+             nipq_epochs: int = DEMO_NIPQ_EPOCHS, workers: int | None = None) -> Report:
+    """Run the whole pipeline and write ``report.json`` / ``report.md`` (and models) into ``out``.
+
+    ``workers``: processes for the per-target quantizations (default: the usable cores); the
+    models are the same for any count (one torch thread per task).
+    """
     spec = BitSpec.parse(bits)
     if isinstance(nipq_epochs, bool) or not isinstance(nipq_epochs, int) or nipq_epochs < 0:
         raise ValueError(f"nipq_epochs must be a whole number >= 0, got {nipq_epochs!r}")
@@ -70,35 +75,39 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
     targets = list(recipe.target_domains)
     tests = {t: bench.domains[t].test for t in targets}
 
-    # float references: θ0 everywhere, θt at home, the float merge everywhere
-    report.add_per_target("source", "fp32", "float_source",
-                          {t: accuracy(bench.source_model, tests[t]) for t in targets})
-    for t in targets:
-        report.add("adapted", "fp32", "float_adapted", t, accuracy(bench.adapted[t], tests[t]))
-    # the reference merge averages BN-folded weights, the space every quantized merge works in;
-    # averaging BN statistics separately is reported too (it is what a float-only user does)
-    folded = {t: fold_batchnorm(bench.adapted[t]) for t in targets}
-    for subset in merge_subsets(targets):
-        float_merged = average_float_models([folded[t] for t in subset])
-        report.add_per_target(_merge_label("float-merge", subset, targets), "fp32", "float_merged",
-                              {t: accuracy(float_merged, tests[t]) for t in subset},
-                              merged_targets="+".join(subset))
-    bn_averaged = average_float_models([bench.adapted[t] for t in targets])
-    report.add_per_target("float-merge-bn-averaged", "fp32", "float_merged",
-                          {t: accuracy(bn_averaged, tests[t]) for t in targets})
+    with clock("float_references_s"):  # θ0 everywhere, θt at home, the float merge everywhere
+        report.add_per_target("source", "fp32", "float_source",
+                              {t: accuracy(bench.source_model, tests[t]) for t in targets})
+        for t in targets:
+            report.add("adapted", "fp32", "float_adapted", t, accuracy(bench.adapted[t], tests[t]))
+        # the reference merge averages BN-folded weights, the space every quantized merge works in;
+        # averaging BN statistics separately is reported too (it is what a float-only user does)
+        folded = {t: fold_batchnorm(bench.adapted[t]) for t in targets}
+        for subset in merge_subsets(targets):
+            float_merged = average_float_models([folded[t] for t in subset])
+            report.add_per_target(_merge_label("float-merge", subset, targets), "fp32", "float_merged",
+                                  {t: accuracy(float_merged, tests[t]) for t in subset},
+                                  merged_targets="+".join(subset))
+        bn_averaged = average_float_models([bench.adapted[t] for t in targets])
+        report.add_per_target("float-merge-bn-averaged", "fp32", "float_merged",
+                              {t: accuracy(bn_averaged, tests[t]) for t in targets})
     save_float_model(out / "source.pt", bench.source_model, float_recipe(bench))
     report.write(out)  # every stage below rewrites the report: a late failure keeps the earlier ones
 
-    quantized: dict[str, dict[str, tuple]] = {}  # method → target → (quantized θt, quantizer family)
+    # every per-target quantization (RTN, HDRQ, NIPQ) at once on the worker processes, or from the cache
+    methods = ("rtn", "hdrq") + (("nipq",) if nipq_epochs else ())
+    jobs = [QuantizeJob(m, t, str(spec), seed, iterations=iterations if m != "nipq" else None,
+                        nipq_epochs=nipq_epochs if m == "nipq" else 0) for m in methods for t in targets]
+    done = run_jobs(jobs, bench, float_recipe(bench), bench.cache_path.parent,
+                    default_workers() if workers is None else workers, report.timings)
+    report.extra["quantized_from_cache"] = int(report.timings.pop("quantize_cached_models"))
+    quantized: dict[str, dict[str, tuple]] = {}  # method → target → (quantized θt, quantizer family, metadata)
+    for job in jobs:
+        quantized.setdefault(job.method, {})[job.target] = done[job]
     for method in ("rtn", "hdrq"):
-        quantized[method] = {}
         for t in targets:
-            with clock(f"quantize_{method}_s", t):
-                result = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec, method=method,
-                                        source=bench.source_model, seed=seed, iterations=iterations)
-            report.add(method, str(spec), "single", t, accuracy(result.model, tests[t]))
-            quantized[method][t] = (result.model, result.family)
-            report.write(out)
+            report.add(method, str(spec), "single", t, quantized[method][t][2]["accuracy"])
+    report.write(out)
 
     # every pair (where ties between two integer codes decide the rounding) and all targets
     merged_models = {}
@@ -120,7 +129,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
                                             "rounding": "noise-sampling", "seed": seed})
 
     if nipq_epochs:
-        _nipq_rows(report, bench, spec, targets, tests, seed, nipq_epochs, clock)
+        _nipq_rows(report, quantized["nipq"], spec, targets, tests, seed, clock)
         report.write(out)
     _barrier(report, bench, quantized["hdrq"], targets, tests, out, clock)
     report.write(out)
@@ -129,20 +138,12 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
     return report
 
 
-def _nipq_rows(report, bench, spec, targets, tests, seed, epochs, clock) -> None:
+def _nipq_rows(report, nipq, spec, targets, tests, seed, clock) -> None:
     """NIPQ per target at ``spec``'s average bits, and their merge (differing widths take the wider)."""
-    from hdrq_plugin.nipq.train import quantize_nipq
-
     models = {}
     for t in targets:
-        with clock("quantize_nipq_s", t):
-            models[t], result = quantize_nipq(bench.adapted[t], bench.domains[t].train, spec, epochs=epochs,
-                                              seed=seed, eval_data=tests[t])
-        report.add("nipq", str(spec), "single", t, accuracy(models[t], tests[t]),
-                   average_weight_bits=result.report.average_weight_bits,
-                   average_act_bits=result.report.average_act_bits,
-                   accuracy_before_freeze=result.accuracy_before_freeze,
-                   accuracy_after_freeze=result.accuracy_after_freeze)
+        models[t], _family, info = nipq[t]
+        report.add("nipq", str(spec), "single", t, info["accuracy"], **info["extra"])
     with clock("merge_nipq_s"):
         merged = merge_models([models[t] for t in targets], rounding="noise-sampling", seed=seed)
     report.add_per_target("nipq+noise-sampling", str(spec), "merged", {t: accuracy(merged, tests[t]) for t in targets},

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, TensorDataset
 
 from hdrq_plugin._io import atomic_write_path
 from hdrq_plugin.hot.mode import HOTConfig
@@ -262,6 +262,54 @@ def build_models(recipe: BenchmarkRecipe, domains: dict[str, DomainSplits]) -> t
     return source, adapted, timings
 
 
+#: Format of the generated-domains cache (the rendered, blended and split images of every domain).
+DOMAINS_CACHE_FORMAT = "hdrq-examples/domains/v1"
+
+
+def domains_cache_path(recipe: BenchmarkRecipe, n_calib: int, cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """Where the recipe's generated domains are cached, and their key (the recipe's key and ``n_calib``)."""
+    key = hashlib.sha256(f"{recipe.cache_key()}|domains|n_calib={n_calib}".encode()).hexdigest()
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / f"domains-{key[:20]}.pt", key
+
+
+def load_or_make_domains(recipe: BenchmarkRecipe, n_calib: int = 32,
+                         cache_dir: str | os.PathLike | None = None) -> tuple[dict[str, DomainSplits], bool]:
+    """:func:`load_domains`, cached: rendering and blending the digits takes tens of seconds, reading
+    the tensors back a fraction of one. Returns ``(domains, from_cache)``; an unreadable or foreign
+    cache file is regenerated (after a warning) and replaced atomically."""
+    path, key = domains_cache_path(recipe, n_calib, cache_dir)
+    names = recipe.source_domains + recipe.target_domains
+    if path.is_file():
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+            if content.get("format") != DOMAINS_CACHE_FORMAT or content.get("key") != key:
+                raise ValueError("format or key does not match")
+            domains = {}
+            for name in names:
+                parts = content["domains"][name]
+                if set(parts) != {"train", "calib", "test", "val"}:
+                    raise ValueError(f"domain {name!r} has parts {sorted(parts)}")
+                domains[name] = DomainSplits(name=name, **{
+                    part: TensorDataset(*_checked_pair(images, labels)) for part, (images, labels) in parts.items()})
+            return domains, True
+        except Exception as err:  # noqa: BLE001 - any unreadable cache is regenerated, whatever the cause
+            warnings.warn(f"domain cache {path} is unusable ({type(err).__name__}: {err}); regenerating it", stacklevel=2)
+    domains = load_domains(recipe, n_calib=n_calib)
+    content = {"format": DOMAINS_CACHE_FORMAT, "key": key,
+               "domains": {name: {part: list(getattr(split, part).tensors) for part in ("train", "calib", "test", "val")}
+                           for name, split in domains.items()}}
+    with atomic_write_path(path) as tmp:
+        torch.save(content, tmp)
+    return domains, False
+
+
+def _checked_pair(images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and len(images) == len(labels)):
+        raise ValueError("a split is not an (images, labels) pair of equal length")
+    return images, labels
+
+
 def load_or_build_benchmark(
     recipe: BenchmarkRecipe | None = None,
     *,
@@ -277,7 +325,7 @@ def load_or_build_benchmark(
     recipe = recipe or BenchmarkRecipe()
     path = cache_path_for(recipe, cache_dir)
     start = time.perf_counter()
-    domains = load_domains(recipe, n_calib=n_calib)
+    domains, _ = load_or_make_domains(recipe, n_calib, cache_dir)
     data_seconds = time.perf_counter() - start
     cached = None if rebuild else _read_cache(path, recipe)
     if cached is not None:

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="adapt θ0 to each target with HOT back-propagation (Hadamard, INT4/INT8)")
     demo.add_argument("--nipq-epochs", type=int, default=None,
                       help="NIPQ noise epochs per target (default 10; 0 leaves the NIPQ rows out)")
+    demo.add_argument("--workers", type=int, default=None,
+                      help="processes for the per-target quantizations (default: the usable cores; 1: in this "
+                           "process); the models do not depend on it")
     _add_common(demo)
 
     quant = sub.add_parser("quantize", help="quantize one target model with its calibration data")

@@ -147,6 +147,10 @@ def cmd_demo(args) -> int:
         kwargs["hot"] = True
     if args.nipq_epochs is not None:
         kwargs["nipq_epochs"] = args.nipq_epochs
+    if args.workers is not None:
+        if args.workers < 1:
+            raise InputError(f"--workers must be >= 1, got {args.workers}")
+        kwargs["workers"] = args.workers
     # the demo owns its output folder (report.json/report.md): a rerun replaces its own report
     report = run_demo(bits=args.bits, out=args.out, seed=args.seed, size=args.size, **kwargs)
     print(f"wrote {Path(args.out) / 'report.json'} and report.md ({len(report.rows)} rows)")

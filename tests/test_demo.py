@@ -7,14 +7,21 @@ import pytest
 from hdrq_plugin.cli import main
 from hdrq_plugin.run.report import STAGES
 
+#: the tiny demo's settings; two NIPQ epochs (not the default ten) exercise every NIPQ row
+DEMO_ARGS = ["demo", "--size", "tiny", "--iterations", "8", "--nipq-epochs", "2"]
+
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, demo_cache):
     out = tmp_path_factory.mktemp("demo")
-    cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HDRQ_CACHE_DIR", str(cache))
-        code = main(["demo", "--size", "tiny", "--iterations", "8", "--out", str(out)])
+        patch.setenv("HDRQ_CACHE_DIR", str(demo_cache))
+        code = main([*DEMO_ARGS, "--out", str(out)])
     return code, out
 
 
@@ -27,7 +34,7 @@ def test_demo_writes_a_tidy_report_with_every_stage(demo_run):
     assert {row["stage"] for row in rows} == set(STAGES)
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
     assert report["recipe"]["iterations_per_unit"] == 8
-    assert "zoo_s" in report["timings"] and "quantize_hdrq_s" in report["timings"]
+    assert {"zoo_s", "quantize_s", "quantize_hdrq_task_s", "quantize_nipq_task_s"} <= report["timings"].keys()
     assert (out / "report.md").read_text().startswith("# hdrq-plugin report")
 
 
@@ -84,6 +91,14 @@ def test_demo_refuses_negative_iterations_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_demo_refuses_zero_workers_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--size", "tiny", "--workers", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--workers must be >= 1, got 0" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def _corrupt_one_weight(model):
     """A broken exporter: the first weight initializer's first code is off by one step."""
     import numpy as np
@@ -96,15 +111,18 @@ def _corrupt_one_weight(model):
     return []
 
 
-def test_a_refused_export_keeps_the_report_and_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
+def test_a_refused_export_keeps_the_report_and_exits_3_with_one_line(demo_run, demo_cache, tmp_path, monkeypatch,
+                                                                     capsys):
     """A broken exporter is caught by export_qdq's own onnxruntime check: no file is written,
-    every figure measured before it is kept and each refusal is recorded in the report."""
+    every figure measured before it is kept and each refusal is recorded in the report. (The
+    zoo and the quantized models come from the first run's cache: the same settings, so a rerun
+    reuses every one of them, which this also checks.)"""
     from hdrq_plugin.export.formats import qdq
 
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    monkeypatch.setenv("HDRQ_CACHE_DIR", str(cache))
+    out = tmp_path / "out"
+    monkeypatch.setenv("HDRQ_CACHE_DIR", str(demo_cache))
     monkeypatch.setattr(qdq, "store_wide_weights_as_uint8", _corrupt_one_weight)
-    code = main(["demo", "--size", "tiny", "--iterations", "2", "--out", str(out)])
+    code = main([*DEMO_ARGS, "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 3
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -113,6 +131,9 @@ def test_a_refused_export_keeps_the_report_and_exits_3_with_one_line(tmp_path, m
     report = json.loads((out / "report.json").read_text())
     stages = {row["stage"] for row in report["rows"]}
     assert {"single", "merged"} <= stages  # everything measured before is kept
+    assert report["zoo_from_cache"] and report["quantized_from_cache"] == 9
+    first = json.loads((demo_run[1] / "report.json").read_text())["rows"]
+    assert [r for r in report["rows"] if r["stage"] != "merged_ort"] == [r for r in first if r["stage"] != "merged_ort"]
     refused = report["validation"]["int4-in-int8"]
     assert refused["ok"] is False and "activation codes of" in refused["refused"]
     # the true INT4 file goes through the same broken step: refused and recorded as well

@@ -20,6 +20,7 @@ from hdrq_plugin.cli import EXIT_TASKS_FAILED, main
 from hdrq_plugin.export.model_facts import model_sha256
 from hdrq_plugin.run.checkpoint import ModelRecipe, save_float_model
 from hdrq_plugin.run.distributed import (
+    ProcessRunner,
     RayRunner,
     RayUnavailableError,
     SequentialRunner,
@@ -97,6 +98,33 @@ def test_ray_runner_writes_the_same_checkpoints_as_the_sequential_runner(local_r
     assert result.ok, result.failures
     for name in ("quantized/a.pt", "quantized/b.pt", "merged.pt"):
         assert_same_state(reference / name, tmp_path / name)
+
+
+def test_process_runner_writes_the_same_checkpoints_as_the_sequential_runner(sequential_run, tmp_path):
+    """Two spawned worker processes, one torch thread per task: the very same tensors as one process."""
+    reference, _ = sequential_run
+    result = quantize_targets(tiny_resnet(seed=0), targets(), RECIPE, tmp_path, SETTINGS, runner=ProcessRunner(2))
+    assert result.ok, result.failures
+    assert sorted(result.quantized_now) == ["a", "b"]
+    for name in ("quantized/a.pt", "quantized/b.pt", "merged.pt"):
+        assert_same_state(reference / name, tmp_path / name)
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def test_process_runner_reports_a_raising_task_and_finishes_the_others(monkeypatch, capfd):
+    monkeypatch.setenv("HDRQ_PROGRESS", "log")  # as in a CI log: each worker announces its task
+    tasks = [Task("bad", raise_value_error, ("broken input",)), Task("good", max, (3, 4))]
+    outcomes = {task.name: outcome for task, outcome in ProcessRunner(2).as_completed(tasks)}
+    assert outcomes["good"] == 4
+    assert isinstance(outcomes["bad"], TaskFailure) and outcomes["bad"].error == "ValueError: broken input"
+    out = capfd.readouterr().out
+    assert "good: started" in out and "good: done in" in out and "bad: failed after" in out
+    with pytest.raises(ValueError, match="workers"):
+        ProcessRunner(0)
+    assert isinstance(make_runner(workers=2), ProcessRunner) and isinstance(make_runner(workers=1), SequentialRunner)
 
 
 def test_another_seed_gives_another_checkpoint(sequential_run, tmp_path):

@@ -9,7 +9,14 @@ import torch
 
 from hdrq_examples.models import ResNetConfig
 from hdrq_examples.rendered_digits import RenderStyle
-from hdrq_examples.zoo import BenchmarkRecipe, cache_path_for, load_or_build_benchmark
+from hdrq_examples.zoo import (
+    BenchmarkRecipe,
+    cache_path_for,
+    domains_cache_path,
+    load_domains,
+    load_or_build_benchmark,
+    load_or_make_domains,
+)
 
 TINY = BenchmarkRecipe.tiny()
 
@@ -84,3 +91,31 @@ def test_the_cache_key_changes_with_any_part_of_the_recipe():
 def test_a_domain_cannot_be_both_source_and_target():
     with pytest.raises(ValueError, match="both source and target"):
         BenchmarkRecipe(source_domains=("mnist",), target_domains=("mnist", "optdigits"))
+
+
+def _same_domains(a, b) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(x, y) for name in a for part in ("train", "calib", "test", "val")
+        for x, y in zip(getattr(a[name], part).tensors, getattr(b[name], part).tensors, strict=True))
+
+
+def test_generated_domains_are_cached_and_read_back_identical(built):
+    """The second load reads the domains' tensors back instead of rendering them again: equal
+    to a fresh generation, bit for bit; another calibration size is another entry."""
+    benchmark, cache_dir = built
+    path, _ = domains_cache_path(TINY, 32, cache_dir)
+    assert path.is_file()
+    cached, from_cache = load_or_make_domains(TINY, 32, cache_dir)
+    assert from_cache and _same_domains(cached, load_domains(TINY, n_calib=32))
+    assert _same_domains(benchmark.domains, cached)
+    assert domains_cache_path(TINY, 16, cache_dir)[0] != path
+
+
+def test_a_corrupt_domain_cache_is_regenerated_with_a_warning(built, tmp_path):
+    benchmark, _ = built
+    path, _ = domains_cache_path(TINY, 32, tmp_path)
+    path.write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="unusable"):
+        domains, from_cache = load_or_make_domains(TINY, 32, tmp_path)
+    assert not from_cache and _same_domains(domains, benchmark.domains)
+    assert load_or_make_domains(TINY, 32, tmp_path)[1]  # and the file was repaired

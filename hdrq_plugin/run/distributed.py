@@ -8,7 +8,8 @@
 
 The scheduling, retries of killed workers and the object store are Ray's (we do not write a
 scheduler). :class:`SequentialRunner` has the same interface, runs in this process and needs no
-Ray. Both set the task's torch thread count and seed before calling it, so a task computes the
+Ray; :class:`ProcessRunner` runs tasks in a few local worker processes (the standard library's
+process pool, started by *spawn*), for the cores of one machine without Ray's start-up cost. Both set the task's torch thread count and seed before calling it, so a task computes the
 same numbers on either runner. Resuming is the caller's job: it submits only the tasks whose
 result is not already stored, and writes each result atomically when it arrives (a killed run
 loses the tasks in flight, nothing else).
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import HDRQPluginError
-from ..progress import progress_bar, stage
+from ..progress import progress_bar, progress_mode, stage
 
 #: Ray re-runs a task whose worker process died (killed, out of memory) this many times; a task
 #: that raises is not retried (a deterministic error would only fail again).
@@ -115,6 +116,69 @@ class SequentialRunner:
         pass
 
 
+def _init_worker(progress: str) -> None:
+    """A worker's progress: plain log lines, or none where the driver draws bars on a terminal
+    (two processes writing bars to one terminal garble both)."""
+    os.environ["HDRQ_PROGRESS"] = progress
+
+
+def _run_staged(name: str, function: Callable[..., Any], num_threads: int, seed: int | None, /,
+                *args, **kwargs) -> Any:
+    """:func:`run_task` inside a worker, announced as a stage: its own start/end lines and
+    heartbeats name the task (the driver only sees tasks finish)."""
+    with stage(name):
+        return run_task(function, num_threads, seed, *args, **kwargs)
+
+
+class ProcessRunner:
+    """Runs tasks in ``workers`` local processes (spawned: no state inherited from the driver).
+
+    Arguments and results travel pickled, so a task's function and values must pickle (a
+    Brevitas FX model does not: such tasks write a checkpoint and return its path). Each task
+    goes through :func:`run_task` with its own thread count and seed, so a task computes the
+    same numbers here as on :class:`SequentialRunner` (tested byte-for-byte). Results are
+    yielded as they finish; a caller that needs a fixed order sorts them.
+    """
+
+    name = "processes"
+
+    def __init__(self, workers: int = 2) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
+        self.workers = workers
+
+    def share(self, value: Any) -> Any:
+        return value  # pickled into each task that takes it
+
+    def as_completed(self, tasks: Iterable[Task], *, desc: str = "tasks") -> Iterator[tuple[Task, Any]]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        tasks = list(tasks)
+        if not tasks:
+            return
+        mode = progress_mode()
+        worker_progress = "off" if mode in ("bars", "off") else "log"
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)), mp_context=context,
+                                 initializer=_init_worker, initargs=(worker_progress,)) as pool, \
+                _progress(len(tasks), desc) as bar:
+            futures = {pool.submit(_run_staged, task.name, task.function, task.num_cpus, task.seed,
+                                   *task.args, **task.kwargs): task for task in tasks}
+            for future in as_completed(futures):
+                task = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as err:  # noqa: BLE001 - a task's error (or a dead worker) is a failure
+                    outcome = TaskFailure(task.name, f"{type(err).__name__}: {err}", traceback.format_exc())
+                bar.set_postfix_str(task.name)
+                bar.update()
+                yield task, outcome
+
+    def shutdown(self) -> None:
+        pass
+
+
 class RayRunner:
     """Runs tasks as Ray tasks: a local Ray by default, a cluster with ``address`` or ``$RAY_ADDRESS``.
 
@@ -181,10 +245,21 @@ def import_ray():
     return ray
 
 
-def make_runner(use_ray: bool = False, *, address: str | None = None,
-                num_cpus: int | None = None) -> SequentialRunner | RayRunner:
-    """:class:`RayRunner` when asked for (``use_ray`` or an ``address``), else :class:`SequentialRunner`."""
+def make_runner(use_ray: bool = False, *, address: str | None = None, num_cpus: int | None = None,
+                workers: int = 1) -> SequentialRunner | ProcessRunner | RayRunner:
+    """:class:`RayRunner` when asked for (``use_ray`` or an ``address``), else :class:`ProcessRunner`
+    for ``workers`` > 1, else :class:`SequentialRunner`."""
     if use_ray or address:
         return RayRunner(address, num_cpus=num_cpus)
-    return SequentialRunner()
+    return ProcessRunner(workers) if workers > 1 else SequentialRunner()
+
+
+def default_workers() -> int:
+    """Worker processes for independent tasks here: the CPUs this process may use
+    (``os.sched_getaffinity``, so a container's or ``taskset``'s limit counts), one thread each."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores)
 
