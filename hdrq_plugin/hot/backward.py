@@ -23,6 +23,7 @@ gradient is float (Σ g).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,8 @@ class LayerState:
     rows: int = 0  # L = batch×spatial of the last forward
     stored_rows: int = 0  # rows of the saved projected activation
     saved_activation_bytes: int = 0  # bytes saved for backward besides the weight
+    shared_buffers: dict | None = None  # session-wide: input → compressed buffer (None: no sharing)
+    shares_buffer_of: str | None = None  # the layer whose buffer of the same input this one reuses
     extra: dict = field(default_factory=dict)
 
     @property
@@ -79,6 +82,37 @@ def _compress_rows(rows: torch.Tensor, state: LayerState) -> tuple[torch.Tensor,
     projected = project_low_sequency(rows.float(), state.basis)
     state.rows, state.stored_rows = rows.shape[0], projected.shape[0]
     return _quantize_activation_int8(projected, state)
+
+
+def _compress_input(inputs: torch.Tensor, state: LayerState, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ABC of a layer input as channels-last rows, shared by every HOT layer reading that tensor.
+
+    A ResNet block input feeds conv1 and the downsample conv: plain autograd keeps it once, ABC
+    would keep two identical int8 buffers. The cache holds only weak references, checks the
+    tensor object and its version counter, and so never outlives the graph that saved the buffer.
+    """
+    cache = state.shared_buffers
+    key = (inputs.data_ptr(), tuple(inputs.shape), tuple(inputs.stride()), channel_dim)
+    if cache is not None:
+        entry = cache.get(key)
+        if entry is not None:
+            source, version, codes, scale, owner, rows, stored_rows = entry
+            codes, scale = codes(), scale()
+            if source() is inputs and version == inputs._version and codes is not None and scale is not None:
+                state.rows, state.stored_rows, state.shares_buffer_of = rows, stored_rows, owner
+                state.saved_activation_bytes = 0
+                return codes, scale
+    channels_last_rows = inputs.detach().movedim(channel_dim, -1).reshape(-1, inputs.shape[channel_dim])
+    codes, scale = _compress_rows(channels_last_rows, state)
+    del channels_last_rows
+    state.shares_buffer_of = None
+    state.saved_activation_bytes = codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
+    if cache is not None:
+        for stale in [k for k, value in cache.items() if value[0]() is None or value[2]() is None]:
+            del cache[stale]
+        cache[key] = (weakref.ref(inputs), inputs._version, weakref.ref(codes), weakref.ref(scale),
+                      state.name, state.rows, state.stored_rows)
+    return codes, scale
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -151,8 +185,7 @@ class HOTLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, weight, bias, state: LayerState):
         output = F.linear(inputs, weight, bias)
-        codes, scale = _compress_rows(inputs.detach().reshape(-1, inputs.shape[-1]), state)
-        state.saved_activation_bytes = codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
+        codes, scale = _compress_input(inputs, state, -1)
         ctx.state, ctx.input_shape, ctx.input_dtype, ctx.has_bias = state, inputs.shape, inputs.dtype, bias is not None
         ctx.save_for_backward(codes, scale, weight)
         return output
@@ -189,9 +222,7 @@ class HOTConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, weight, bias, geometry: ConvGeometry, state: LayerState):
         output = F.conv2d(inputs, weight, bias, geometry.stride, geometry.padding, geometry.dilation)
-        channels_last_rows = inputs.detach().permute(0, 2, 3, 1).reshape(-1, inputs.shape[1])
-        codes, scale = _compress_rows(channels_last_rows, state)
-        state.saved_activation_bytes = codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
+        codes, scale = _compress_input(inputs, state, 1)
         ctx.state, ctx.geometry, ctx.has_bias = state, geometry, bias is not None
         ctx.input_shape, ctx.input_dtype = inputs.shape, inputs.dtype
         ctx.save_for_backward(codes, scale, weight)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .activations import CompressedActivations
 from .backward import ConvGeometry, HOTConv2dFunction, HOTLinearFunction, LayerState
 from .hadamard import largest_power_of_two_block, low_sequency_basis
 
@@ -51,6 +52,9 @@ class HOTConfig:
     # "int": every GEMM via torch._int_mm (convs through im2col); "float": float kernels everywhere.
     gemm: str = "auto"
     seed: int = 0  # stochastic rounding stream
+    # ours (docs/hot_method.md §5): ReLU/BatchNorm/pools save masks / int8 / indices too, and
+    # layers reading one input share its compressed buffer; False: only Conv2d/Linear as in the paper
+    compress_activations: bool = True
 
     def __post_init__(self) -> None:
         for name in ("hq_max_block", "hla_order"):
@@ -93,6 +97,7 @@ class HOTSession:
         self.skipped: dict[str, str] = {}
         self.modules: dict[str, nn.Module] = {}
         basis = low_sequency_basis(config.hla_order, config.hla_rank)
+        shared_buffers: dict = {}  # one compressed buffer per layer input, shared by its readers
         for name, module in model.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
@@ -110,6 +115,7 @@ class HOTSession:
                 grad_input_bits=config.grad_input_bits, grad_weight_bits=config.grad_weight_bits,
                 quantize=config.quantize, gemm=config.gemm,
                 per_token_gain=config.per_token_gain, generator=self.generator,
+                shared_buffers=shared_buffers if config.compress_activations else None,
             )
             self.modules[name or "<root>"] = module
 
@@ -125,6 +131,7 @@ class HOTSession:
                 "padded_rows": state.stored_rows // state.rank * state.order if state.rows else 0,
                 "kept_fraction": effective_rank,  # stored rows / L: rank/n, or more when L was padded
                 "per_token": state.per_token, "saved_activation_bytes": state.saved_activation_bytes,
+                "shares_buffer_of": state.shares_buffer_of,
             })
         return rows
 
@@ -164,11 +171,14 @@ def hot_mode(model: nn.Module, config: HOTConfig | None = None) -> Iterator[HOTS
     """
     session = HOTSession(model, config or HOTConfig())
     previous = {}
+    activations = (CompressedActivations(session.config.quantize) if session.config.compress_activations
+                   else contextlib.nullcontext())
     try:
         for name, module in session.modules.items():
             previous[name] = module.__dict__.get("forward")
             module.forward = _hot_forward(module, session.states[name])
-        yield session
+        with activations:
+            yield session
     finally:
         for name, module in session.modules.items():
             if name not in previous:
