@@ -102,17 +102,15 @@ class CompressedBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_output):
         codes, scale, invstd, weight = ctx.saved_tensors
         dims = grad_output.dim()
-        reduce = [d for d in range(dims) if d != 1]
         normalised = codes.to(torch.float32, copy=True).mul_(_per_channel_view(scale, dims))
-        grad_bias = grad_output.sum(reduce)
-        grad_weight = torch.einsum("nc...,nc...->c", grad_output, normalised)
+        del codes
         gain = invstd if weight is None else invstd * weight
-        if ctx.training:
-            count = grad_output.numel() // grad_output.shape[1]
-            grad_input = normalised.mul_(_per_channel_view(-grad_weight / count, dims)).add_(grad_output)
-            grad_input.sub_(_per_channel_view(grad_bias / count, dims)).mul_(_per_channel_view(gain, dims))
-        else:
-            del normalised
+        # torch's fused batch-norm backward on x̂ itself: zero mean, unit σ⁻¹, γσ⁻¹ as the weight,
+        # gives g_x = γσ⁻¹(g − mean g − x̂·mean(g·x̂)), Σg·x̂ and Σg in one pass over the maps
+        zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_output, normalised, gain, None, None, zeros, ones, True, 0.0, [ctx.training, True, True])
+        if not ctx.training:
             grad_input = grad_output * _per_channel_view(gain, dims)
         return (grad_input, None, None, grad_weight if ctx.has_weight else None,
                 grad_bias if ctx.has_bias else None, None, None, None, None)

@@ -32,6 +32,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .hadamard import (
     block_hadamard,
+    block_hadamard_channels,
     integer_matmul,
     padded_length,
     project_low_sequency,
@@ -53,7 +54,7 @@ class LayerState:
     grad_input_bits: int
     grad_weight_bits: int
     quantize: bool
-    gemm: str  # "int": every GEMM via torch._int_mm; "float": float kernels on the codes; "auto": see HOTConfig
+    gemm: str  # "int": every GEMM via torch._int_mm; "float" / "bf16": those conv kernels on the codes (HOTConfig)
     per_token_gain: float
     generator: torch.Generator
     per_token: bool | None = None  # layer-wise quantizer selection; None until the first backward
@@ -167,10 +168,10 @@ def hla_weight_gradient(grad_rows: torch.Tensor, codes: torch.Tensor, scale: tor
     return _matmul(grad_codes.t(), codes, state) * (grad_scale * scale / state.order)
 
 
-def _quantize_grad_int8(rows: torch.Tensor, state: LayerState):
+def _quantize_grad_int8(rows: torch.Tensor, state: LayerState, dtype: torch.dtype = torch.int8):
     if not state.quantize:
         return rows, _UNIT
-    return quantize_stochastic(rows, state.grad_weight_bits, per_row=False, generator=state.generator)
+    return quantize_stochastic(rows, state.grad_weight_bits, per_row=False, generator=state.generator, dtype=dtype)
 
 
 def _quantize_activation_int8(values: torch.Tensor, state: LayerState):
@@ -235,43 +236,68 @@ class HOTConv2dFunction(torch.autograd.Function):
         batch, channels, height, width = ctx.input_shape
         out_channels, _, kernel_h, kernel_w = weight.shape
         kernel = (kernel_h, kernel_w)
-        grad_rows = grad_output.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·Ho·Wo) × O
         grad_input = grad_weight = grad_bias = None
         conv_args = (geometry.stride, geometry.padding, geometry.dilation)
         on_columns = state.gemm == "int"  # im2col + torch._int_mm; else float conv kernels on the codes
+        # "bf16": the same integer codes through bfloat16 conv kernels (AMX/AVX512-BF16 on x86);
+        # codes |q| ≤ 127 are exact in bf16 and products accumulate in float32, the result is
+        # rounded to bf16 once (relative 2⁻⁸, far below the INT4/INT8 quantization error).
+        kernel_dtype = torch.bfloat16 if state.gemm == "bf16" and state.quantize else torch.float32
+        # The gradient is transformed and quantized as an N×O×H×W map (channels are dim 1, so HQ's
+        # block Hadamard and LQS's per-pixel scales need no channels-last copy); every GEMM mode
+        # then reads the same codes.
+        grad_output = grad_output.contiguous()
         if ctx.needs_input_grad[0]:
+            grad_h = block_hadamard_channels(grad_output.float(), state.hq_block)
+            weight_h = block_hadamard(weight.reshape(out_channels, -1).float(), state.hq_block, dim=0)
+            if not state.quantize:
+                (grad_codes, grad_scale), (weight_codes, weight_scale) = (grad_h, _UNIT), (weight_h, _UNIT)
+            else:
+                if state.per_token is None:
+                    _select_quantizer(grad_h, state)
+                per_tensor_dtype = torch.int8 if on_columns else kernel_dtype
+                grad_codes, grad_scale = quantize_stochastic(
+                    grad_h, state.grad_input_bits, per_row=bool(state.per_token), generator=state.generator,
+                    dtype=torch.float32 if state.per_token and not on_columns else per_tensor_dtype)
+                weight_codes, weight_scale = quantize_nearest(weight_h, sawb_clip(weight_h), state.grad_input_bits)
+            del grad_h
             if on_columns:
-                columns = hq_input_gradient(grad_rows, weight.reshape(out_channels, -1), state)  # (B·Ho·Wo) × C·k²
-                columns = columns.reshape(batch, -1, columns.shape[1]).transpose(1, 2)
+                rows = grad_codes.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·Ho·Wo) × O
+                if grad_scale.numel() > 1:
+                    grad_scale = grad_scale.permute(0, 2, 3, 1).reshape(-1, 1)
+                columns = _matmul(rows, weight_codes, state) * (grad_scale * weight_scale / state.hq_block)
+                columns = columns.reshape(batch, -1, columns.shape[1]).transpose(1, 2)  # B × C·k² × Ho·Wo
                 grad_input = F.fold(columns, (height, width), kernel, geometry.dilation, geometry.padding, geometry.stride)
             else:
-                (grad_codes, grad_scale), (weight_codes, weight_scale) = hq_operands(
-                    grad_rows, weight.reshape(out_channels, -1), state)
-                grad_map = _rows_to_map(_dequantize(grad_codes, grad_scale), grad_output.shape)
-                del grad_codes
-                grad_input = conv2d_input(ctx.input_shape, _dequantize(weight_codes, weight_scale).reshape(weight.shape),
-                                          grad_map, *conv_args).div_(state.hq_block)
-                del grad_map
+                if grad_scale.numel() > 1:  # per-token scales differ by pixel: dequantize first
+                    grad_codes, grad_scale = grad_codes.mul_(grad_scale).to(kernel_dtype), _UNIT
+                grad_input = conv2d_input(ctx.input_shape, weight_codes.to(kernel_dtype).reshape(weight.shape),
+                                          grad_codes, *conv_args)
+                grad_input = grad_input.to(torch.float32).mul_(grad_scale * weight_scale / state.hq_block)
+            del grad_codes
             grad_input = grad_input.to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
             if kernel == (1, 1) and geometry.pointwise_identity:
+                grad_rows = grad_output.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·H·W) × O
                 matrix = hla_weight_gradient(grad_rows, codes, scale, state)
             else:
                 rows = reconstruct_low_sequency(_dequantize(codes, scale), state.basis, batch * height * width)
                 input_codes, input_scale = _quantize_activation_int8(rows, state)  # x̂ = Π·x, INT8 SAWB
                 del rows
-                input_map = _rows_to_map(input_codes.float(), ctx.input_shape)
+                input_map = _rows_to_map(input_codes.to(kernel_dtype), ctx.input_shape)
                 del input_codes
-                grad_codes, grad_scale = _quantize_grad_int8(grad_rows.float(), state)
+                grad_codes, grad_scale = _quantize_grad_int8(grad_output.float(), state, kernel_dtype)
                 if on_columns:
                     columns = F.unfold(input_map, kernel, geometry.dilation, geometry.padding, geometry.stride)
                     columns = columns.transpose(1, 2).reshape(-1, columns.shape[1])  # (B·Ho·Wo) × C·k²
+                    grad_rows = grad_codes.permute(0, 2, 3, 1).reshape(-1, out_channels)
                     if state.quantize:
-                        columns = columns.to(torch.int8)
-                    matrix = _matmul(grad_codes.t(), columns, state) * (grad_scale * input_scale)
+                        columns, grad_rows = columns.to(torch.int8), grad_rows.to(torch.int8)
+                    matrix = _matmul(grad_rows.t(), columns, state) * (grad_scale * input_scale)
                 else:
-                    grad_map = _rows_to_map(grad_codes.float(), grad_output.shape)
-                    matrix = conv2d_weight(input_map, weight.shape, grad_map, *conv_args) * (grad_scale * input_scale)
+                    matrix = conv2d_weight(input_map, weight.shape, grad_codes, *conv_args)
+                    matrix = matrix.to(torch.float32).mul_(grad_scale * input_scale)
+                del input_map, grad_codes
             grad_weight = matrix.reshape(weight.shape).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.sum((0, 2, 3)).to(weight.dtype)

@@ -47,9 +47,10 @@ class HOTConfig:
     grad_weight_bits: int = 8  # HLA operands and the saved activation INT8 (paper §3.2)
     per_token_gain: float = 0.5  # LQS: per-token when it more than halves the 4-bit error (§3.3)
     quantize: bool = True  # False keeps only the transforms (exact at hla_rank == hla_order)
-    # "auto": Linear / 1×1 GEMMs via torch._int_mm, k×k convs via float conv kernels on the
-    # integer codes (im2col + col2im cost more than the GEMM saves on CPU; benchmarks/hot_memory.py);
-    # "int": every GEMM via torch._int_mm (convs through im2col); "float": float kernels everywhere.
+    # "auto": Linear / 1×1 GEMMs via torch._int_mm, k×k convs via bfloat16 conv kernels on the
+    # integer codes where the CPU has them, else float32 ones (im2col + col2im cost more than the
+    # GEMM saves on CPU; benchmarks/hot/memory.py); "bf16": that, always; "int": every GEMM via
+    # torch._int_mm (convs through im2col); "float": float32 kernels everywhere (exact products).
     gemm: str = "auto"
     seed: int = 0  # stochastic rounding stream
     # ours (docs/hot_method.md §5): ReLU/BatchNorm/pools save masks / int8 / indices too, and
@@ -66,8 +67,8 @@ class HOTConfig:
         for name in ("grad_input_bits", "grad_weight_bits"):
             if not 2 <= getattr(self, name) <= 8:
                 raise ValueError(f"HOTConfig.{name} must be in 2..8 (int8 codes), got {getattr(self, name)}")
-        if self.gemm not in ("auto", "int", "float"):
-            raise ValueError(f"HOTConfig.gemm must be 'auto', 'int' or 'float', got {self.gemm!r}")
+        if self.gemm not in ("auto", "int", "float", "bf16"):
+            raise ValueError(f"HOTConfig.gemm must be 'auto', 'int', 'float' or 'bf16', got {self.gemm!r}")
         if not 0.0 < self.per_token_gain <= 1.0:
             raise ValueError(f"HOTConfig.per_token_gain must be in (0, 1], got {self.per_token_gain}")
 
@@ -85,6 +86,13 @@ def _skip_reason(module: nn.Module) -> str | None:
             return f"padding {module.padding!r} / mode {module.padding_mode!r} stays float"
         return None
     return "not a Conv2d/Linear"
+
+
+def _resolved_gemm(gemm: str) -> str:
+    """"auto" → "bf16" where oneDNN has bfloat16 kernels for this CPU, else "float"."""
+    if gemm != "auto":
+        return gemm
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float"
 
 
 class HOTSession:
@@ -113,7 +121,7 @@ class HOTSession:
                 name=name or "<root>", kind=kind,
                 hq_block=largest_power_of_two_block(out_features, config.hq_max_block), basis=basis,
                 grad_input_bits=config.grad_input_bits, grad_weight_bits=config.grad_weight_bits,
-                quantize=config.quantize, gemm=config.gemm,
+                quantize=config.quantize, gemm=_resolved_gemm(config.gemm),
                 per_token_gain=config.per_token_gain, generator=self.generator,
                 shared_buffers=shared_buffers if config.compress_activations else None,
             )
