@@ -85,15 +85,37 @@ def _compress_rows(rows: torch.Tensor, state: LayerState) -> tuple[torch.Tensor,
     return _quantize_activation_int8(projected, state)
 
 
-def _compress_input(inputs: torch.Tensor, state: LayerState, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ABC of a layer input as channels-last rows, shared by every HOT layer reading that tensor.
+def _project_map(maps: torch.Tensor, state: LayerState) -> torch.Tensor:
+    """HLA's projection of an N×C×H×W map along L = N·H·W, kept as N×C×(H·W/n)×r (H·W % n == 0).
+
+    The channels-last rows of :func:`_compress_rows` group n consecutive pixels of one image,
+    which are n consecutive entries of each NCHW plane: the same coefficients, obtained by one
+    GEMM on the map as it is (no channels-last copy, no batched GEMM of tiny blocks).
+    """
+    rank, order = state.basis.shape
+    batch, channels, height, width = maps.shape
+    projected = maps.float().reshape(-1, order) @ state.basis.t()
+    state.rows, state.stored_rows = batch * height * width, batch * height * width // order * rank
+    return projected.view(batch, channels, height * width // order, rank)
+
+
+def _reconstruct_map(codes: torch.Tensor, scale: torch.Tensor, state: LayerState, shape) -> torch.Tensor:
+    """Π·x as an N×C×H×W map from :func:`_project_map`'s (quantized) coefficients: Sᵀ·c / n."""
+    coefficients = _dequantize(codes, scale).view(-1, state.rank)
+    return (coefficients @ (state.basis / state.order)).view(shape)
+
+
+def _compress_input(inputs: torch.Tensor, state: LayerState, channel_dim: int,
+                    as_map: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """ABC of a layer input (channels-last rows, or a map: :func:`_project_map`), shared by every
+    HOT layer reading that tensor.
 
     A ResNet block input feeds conv1 and the downsample conv: plain autograd keeps it once, ABC
     would keep two identical int8 buffers. The cache holds only weak references, checks the
     tensor object and its version counter, and so never outlives the graph that saved the buffer.
     """
     cache = state.shared_buffers
-    key = (inputs.data_ptr(), tuple(inputs.shape), tuple(inputs.stride()), channel_dim)
+    key = (inputs.data_ptr(), tuple(inputs.shape), tuple(inputs.stride()), channel_dim, as_map)
     if cache is not None:
         entry = cache.get(key)
         if entry is not None:
@@ -103,9 +125,12 @@ def _compress_input(inputs: torch.Tensor, state: LayerState, channel_dim: int) -
                 state.rows, state.stored_rows, state.shares_buffer_of = rows, stored_rows, owner
                 state.saved_activation_bytes = 0
                 return codes, scale
-    channels_last_rows = inputs.detach().movedim(channel_dim, -1).reshape(-1, inputs.shape[channel_dim])
-    codes, scale = _compress_rows(channels_last_rows, state)
-    del channels_last_rows
+    if as_map:
+        codes, scale = _quantize_activation_int8(_project_map(inputs.detach(), state), state)
+    else:
+        channels_last_rows = inputs.detach().movedim(channel_dim, -1).reshape(-1, inputs.shape[channel_dim])
+        codes, scale = _compress_rows(channels_last_rows, state)
+        del channels_last_rows
     state.shares_buffer_of = None
     state.saved_activation_bytes = codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
     if cache is not None:
@@ -223,7 +248,9 @@ class HOTConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, weight, bias, geometry: ConvGeometry, state: LayerState):
         output = F.conv2d(inputs, weight, bias, geometry.stride, geometry.padding, geometry.dilation)
-        codes, scale = _compress_input(inputs, state, 1)
+        pointwise = weight.shape[2:] == (1, 1) and geometry.pointwise_identity
+        ctx.as_map = not pointwise and inputs.shape[2] * inputs.shape[3] % state.order == 0
+        codes, scale = _compress_input(inputs, state, 1, ctx.as_map)
         ctx.state, ctx.geometry, ctx.has_bias = state, geometry, bias is not None
         ctx.input_shape, ctx.input_dtype = inputs.shape, inputs.dtype
         ctx.save_for_backward(codes, scale, weight)
@@ -281,10 +308,15 @@ class HOTConv2dFunction(torch.autograd.Function):
                 grad_rows = grad_output.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·H·W) × O
                 matrix = hla_weight_gradient(grad_rows, codes, scale, state)
             else:
-                rows = reconstruct_low_sequency(_dequantize(codes, scale), state.basis, batch * height * width)
-                input_codes, input_scale = _quantize_activation_int8(rows, state)  # x̂ = Π·x, INT8 SAWB
-                del rows
-                input_map = _rows_to_map(input_codes.to(kernel_dtype), ctx.input_shape)
+                if ctx.as_map:
+                    projected = _reconstruct_map(codes, scale, state, ctx.input_shape)
+                else:
+                    projected = reconstruct_low_sequency(_dequantize(codes, scale), state.basis, batch * height * width)
+                input_codes, input_scale = _quantize_activation_int8(projected, state)  # x̂ = Π·x, INT8 SAWB
+                del projected
+                input_map = input_codes.to(kernel_dtype)
+                if not ctx.as_map:
+                    input_map = _rows_to_map(input_map, ctx.input_shape)
                 del input_codes
                 grad_codes, grad_scale = _quantize_grad_int8(grad_output.float(), state, kernel_dtype)
                 if on_columns:
