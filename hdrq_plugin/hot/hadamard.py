@@ -67,16 +67,25 @@ def largest_power_of_two_block(length: int, max_block: int) -> int:
 
 
 def block_hadamard(matrix: torch.Tensor, block: int, dim: int) -> torch.Tensor:
-    """``matrix`` times the block-diagonal Hadamard matrix along ``dim`` (no normalisation)."""
+    """``matrix`` times the block-diagonal Hadamard matrix along ``dim`` (no normalisation).
+
+    Laid out so that torch runs one GEMM (last axis: rows·H) or one batched GEMM over large
+    slabs (other axes: H·slab, as it stands in memory); moving the axis last first made torch
+    loop over thousands of 16×16 products with a copy each (the largest cost of HOT's backward).
+    """
+    dim = dim % matrix.dim()
     size = matrix.shape[dim]
     if size % block:
         raise ValueError(f"Hadamard block {block} does not divide axis {dim} of length {size}")
     if block == 1:
         return matrix
-    moved = matrix.movedim(dim, -1)
-    grouped = moved.reshape(*moved.shape[:-1], size // block, block)
-    transformed = grouped @ _hadamard_cached(block).to(matrix.dtype)  # H symmetric: x·H = (H·x)ᵀ
-    return transformed.reshape(moved.shape).movedim(-1, dim)
+    hadamard = _hadamard_cached(block).to(matrix.dtype)
+    if dim == matrix.dim() - 1:
+        grouped = matrix.contiguous().view(-1, block)
+        return (grouped @ hadamard).view(matrix.shape)  # H symmetric: x·H = (H·x)ᵀ
+    prefix = math.prod(matrix.shape[:dim])
+    grouped = matrix.contiguous().view(prefix * (size // block), block, -1)
+    return (hadamard @ grouped).view(matrix.shape)
 
 
 def padded_length(length: int, block: int) -> int:
@@ -175,14 +184,8 @@ def quantize_stochastic(
 
 
 def block_hadamard_channels(maps: torch.Tensor, block: int) -> torch.Tensor:
-    """:func:`block_hadamard` along dim 1 of an N×C×… map, without moving channels last (no copy)."""
-    batch, channels = maps.shape[:2]
-    if channels % block:
-        raise ValueError(f"Hadamard block {block} does not divide {channels} channels")
-    if block == 1:
-        return maps
-    grouped = maps.contiguous().view(batch, channels // block, block, -1)
-    return (_hadamard_cached(block).to(maps.dtype) @ grouped).view(maps.shape)
+    """:func:`block_hadamard` along dim 1 of an N×C×… map (channels stay where they are)."""
+    return block_hadamard(maps, block, dim=1)
 
 
 def integer_matmul(left: torch.Tensor, right: torch.Tensor, *, use_int_mm: bool) -> torch.Tensor:
