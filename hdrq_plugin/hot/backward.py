@@ -199,10 +199,10 @@ def _quantize_grad_int8(rows: torch.Tensor, state: LayerState, dtype: torch.dtyp
     return quantize_stochastic(rows, state.grad_weight_bits, per_row=False, generator=state.generator, dtype=dtype)
 
 
-def _quantize_activation_int8(values: torch.Tensor, state: LayerState):
+def _quantize_activation_int8(values: torch.Tensor, state: LayerState, dtype: torch.dtype = torch.int8):
     if not state.quantize:
         return values, _UNIT
-    return quantize_nearest(values, sawb_clip(values), state.grad_weight_bits)
+    return quantize_nearest(values, sawb_clip(values), state.grad_weight_bits, dtype)
 
 
 class HOTLinearFunction(torch.autograd.Function):
@@ -312,7 +312,8 @@ class HOTConv2dFunction(torch.autograd.Function):
                     projected = _reconstruct_map(codes, scale, state, ctx.input_shape)
                 else:
                     projected = reconstruct_low_sequency(_dequantize(codes, scale), state.basis, batch * height * width)
-                input_codes, input_scale = _quantize_activation_int8(projected, state)  # x̂ = Π·x, INT8 SAWB
+                codes_dtype = torch.int8 if on_columns else kernel_dtype
+                input_codes, input_scale = _quantize_activation_int8(projected, state, codes_dtype)  # x̂ = Π·x, INT8 SAWB
                 del projected
                 input_map = input_codes.to(kernel_dtype)
                 if not ctx.as_map:

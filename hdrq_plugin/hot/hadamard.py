@@ -125,10 +125,12 @@ def sawb_clip(values: torch.Tensor) -> torch.Tensor:
     both cases fall back to max|x|, so the clip is always a usable positive range.
     """
     c1, c2 = SAWB_COEFFICIENTS
-    magnitudes = values.float().abs()  # the one temporary: activations can be large
-    peak, mean_abs = magnitudes.max(), magnitudes.mean()
-    rms = torch.linalg.vector_norm(magnitudes) / math.sqrt(max(magnitudes.numel(), 1))
-    del magnitudes
+    values = values.float()
+    count = math.sqrt(max(values.numel(), 1))
+    # norms instead of |x| then reductions: three passes over the input, no temporary
+    peak = torch.linalg.vector_norm(values, float("inf"))
+    mean_abs = torch.linalg.vector_norm(values, 1) / max(values.numel(), 1)
+    rms = torch.linalg.vector_norm(values) / count
     clip = c1 * rms - c2 * mean_abs
     return torch.where((clip > 0) & (clip < peak), clip, peak)
 
@@ -139,12 +141,16 @@ def _levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # symmetric, narrow range: INT4 → ±7, INT8 → ±127
 
 
-def quantize_nearest(values: torch.Tensor, clip: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip to ±clip and round to nearest: (int8 codes, scale) with values ≈ codes·scale."""
+def quantize_nearest(values: torch.Tensor, clip: torch.Tensor, bits: int,
+                     dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip to ±clip and round to nearest: (codes, scale) with values ≈ codes·scale.
+
+    ``dtype`` holds the integer codes (int8, or bfloat16 / float32 for kernels taking those).
+    """
     levels = _levels(bits)
     scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
     codes = torch.div(values.float(), scale).round_().clamp_(-levels, levels)
-    return codes.to(torch.int8), scale.float()
+    return codes.to(dtype), scale.float()
 
 
 def uniform_dither(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
