@@ -89,12 +89,17 @@ def _batch(shape, batch: int, seed: int = 0):
     return torch.rand(batch, *shape, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
 
 
+def _config(mode: str) -> HOTConfig | None:
+    if mode == "plain":
+        return None
+    return HOTConfig(gemm={"hot": "auto", "hot-int-gemm": "int", "hot-float-gemm": "float"}[mode])
+
+
 def _context(model, mode: str):
     import contextlib
 
-    if mode == "plain":
-        return contextlib.nullcontext(None)
-    return hot_mode(model, HOTConfig(gemm={"hot": "auto", "hot-int-gemm": "int", "hot-float-gemm": "float"}[mode]))
+    config = _config(mode)
+    return contextlib.nullcontext(None) if config is None else hot_mode(model, config)
 
 
 def saved_bytes(model: nn.Module, mode: str, shape, batch: int) -> dict:
@@ -130,21 +135,21 @@ def saved_bytes(model: nn.Module, mode: str, shape, batch: int) -> dict:
     return {"conv_linear_saved_bytes": conv_linear, "all_saved_bytes": all_saved, "layers": report}
 
 
-def backward_times(model: nn.Module, shape, batch: int, steps: int) -> dict[str, float]:
-    """Median seconds of loss.backward() per mode, modes interleaved step by step."""
+def backward_times(model: nn.Module, mode: str, shape, batch: int, steps: int) -> dict[str, float]:
+    """Median wall and CPU seconds of loss.backward() over ``steps`` steps (after one warm-up)."""
     inputs, labels = _batch(shape, batch)
-    times: dict[str, list[float]] = {"plain": [], "hot": [], "hot-int-gemm": [], "hot-float-gemm": []}
+    wall, cpu = [], []
     model.train()
     for step in range(steps + 1):
-        for mode in times:
-            with _context(model, mode):
-                loss = F.cross_entropy(model(inputs), labels)
-                model.zero_grad(set_to_none=True)
-                start = time.perf_counter()
-                loss.backward()
-                if step > 0:  # the first step warms up allocators and kernels
-                    times[mode].append(time.perf_counter() - start)
-    return {mode: statistics.median(values) for mode, values in times.items()}
+        with _context(model, mode):
+            loss = F.cross_entropy(model(inputs), labels)
+            model.zero_grad(set_to_none=True)
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            loss.backward()
+            if step > 0:  # the first step warms up allocators and kernels
+                wall.append(time.perf_counter() - start_wall)
+                cpu.append(time.process_time() - start_cpu)
+    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
 
 
 def gemm_times(repeats: int = 20) -> list[dict]:
@@ -178,8 +183,23 @@ def _current_rss_kb() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def _load() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
 def peak_child(name: str, mode: str) -> None:
-    """(Child process) one training step; prints the peak RSS growth in bytes as JSON."""
+    """(Fresh process) the live peak of one training step (hdrq_plugin.hot.budget.measure_step_peak)."""
+    from hdrq_plugin.hot.budget import measure_step_peak
+
+    torch.manual_seed(0)
+    factory, shape, batch = _models()[name]
+    model = factory().train()
+    inputs, labels = _batch(shape, batch)
+    print(json.dumps({"live_peak_bytes": measure_step_peak(model, inputs, labels, _config(mode))}))
+
+
+def figures_child(name: str, mode: str, steps: int) -> None:
+    """(Fresh process, default malloc) RSS growth of the first step, saved bytes, backward time."""
     torch.manual_seed(0)
     factory, shape, batch = _models()[name]
     model = factory().train()
@@ -188,26 +208,34 @@ def peak_child(name: str, mode: str) -> None:
     with _context(model, mode):
         F.cross_entropy(model(inputs), labels).backward()
     after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_growth_bytes": (after_peak - before) * 1024, "masked": after_peak <= before_peak}))
+    row = {"rss_growth_bytes": (after_peak - before) * 1024, "rss_masked": after_peak <= before_peak}
+    row.update(saved_bytes(model, mode, shape, batch))
+    row.pop("layers")
+    row["backward_s"] = backward_times(model, mode, shape, batch, steps)
+    print(json.dumps(row))
 
 
-def _peak(name: str, mode: str) -> dict:
+def _child(*args: str) -> dict:
     # the same module, from the repository root (where `benchmarks` imports), in a fresh process
-    out = subprocess.run([sys.executable, "-m", __spec__.name, "--peak-child", name, mode], check=True,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=_BENCHMARKS.parent)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    load_before = _load()
+    out = subprocess.run([sys.executable, "-m", __spec__.name, "--child", *args], check=True,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         cwd=_BENCHMARKS.parent)
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "load": [load_before, _load()]}
+
+
+MODES = ("plain", "hot", "hot-float-gemm")
 
 
 def run_memory(steps: int) -> dict:
+    """Every figure of every mode in its own fresh process, the modes side by side per model."""
     results = {}
-    for name, (factory, shape, batch) in _models().items():
-        torch.manual_seed(0)
-        model = factory()
+    for name, (_, shape, batch) in _models().items():
         row = {"input": [batch, *shape]}
-        for mode in ("plain", "hot"):
-            row[mode] = saved_bytes(model, mode, shape, batch)
-            row[mode]["peak"] = _peak(name, mode)
-        row["backward_s"] = backward_times(model, shape, batch, steps)
+        for mode in MODES:
+            row[mode] = _child("figures", name, mode, str(steps))
+            row[mode]["peak"] = _child("peak", name, mode, "0")
+            print(f"  {name} {mode}: {row[mode]}", flush=True)
         results[name] = row
     results["gemm_s"] = gemm_times()
     return results
@@ -219,22 +247,28 @@ def _mb(value: float) -> str:
 
 def print_memory(results: dict) -> None:
     print("| model | batch×input | conv/linear saved MB plain → HOT (ratio) | all saved MB plain → HOT (ratio) "
-          "| peak step MB plain → HOT (ratio) | backward s plain / HOT auto / all-int8 / all-float GEMM (HOT÷plain) |")
-    print("|---|---|---|---|---|---|")
+          "| live peak of one step MB plain → HOT (ratio) | RSS growth MB plain → HOT (ratio) "
+          "| backward wall s plain / HOT (ratio) | backward CPU s plain / HOT / HOT float32 kernels (ratio) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         if name == "gemm_s":
             continue
-        p, h = row["plain"], row["hot"]
-        def ratio(key, p=p, h=h):
-            return p[key] / h[key]
-        peak_p, peak_h = p["peak"]["peak_growth_bytes"], h["peak"]["peak_growth_bytes"]
-        t = row["backward_s"]
+        p, h, f = row["plain"], row["hot"], row["hot-float-gemm"]
+
+        def cell(a, b):
+            return f"{_mb(a)} → {_mb(b)} ({b / max(a, 1):.2f}×)"
+        loads = [load[0] for mode in MODES for key in ("figures", "peak")
+                 for load in (row[mode]["load"] if key == "figures" else row[mode]["peak"]["load"])]
         print(f"| {name} | {'×'.join(map(str, row['input']))} "
-              f"| {_mb(p['conv_linear_saved_bytes'])} → {_mb(h['conv_linear_saved_bytes'])} ({ratio('conv_linear_saved_bytes'):.2f}×) "
-              f"| {_mb(p['all_saved_bytes'])} → {_mb(h['all_saved_bytes'])} ({ratio('all_saved_bytes'):.2f}×) "
-              f"| {_mb(peak_p)} → {_mb(peak_h)} ({peak_p / max(peak_h, 1):.2f}×) "
-              f"| {t['plain']:.3f} / {t['hot']:.3f} / {t['hot-int-gemm']:.3f} / {t['hot-float-gemm']:.3f} "
-              f"({t['hot'] / t['plain']:.2f}×) |")
+              f"| {cell(p['conv_linear_saved_bytes'], h['conv_linear_saved_bytes'])} "
+              f"| {cell(p['all_saved_bytes'], h['all_saved_bytes'])} "
+              f"| {cell(p['peak']['live_peak_bytes'], h['peak']['live_peak_bytes'])} "
+              f"| {cell(p['rss_growth_bytes'], h['rss_growth_bytes'])} "
+              f"| {p['backward_s']['wall']:.3f} / {h['backward_s']['wall']:.3f} "
+              f"({h['backward_s']['wall'] / p['backward_s']['wall']:.2f}×) "
+              f"| {p['backward_s']['cpu']:.3f} / {h['backward_s']['cpu']:.3f} / {f['backward_s']['cpu']:.3f} "
+              f"({h['backward_s']['cpu'] / p['backward_s']['cpu']:.2f}× / {f['backward_s']['cpu'] / p['backward_s']['cpu']:.2f}×) "
+              f"| {min(loads):.1f}–{max(loads):.1f} |")
     print("\n| GEMM on int8 codes | torch._int_mm ms | float32 matmul ms | float ÷ int |\n|---|---|---|---|")
     for row in results.get("gemm_s", []):
         print(f"| {row['gemm']} | {1e3 * row['int_mm']:.3f} | {1e3 * row['float']:.3f} | {row['float'] / row['int_mm']:.2f}× |")
@@ -254,11 +288,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--hdrq-iterations", type=int, default=0,
                         help="also quantize (HDRQ W4A4) and merge the seed-0 adapted models with this budget")
-    parser.add_argument("--peak-child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    if args.peak_child:
-        peak_child(*args.peak_child)
+    if args.child:
+        kind, name, mode, *rest = args.child
+        figures_child(name, mode, int(rest[0])) if kind == "figures" else peak_child(name, mode)
         return 0
     if args.parity:
         from .parity import print_parity, run_parity
@@ -267,8 +302,10 @@ def main(argv=None) -> int:
         print_parity(results)
         _merge_json("parity", results)
     else:
+        print(f"load average before: {_load()}", flush=True)
         results = run_memory(args.steps)
         print_memory(results)
+        print(f"load average after: {_load()}")
         _merge_json("memory", {"torch": torch.__version__, "threads": 1, **results})
     print(f"wrote {RESULTS}")
     return 0

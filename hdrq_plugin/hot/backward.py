@@ -199,10 +199,11 @@ def _quantize_grad_int8(rows: torch.Tensor, state: LayerState, dtype: torch.dtyp
     return quantize_stochastic(rows, state.grad_weight_bits, per_row=False, generator=state.generator, dtype=dtype)
 
 
-def _quantize_activation_int8(values: torch.Tensor, state: LayerState, dtype: torch.dtype = torch.int8):
+def _quantize_activation_int8(values: torch.Tensor, state: LayerState, dtype: torch.dtype = torch.int8,
+                              overwrite: bool = False):
     if not state.quantize:
         return values, _UNIT
-    return quantize_nearest(values, sawb_clip(values), state.grad_weight_bits, dtype)
+    return quantize_nearest(values, sawb_clip(values), state.grad_weight_bits, dtype, overwrite)
 
 
 class HOTLinearFunction(torch.autograd.Function):
@@ -285,7 +286,8 @@ class HOTConv2dFunction(torch.autograd.Function):
                 per_tensor_dtype = torch.int8 if on_columns else kernel_dtype
                 grad_codes, grad_scale = quantize_stochastic(
                     grad_h, state.grad_input_bits, per_row=bool(state.per_token), generator=state.generator,
-                    dtype=torch.float32 if state.per_token and not on_columns else per_tensor_dtype)
+                    dtype=torch.float32 if state.per_token and not on_columns else per_tensor_dtype,
+                    overwrite=grad_h is not grad_output)  # a Hadamard block of 1 returns the gradient itself
                 weight_codes, weight_scale = quantize_nearest(weight_h, sawb_clip(weight_h), state.grad_input_bits)
             del grad_h
             if on_columns:
@@ -313,7 +315,8 @@ class HOTConv2dFunction(torch.autograd.Function):
                 else:
                     projected = reconstruct_low_sequency(_dequantize(codes, scale), state.basis, batch * height * width)
                 codes_dtype = torch.int8 if on_columns else kernel_dtype
-                input_codes, input_scale = _quantize_activation_int8(projected, state, codes_dtype)  # x̂ = Π·x, INT8 SAWB
+                input_codes, input_scale = _quantize_activation_int8(  # x̂ = Π·x, INT8 SAWB
+                    projected, state, codes_dtype, overwrite=True)
                 del projected
                 input_map = input_codes.to(kernel_dtype)
                 if not ctx.as_map:

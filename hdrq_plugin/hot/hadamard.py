@@ -142,19 +142,24 @@ def _levels(bits: int) -> int:
 
 
 def quantize_nearest(values: torch.Tensor, clip: torch.Tensor, bits: int,
-                     dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+                     dtype: torch.dtype = torch.int8, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip to ±clip and round to nearest: (codes, scale) with values ≈ codes·scale.
 
-    ``dtype`` holds the integer codes (int8, or bfloat16 / float32 for kernels taking those).
+    ``dtype`` holds the integer codes (int8, or bfloat16 / float32 for kernels taking those);
+    ``overwrite`` works in place on a float32 ``values`` the caller no longer needs.
     """
     levels = _levels(bits)
     scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = torch.div(values.float(), scale).round_().clamp_(-levels, levels)
+    own = overwrite and values.dtype == torch.float32
+    codes = (values.div_(scale) if own else torch.div(values.float(), scale)).round_().clamp_(-levels, levels)
     return codes.to(dtype), scale.float()
 
 
-def uniform_dither(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
-    """U[0, 1) on a 2⁻¹⁶ grid (cell midpoints), float32: the dither of stochastic rounding.
+_DITHER_CHUNK = 1 << 18  # entries: 1 MiB of float32 dither live at a time
+
+
+def uniform_dither_codes(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """k ~ U{−2¹⁵ … 2¹⁵−1} as int16: u = (k + 2¹⁵ + ½)·2⁻¹⁶ is the dither of stochastic rounding.
 
     torch's CPU generator is a Mersenne twister; ``torch.rand`` draws one 32-bit number per
     entry and was the largest single cost of HOT's backward (3.7× slower than drawing 64-bit
@@ -163,19 +168,25 @@ def uniform_dither(shape: torch.Size, generator: torch.Generator | None) -> torc
     """
     count = math.prod(shape)
     words = torch.randint(-2**63, 2**63 - 1, (math.ceil(count / 4),), generator=generator, dtype=torch.int64)
-    return words.view(torch.int16)[:count].float().add_(32768.5).mul_(2.0**-16).reshape(shape)
+    return words.view(torch.int16)[:count].reshape(shape)
+
+
+def uniform_dither(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """u of :func:`uniform_dither_codes` as float32 in [0, 1)."""
+    return uniform_dither_codes(shape, generator).float().add_(32768.5).mul_(2.0**-16)
 
 
 def quantize_stochastic(
     values: torch.Tensor, bits: int, *, per_row: bool, generator: torch.Generator | None,
-    dtype: torch.dtype = torch.int8,
+    dtype: torch.dtype = torch.int8, overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Max-scaled stochastic rounding (floor(x/s + u), u ~ U[0, 1)): unbiased, |error| < s.
 
     ``per_row`` gives every row (a token of an L×O matrix, a pixel of an N×C×H×W map: everything
-    but dim 1) its own scale; otherwise one
-    scale per tensor. ``dtype`` holds the integer codes (int8, or bfloat16 / float32 for kernels
-    that take those: |codes| ≤ 127 are exact in all three).
+    but dim 1) its own scale; otherwise one scale per tensor. ``dtype`` holds the integer codes
+    (int8, or bfloat16 / float32 for kernels that take those: |codes| ≤ 127 are exact in all
+    three). ``overwrite`` lets it work in place on a float32 ``values`` the caller no longer needs
+    (the backward's largest temporaries are these maps).
     """
     levels = _levels(bits)
     if per_row:
@@ -184,9 +195,13 @@ def quantize_stochastic(
         low, high = torch.aminmax(values)  # one pass, no |x| temporary
         magnitude = torch.maximum(-low, high)
     scale = (magnitude.float() / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = uniform_dither(values.shape, generator)  # u, then in place
-    codes.addcdiv_(values.float(), scale.expand_as(values) if scale.dim() else scale.expand(values.shape))
-    return codes.floor_().clamp_(-levels, levels).to(dtype), scale
+    own = overwrite and values.dtype == torch.float32
+    scaled = values.div_(scale) if own else torch.div(values.float(), scale)
+    flat = scaled.view(-1)
+    for start in range(0, flat.numel(), _DITHER_CHUNK):  # a chunk of dither at a time, not a full map
+        chunk = flat[start:start + _DITHER_CHUNK]
+        chunk.add_(uniform_dither(chunk.shape, generator))
+    return scaled.floor_().clamp_(-levels, levels).to(dtype), scale
 
 
 def block_hadamard_channels(maps: torch.Tensor, block: int) -> torch.Tensor:
