@@ -11,7 +11,6 @@ from torch import nn
 
 from hdrq_plugin.hot import activations
 from hdrq_plugin.hot.activations import CompressedActivations, pack_mask, unpack_mask
-from hdrq_plugin.hot.budget import MemoryBudgetError, fit_batch_to_budget
 from hdrq_plugin.hot.mode import HOTConfig, hot_mode
 
 # float32 round-off of per-channel sums over ≤ 10⁴ entries (√M·u ≈ 6e-6), with margin
@@ -193,10 +192,3 @@ def test_a_shared_buffer_is_not_reused_for_a_tensor_changed_in_place():
         y.mul_(2)  # a new version: conv_b must compress it anew
         (first.sum() + conv_b(y).sum()).backward()
     assert session.states["b"].shares_buffer_of is None
-
-
-def test_a_budget_below_one_sample_is_refused_in_one_line():
-    model = _small_resnet()
-    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
-    with pytest.raises(MemoryBudgetError, match="over the budget"):
-        fit_batch_to_budget(model, images, labels, 1024)
