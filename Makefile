@@ -12,7 +12,7 @@ BENCH_ARGS ?= --quick
 # two cores (measured: 24 vs 136 img/s training); passive waiting costs nothing when idle.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo demo-segmentation test bench lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/hdrq demo --bits $(BITS) --out $(OUT)
+
+# the segmentation pipeline (U-Net on digit scenes, mIoU, mask PNGs); not part of `make demo`
+demo-segmentation: $(STAMP)
+	$(VENV)/bin/hdrq demo --task segmentation --bits $(BITS) --out runs/demo-segmentation
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.mtda $(BENCH_ARGS)

@@ -6,7 +6,7 @@ grid → exported to ONNX (INT8 / INT4) → validated in onnxruntime, with a rep
 
 from __future__ import annotations
 
-import time
+from functools import partial
 from pathlib import Path
 
 from hdrq_plugin._io import ensure_writable_dir
@@ -16,6 +16,7 @@ from hdrq_plugin.evaluation import accuracy, harmonic_mean
 from hdrq_plugin.merge.float_merge import average_float_models
 from hdrq_plugin.merge.models import merge_models
 from hdrq_plugin.nipq.train import CPU_EPOCHS as NIPQ_CPU_EPOCHS
+from hdrq_plugin.progress import timed_stage
 from hdrq_plugin.quantize import quantize_model
 from hdrq_plugin.run.checkpoint import ModelRecipe, save_float_model, save_quantized
 from hdrq_plugin.run.report import HARMONIC_MEAN, Report
@@ -44,23 +45,6 @@ def float_recipe(benchmark: Benchmark) -> ModelRecipe:
                        {"config": benchmark.recipe.architecture.to_dict()})
 
 
-class _Clock:
-    def __init__(self, timings: dict[str, float]):
-        self.timings = timings
-
-    def __call__(self, name: str):
-        clock = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.timings[name] = clock.timings.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Span()
-
-
 def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, size: str = "demo",
              iterations: int | None = DEMO_ITERATIONS, export: bool = True, hot: bool = False,
              nipq_epochs: int = DEMO_NIPQ_EPOCHS) -> Report:
@@ -77,7 +61,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
         recipe = recipe.with_hot_adaptation()
     report = Report(recipe={"benchmark": recipe.to_dict(), "bits": str(spec), "seed": seed,
                             "iterations_per_unit": iterations or "cpu-preset"})
-    clock = _Clock(report.timings)
+    clock = partial(timed_stage, report.timings)  # times each stage into the report, announces it
 
     with clock("zoo_s"):
         bench = load_or_build_benchmark(recipe)
@@ -109,7 +93,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
     for method in ("rtn", "hdrq"):
         quantized[method] = {}
         for t in targets:
-            with clock(f"quantize_{method}_s"):
+            with clock(f"quantize_{method}_s", t):
                 result = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=spec, method=method,
                                         source=bench.source_model, seed=seed, iterations=iterations)
             report.add(method, str(spec), "single", t, accuracy(result.model, tests[t]))
@@ -122,7 +106,7 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
         for rounding in rules:
             for subset in merge_subsets(targets):
                 members = [quantized[method][t][0] for t in subset]
-                with clock(f"merge_{method}_{rounding}_s"):
+                with clock(f"merge_{method}_{rounding}_s", "+".join(subset)):
                     merged = merge_models(members, rounding=rounding, seed=seed)
                 label = _merge_label(f"{method}+{rounding}", subset, targets)
                 report.add_per_target(label, str(spec), "merged", {t: accuracy(merged, tests[t]) for t in subset},
@@ -151,12 +135,14 @@ def _nipq_rows(report, bench, spec, targets, tests, seed, epochs, clock) -> None
 
     models = {}
     for t in targets:
-        with clock("quantize_nipq_s"):
+        with clock("quantize_nipq_s", t):
             models[t], result = quantize_nipq(bench.adapted[t], bench.domains[t].train, spec, epochs=epochs,
-                                              seed=seed)
+                                              seed=seed, eval_data=tests[t])
         report.add("nipq", str(spec), "single", t, accuracy(models[t], tests[t]),
                    average_weight_bits=result.report.average_weight_bits,
-                   average_act_bits=result.report.average_act_bits)
+                   average_act_bits=result.report.average_act_bits,
+                   accuracy_before_freeze=result.accuracy_before_freeze,
+                   accuracy_after_freeze=result.accuracy_after_freeze)
     with clock("merge_nipq_s"):
         merged = merge_models([models[t] for t in targets], rounding="noise-sampling", seed=seed)
     report.add_per_target("nipq+noise-sampling", str(spec), "merged", {t: accuracy(merged, tests[t]) for t in targets},
@@ -199,7 +185,7 @@ def _export_and_validate(report, merged, spec, targets, tests, out, clock) -> No
     """
     from torch.utils.data import DataLoader
 
-    from hdrq_plugin.export import ValidationError, export_qdq, validate
+    from hdrq_plugin.export import ExportCheckError, ValidationError, export_qdq, validate
 
     example = tests[targets[0]][0][0].unsqueeze(0)
     fast = "int8" if spec.weight_bits == 8 else "int4-in-int8"
@@ -210,9 +196,15 @@ def _export_and_validate(report, merged, spec, targets, tests, out, clock) -> No
     report.extra["validation"] = {}
     failed = []
     for weights, path in files.items():
-        with clock(f"export_{weights}_s"):
-            export_qdq(merged, path, example, weights=weights, overwrite=True,
-                       metadata={"method": "hdrq", "merged_targets": ",".join(targets)})
+        try:
+            with clock(f"export_{weights}_s"):
+                export_qdq(merged, path, example, weights=weights, overwrite=True,
+                           metadata={"method": "hdrq", "merged_targets": ",".join(targets)})
+        except ExportCheckError as err:  # the exporter's own check refused the file: record, go on
+            report.extra["validation"][weights] = {"ok": False, "path": str(path), "refused": str(err)}
+            report.write(out)
+            failed.append(str(err))
+            continue
         with clock(f"validate_{weights}_s"):
             result = validate(path, merged, loaders)
         report.extra["validation"][weights] = result.to_dict()

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
-from tqdm.auto import tqdm
 
 from hdrq_plugin.hot.mode import HOTConfig, hot_mode
+from hdrq_plugin.progress import progress_bar
 
 from .augment import AugmentConfig, augment_batch
 from .models import CifarResNet, ResNetConfig, build_resnet
@@ -115,7 +115,7 @@ def _run_steps(model, images, labels, config, optimizer, schedule, generator, de
     total_steps = max(1, round(config.epochs * batches_per_epoch))
     recent_losses: list[float] = []
     order = torch.empty(0, dtype=torch.long)
-    with tqdm(total=total_steps, desc=desc, disable=None, leave=False) as progress:
+    with progress_bar(total=total_steps, desc=desc, unit="step", leave=False) as progress:
         for step in range(total_steps):
             position = (step % batches_per_epoch) * config.batch_size
             if position == 0:

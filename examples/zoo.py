@@ -17,7 +17,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
-from tqdm.auto import tqdm
 
 from hdrq_plugin._io import atomic_write_path
 from hdrq_plugin.hot.mode import HOTConfig
+from hdrq_plugin.progress import progress_bar, stage
 
 from .augment import AugmentConfig
 from .domains import FASHION_DOMAIN_NAMES, RENDERED_DEFAULT_IMAGES, DomainSplits, load_domain
@@ -194,28 +194,37 @@ def load_domains(recipe: BenchmarkRecipe, n_calib: int = 32) -> dict[str, Domain
     }
 
 
-def _model_from_state(recipe: BenchmarkRecipe, state: dict[str, torch.Tensor]) -> CifarResNet:
-    model = build_resnet(recipe.architecture)
-    model.load_state_dict(state)  # strict: a missing or misshapen entry is a corrupt cache
-    return model.eval()
+def read_zoo_cache(path: Path, cache_format: str, key: str, targets: Sequence[str],
+                   build: Callable[[], nn.Module], what: str = "model cache"):
+    """``(source, {target: adapted}, timings)`` from a zoo cache file, or None (after a warning)
+    when the file is missing, unreadable or made for another recipe; ``build()`` gives an
+    untrained model of the recipe's architecture (the classification and segmentation zoos
+    share this reader)."""
+    if not path.is_file():
+        return None
+
+    def from_state(state: dict[str, torch.Tensor]) -> nn.Module:
+        model = build()
+        model.load_state_dict(state)  # strict: a missing or misshapen entry is a corrupt cache
+        return model.eval()
+
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+        if content.get("format") != cache_format or content.get("key") != key:
+            raise ValueError("format or recipe key does not match")
+        if set(content["adapted"]) != set(targets):
+            raise ValueError(f"targets {sorted(content['adapted'])} do not match the recipe")
+        adapted = {t: from_state(content["adapted"][t]) for t in targets}
+        return from_state(content["source"]), adapted, dict(content["timings"])
+    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, whatever the cause
+        warnings.warn(f"{what} {path} is unusable ({type(err).__name__}: {err}); rebuilding it", stacklevel=3)
+        return None
 
 
 def _read_cache(path: Path, recipe: BenchmarkRecipe) -> tuple[CifarResNet, dict[str, CifarResNet], dict] | None:
     """The cached models, or None (after a warning) when the file is unreadable or does not match."""
-    if not path.is_file():
-        return None
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-        if content.get("format") != CACHE_FORMAT or content.get("key") != recipe.cache_key():
-            raise ValueError("format or recipe key does not match")
-        if set(content["adapted"]) != set(recipe.target_domains):
-            raise ValueError(f"targets {sorted(content['adapted'])} do not match the recipe")
-        source = _model_from_state(recipe, content["source"])
-        adapted = {t: _model_from_state(recipe, content["adapted"][t]) for t in recipe.target_domains}
-        return source, adapted, dict(content["timings"])
-    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, whatever the cause
-        warnings.warn(f"model cache {path} is unusable ({type(err).__name__}: {err}); rebuilding it", stacklevel=3)
-        return None
+    return read_zoo_cache(path, CACHE_FORMAT, recipe.cache_key(), recipe.target_domains,
+                          lambda: build_resnet(recipe.architecture))
 
 
 def _write_cache(path: Path, recipe: BenchmarkRecipe, source: nn.Module, adapted: dict[str, nn.Module], timings: dict) -> None:
@@ -237,15 +246,17 @@ def build_models(recipe: BenchmarkRecipe, domains: dict[str, DomainSplits]) -> t
     timings = {}
     wall, cpu = time.perf_counter(), time.process_time()
     source_data = ConcatDataset([domains[name].train for name in recipe.source_domains])
-    source = train_source(source_data, recipe.architecture, recipe.source_training, seed=recipe.seed)
+    with stage("zoo: train the source model"):
+        source = train_source(source_data, recipe.architecture, recipe.source_training, seed=recipe.seed)
     timings["source_training_s"] = time.perf_counter() - wall
     timings["source_training_cpu_s"] = time.process_time() - cpu
     adapted = {}
     wall, cpu = time.perf_counter(), time.process_time()
-    for index, target in enumerate(tqdm(recipe.target_domains, desc="adapting", disable=None, leave=False), start=1):
-        adapted[target] = adapt_to_target(
-            source, domains[target].train, recipe.adaptation, seed=recipe.seed + index, desc=f"adapt {target}"
-        )
+    for index, target in enumerate(progress_bar(recipe.target_domains, desc="adapting", unit="target", leave=False), start=1):
+        with stage(f"zoo: adapt to {target}"):
+            adapted[target] = adapt_to_target(
+                source, domains[target].train, recipe.adaptation, seed=recipe.seed + index, desc=f"adapt {target}"
+            )
     timings["adaptation_s"] = time.perf_counter() - wall
     timings["adaptation_cpu_s"] = time.process_time() - cpu
     return source, adapted, timings

@@ -6,8 +6,9 @@
     report.raise_if_failed()
 """
 
-from .errors import ExportError, NotAnHdrqExportError, ValidationError
+from .errors import ExportCheckError, ExportError, NotAnHdrqExportError, ValidationError
 from .formats.float_export import export_float
+from .formats.int4_loading import int4_session
 from .formats.ort_format import convert_to_ort_format
 from .formats.qdq import WEIGHT_STORAGES, export_qdq
 from .rewrites.int4 import rewrite_weights_to_int4
@@ -15,7 +16,8 @@ from .validation.parity import ParityTolerance
 from .validation.validate import ValidationReport, validate
 
 __all__ = [
-    "ExportError", "NotAnHdrqExportError", "ParityTolerance", "ValidationError", "ValidationReport",
-    "WEIGHT_STORAGES", "convert_to_ort_format", "export_float", "export_qdq",
+    "ExportCheckError", "ExportError", "NotAnHdrqExportError", "ParityTolerance", "ValidationError",
+    "ValidationReport", "WEIGHT_STORAGES", "convert_to_ort_format", "export_float", "export_qdq",
+    "int4_session",
     "rewrite_weights_to_int4", "validate",
 ]

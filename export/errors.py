@@ -7,11 +7,19 @@ what goes wrong with a well-formed request.
 
 from __future__ import annotations
 
-from hdrq_plugin.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, HDRQPluginError
+from hdrq_plugin.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailedError, HDRQPluginError
 
 
 class ExportError(HDRQPluginError, RuntimeError):
     """The model cannot be written as a faithful integer ONNX file (unsupported op, float layer)."""
+
+
+class ExportCheckError(ExportError, CheckFailedError):
+    """The written graph runs as another function in onnxruntime than the model in PyTorch: the
+    exporter's own check on the example input failed, so no file was left at the path (exit 3,
+    like any failed check; an ``ExportError`` all the same for code that catches that)."""
+
+    exit_code = EXIT_CHECK_FAILED
 
 
 class ValidationError(HDRQPluginError, RuntimeError):

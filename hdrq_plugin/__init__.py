@@ -15,27 +15,29 @@ the ``cli`` on top. Only the names below are the public face; the rest is reacha
 """
 
 from . import _legacy_paths
-from .bitspec import BitSpec
-from .convert import convert_to_brevitas
-from .errors import HDRQPluginError
-from .families import QuantizerFamily, register_family
-from .hot import HOTConfig, hot_mode
-from .merge import average_float_models, error_barrier, merge_models
-from .nipq import NIPQConfig
-from .ptq import GPTQConfig, HDRQConfig, hdrq_calibrate, hdrq_mode
-from .quant import HDRQActQuantizer, HDRQQuantizer, HDRQSignedActQuantizer
-from .quantize import QuantizeResult, quantize_model
-from .run import load_float_model, load_quantized, save_float_model, save_quantized
+
+#: Public name → the module that defines it. Imported on first use (PEP 562), so that
+#: ``import hdrq_plugin`` and the ``hdrq`` parser (``--help``, argument errors) need no torch.
+_PUBLIC_NAMES = {
+    "BitSpec": "bitspec", "GPTQConfig": "ptq", "HDRQActQuantizer": "quant", "HDRQConfig": "ptq",
+    "HDRQPluginError": "errors", "HDRQQuantizer": "quant", "HDRQSignedActQuantizer": "quant",
+    "HOTConfig": "hot", "ModelRecipe": "run", "NIPQConfig": "nipq", "QuantizeResult": "quantize",
+    "QuantizerFamily": "families", "adopt_brevitas_model": "convert", "average_float_models": "merge",
+    "convert_to_brevitas": "convert", "error_barrier": "merge", "hdrq_calibrate": "ptq", "hdrq_mode": "ptq",
+    "hot_mode": "hot", "load_float_model": "run", "load_quantized": "run", "merge_models": "merge",
+    "quantize_model": "quantize", "register_architecture": "architectures", "register_family": "families",
+    "save_float_model": "run", "save_quantized": "run",
+}
+
+#: Subpackages and modules reachable as attributes once ``hdrq_plugin`` is imported.
+_SUBPACKAGES = frozenset({
+    "architectures", "bitspec", "cli", "cli_commands", "convert", "data", "errors", "evaluation", "export",
+    "families", "hot", "merge", "nipq", "options", "progress", "ptq", "quant", "quantize", "run",
+})
 
 _legacy_paths.install()
 
-__all__ = [
-    "BitSpec", "GPTQConfig", "HDRQActQuantizer", "HDRQConfig", "HDRQPluginError", "HDRQQuantizer",
-    "HDRQSignedActQuantizer", "HOTConfig", "NIPQConfig", "QuantizeResult", "QuantizerFamily",
-    "average_float_models", "convert_to_brevitas", "error_barrier", "hdrq_calibrate", "hdrq_mode",
-    "hot_mode", "load_float_model", "load_quantized", "merge_models", "quantize_model", "register_family",
-    "save_float_model", "save_quantized",
-]
+__all__ = list(_PUBLIC_NAMES)
 __version__ = "0.2.0"
 
 #: Names the 0.1 top level exported that now live in a subpackage: still importable from here
@@ -54,12 +56,23 @@ _MOVED_NAMES = {
 
 
 def __getattr__(name: str):
+    import importlib
+
+    if name in _PUBLIC_NAMES:
+        value = getattr(importlib.import_module(f"hdrq_plugin.{_PUBLIC_NAMES[name]}"), name)
+        globals()[name] = value  # later look-ups are plain attribute reads
+        return value
     if name in _MOVED_NAMES:
-        import importlib
         import warnings
 
         where = f"hdrq_plugin.{_MOVED_NAMES[name]}"
         warnings.warn(f"hdrq_plugin.{name} is now {where}.{name}; the old name goes in the next release",
                       DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(where), name)
+    if name in _SUBPACKAGES:  # ``import hdrq_plugin; hdrq_plugin.export.validate``, as when eagerly imported
+        return importlib.import_module(f"hdrq_plugin.{name}")
     raise AttributeError(f"module 'hdrq_plugin' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,3 +20,28 @@ class HDRQPluginError(Exception):
     """Base of every error hdrq-plugin raises; catch it to catch them all."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class InputError(HDRQPluginError, ValueError):
+    """Bad input: a file, argument or value the library cannot use (exit 2)."""
+
+
+class InputTypeError(HDRQPluginError, TypeError):
+    """Input of the wrong kind, e.g. a model that is not a ``torch.nn.Module`` (exit 2)."""
+
+
+class OutputExistsError(HDRQPluginError, FileExistsError):
+    """An output path exists (pass ``--overwrite``) or is one of the command's inputs (exit 2)."""
+
+
+class CheckFailedError(HDRQPluginError, RuntimeError):
+    """A check on a produced file or model failed (exit 3)."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+
+
+def one_line(err: BaseException | str, limit: int = 300) -> str:
+    """A library or torch message folded to one line (they often span dozens)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

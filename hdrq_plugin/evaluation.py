@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import labelled_batch, plain_tensor
+from .progress import progress_bar
 
 
 def _batches(data: Dataset | Iterable, batch_size: int) -> Iterable:
@@ -37,7 +38,7 @@ def accuracy(model: nn.Module, data: Dataset | Iterable, batch_size: int = 256) 
     correct = total = 0
     try:
         with torch.no_grad():
-            for batch in _batches(data, batch_size):
+            for batch in progress_bar(_batches(data, batch_size), desc="accuracy", unit="batch", leave=False):
                 inputs, labels = labelled_batch(batch, "accuracy data")
                 logits = plain_tensor(model(inputs))
                 if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:

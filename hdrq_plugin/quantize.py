@@ -21,7 +21,7 @@ from torch import nn
 
 from .bitspec import BitSpec
 from .errors import HDRQPluginError
-from .ptq.config import METHODS as RECONSTRUCTION_METHODS
+from .options import METHOD_NAMES, RECONSTRUCTION_METHODS  # noqa: F401 (names of this verb)
 from .ptq.config import HDRQConfig
 
 
@@ -74,7 +74,6 @@ def quantize_model(model: nn.Module, data: Iterable, config: Any = None, *, bits
 
 
 #: Method names the CLI and the benchmarks accept: the reconstruction engine's, then GPTQ, NIPQ.
-METHOD_NAMES = (*RECONSTRUCTION_METHODS, "gptq", "nipq")
 
 
 def config_for_method(name: str, *, seed: int = 0, iterations: int | None = None) -> Any:

@@ -2,6 +2,12 @@
 
 import pytest
 import torch
+from tiny_models import tiny_resnet
+
+from hdrq_plugin import register_architecture
+
+# the tests' own model, allowed the way a user allows theirs: checkpoints may only name registered builders
+register_architecture(tiny_resnet)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Lowest first. A module may import its own layer and the layers below it, never above.
 LAYERS = (
-    ("shared", ("errors", "families", "bitspec", "data", "_io", "evaluation", "_legacy_paths")),
+    ("shared", ("errors", "families", "architectures", "bitspec", "data", "_io", "evaluation", "_legacy_paths",
+                "options", "progress")),
     ("quant", ("quant",)),
     ("convert", ("convert",)),
     ("ptq", ("ptq",)),
@@ -27,7 +28,7 @@ LAYERS = (
     ("verb", ("quantize",)),
     ("export", ("export",)),
     ("run", ("run",)),
-    ("cli", ("cli",)),
+    ("cli", ("cli", "cli_commands")),
 )
 #: Same-rank packages that must not import each other.
 INDEPENDENT = {("merge", "hot"), ("hot", "nipq"), ("ptq", "hot")}

@@ -25,6 +25,9 @@ from hdrq_plugin.export.rewrites.unsigned_grids import (
 )
 from hdrq_plugin.export.validation.parity import (
     TIE_WINDOW_STEPS,
+    DatasetParity,
+    ParityTolerance,
+    certified_logit_ties,
     first_diverging_layer,
     judge_first_divergence,
 )
@@ -112,6 +115,78 @@ def test_the_tie_window_grows_with_the_reference_float32_error(value, error):
     assert too_far.unexplained == 1
 
 
+def _tally_with_one_changed_prediction(cause: str) -> DatasetParity:
+    tally = DatasetParity()
+    reference = np.array([[1.0, 0.0], [0.0, 1.0]])
+    candidate = np.array([[1.0, 0.0], [1.0, 0.0]])  # sample 1's prediction changed
+    agree = np.array([True, cause != "codes_agree"]) & np.array([True, cause == "codes_agree"])
+    tally.add_outputs(reference, candidate, None, 1.0, agree)
+    changed = np.array([False, True])
+    tally.add_top1_causes(changed & (cause == "codes_agree"), changed & (cause == "tie"),
+                          changed & (cause == "not_a_tie"))
+    return tally
+
+
+def test_a_prediction_changed_although_every_code_agrees_fails():
+    failures = _tally_with_one_changed_prediction("codes_agree").failures("a", ParityTolerance(), None)
+    assert any("changed although every activation code agrees" in f for f in failures)
+
+
+def test_a_prediction_changed_by_certified_tie_flips_is_counted_not_failed():
+    tally = _tally_with_one_changed_prediction("tie")
+    assert tally.failures("a", ParityTolerance(), None) == []
+    assert tally.tie_flip_samples == 1 and tally.top1_agreement == 0.5
+
+
+def test_a_prediction_changed_by_a_difference_that_is_not_a_tie_fails():
+    failures = _tally_with_one_changed_prediction("not_a_tie").failures("a", ParityTolerance(), None)
+    assert any("changed by differences that are not rounding ties" in f for f in failures)
+
+
+BOUND = 1e-3  # a last layer's float32 bound, in output steps
+
+
+def _logit_tie_tally(reference, candidate, bound=BOUND):
+    """Two samples whose activation codes all agree, tallied the way ParityRun does it."""
+    tally, agree = DatasetParity(), np.ones(len(reference), dtype=bool)
+    tally.add_outputs(reference, candidate, None, 1.0, agree)
+    ties = certified_logit_ties(reference, candidate, 1.0, bound)
+    changed = reference.argmax(1) != candidate.argmax(1)
+    tally.add_top1_causes(changed & ~ties, np.zeros_like(agree), np.zeros_like(agree), ties)
+    return tally, ties
+
+
+@settings(max_examples=50, deadline=None)
+@given(margin=st.floats(0.0, 1.99 * BOUND), logit=st.floats(-50, 50))
+def test_a_prediction_changed_within_twice_the_float32_bound_is_a_logit_tie(margin, logit):
+    """Codes agree, each logit moved by (just under) the bound: a reference margin < 2B may flip."""
+    move = 0.999 * BOUND  # not the bound itself: float64 rounding of the test's own sums
+    reference = np.array([[logit + margin, logit, logit - 3]])
+    candidate = np.array([[logit + margin - move, logit + move, logit - 3]])
+    tally, ties = _logit_tie_tally(reference, candidate)
+    assert ties.tolist() == [candidate.argmax() != reference.argmax()]
+    assert tally.failures("a", ParityTolerance(), BOUND) == []
+
+
+@settings(max_examples=50, deadline=None)
+@given(excess=st.floats(1e-6, 10.0), logit=st.floats(-50, 50))
+def test_a_prediction_changed_beyond_twice_the_float32_bound_fails_although_codes_agree(excess, logit):
+    margin = 2 * BOUND + excess
+    reference = np.array([[logit + margin, logit]])
+    candidate = np.array([[logit, logit + margin]])  # flipped by more than float32 can explain
+    tally, ties = _logit_tie_tally(reference, candidate)
+    assert not ties.any() and tally.logit_tie_samples == 0
+    assert any("changed although every activation code agrees and the reference margin exceeds" in f
+               for f in tally.failures("a", ParityTolerance(), BOUND))
+
+
+def test_no_logit_tie_is_certified_without_a_float32_bound():
+    reference, candidate = np.array([[1.0, 1.0]]), np.array([[1.0, 1.0 + 1e-7]])
+    tally, ties = _logit_tie_tally(reference, candidate, bound=None)
+    assert not ties.any()
+    assert any("has no float32 error bound" in f for f in tally.failures("a", ParityTolerance(), None))
+
+
 # --- validate on real files --------------------------------------------------------------------
 
 def test_a_faithful_w4a4_file_has_identical_codes_and_full_top1_agreement(w4a4, w4a4_file):
@@ -186,3 +261,45 @@ def test_storing_wide_weights_as_uint8_changes_no_value_and_only_wide_ones(seed,
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
            for m in (original, shifted)]
     assert run[0].tobytes() == run[1].tobytes()
+
+
+# --- W8A8: the tie rule must not excuse a broken file -------------------------------------------
+
+@pytest.fixture(scope="module")
+def w8a8():
+    return calibrate_activations(convert_to_brevitas(tiny_resnet(seed=0), "w8a8"), _batches(4, seed=1))
+
+
+@pytest.fixture(scope="module")
+def w8a8_file(w8a8, tmp_path_factory):
+    return export_qdq(w8a8, tmp_path_factory.mktemp("parity8") / "w8a8.onnx", torch.randn(2, *SHAPE))
+
+
+def test_a_faithful_w8a8_file_passes(w8a8, w8a8_file):
+    report = validate(w8a8_file, w8a8, {"a": _batches(4, seed=9)}, **FAST)
+    assert report.ok, report.failures
+
+
+def test_one_w8a8_weight_moved_one_step_fails(w8a8, w8a8_file, tmp_path):
+    def bump(model):
+        tensor, _ = _weight_initializer(model, "Conv", 1)
+        stored = numpy_helper.to_array(tensor)
+        codes = stored.astype(np.int64)
+        largest = int(np.abs(codes - int(np.median(codes))).argmax())  # a weight that matters
+        codes.flat[largest] += 1 if codes.flat[largest] < np.iinfo(stored.dtype).max else -1
+        tensor.CopyFrom(numpy_helper.from_array(codes.astype(stored.dtype), tensor.name))
+
+    report = validate(_edited(w8a8_file, tmp_path, bump), w8a8, {"a": _batches(4, seed=9)}, **FAST)
+    assert any("from any rounding tie" in failure for failure in report.failures), report.failures
+
+
+def test_one_w8a8_weight_scale_changed_fails(w8a8, w8a8_file, tmp_path):
+    def rescale(model):
+        _, dq = _weight_initializer(model, "Conv", 1)
+        scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
+        values = numpy_helper.to_array(scale).copy()
+        values.flat[0] *= np.float32(1.01)
+        scale.CopyFrom(numpy_helper.from_array(values, scale.name))
+
+    report = validate(_edited(w8a8_file, tmp_path, rescale), w8a8, {"a": _batches(4, seed=9)}, **FAST)
+    assert not report.ok and any("from any rounding tie" in f for f in report.failures), report.failures

@@ -90,3 +90,29 @@ def test_the_file_says_whether_it_is_saturation_safe(saturating_model, tmp_path)
         model = onnx.load(_export(qmodel, x, tmp_path / f"{safe}.onnx", saturation_safe=safe))
         props = {p.key: p.value for p in model.metadata_props}
         assert props["hdrq.saturation_safe"] == ("true" if safe else "false")
+
+
+def test_a_7_bit_weight_grid_keeps_int8_weights_and_computes_the_model_without_vnni(tmp_path):
+    """The fast safe file (issue 22): 8-bit layers on a 7-bit weight grid (codes -64..63,
+    onnxruntime's reduce_range) need no uint8 storage, so they keep u8s8/VNNI kernels, and the
+    emulated CPU without VNNI computes the model."""
+    import onnx
+    from onnx import TensorProto
+
+    from hdrq_plugin import BitSpec
+
+    model = tiny_resnet(seed=0)
+    with torch.no_grad():  # the same wide same-sign classifier that saturates at 8 bits above
+        model.fc.weight.copy_(torch.linspace(0.5, 1.0, model.fc.weight.numel()).reshape(model.fc.weight.shape))
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.rand(16, 3, 16, 16, generator=gen) * 4 for _ in range(2)]
+    qmodel = calibrate_activations(convert_to_brevitas(model, BitSpec(4, 4, edge_weight_bits=7)), calib)
+    x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 4
+    with torch.no_grad():
+        reference = qmodel(x).numpy()
+    path = _export(qmodel, x, tmp_path / "seven-bit-edges.onnx")
+    exported = onnx.load(path)
+    weights = [t for t in exported.graph.initializer if t.dims and len(t.dims) >= 2]
+    assert weights and all(t.data_type == TensorProto.INT8 for t in weights)
+    off = np.abs(_on_haswell(path, x.numpy(), tmp_path) - reference).max() / output_step(exported)
+    assert off <= output_float_error_steps(exported)

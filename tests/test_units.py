@@ -64,20 +64,23 @@ def test_units_share_the_model_parameters_instead_of_copying_them(qmodel):
 
 
 class _Upsampler(nn.Module):
+    """A 3-D transposed conv: a layer the engine has no reconstruction rule for (ConvTranspose2d,
+    the U-Net's up-convolution, is one it trains since issue 23)."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.up = nn.ConvTranspose3d(4, 4, 2, stride=2)
 
     def forward(self, x):
-        return self.up(torch.relu(self.conv(x)))
+        return self.up(torch.relu(self.conv(x)).unsqueeze(2))
 
 
 def test_a_layer_the_engine_cannot_train_is_named_with_the_supported_ones():
     from brevitas.graph.quantize import preprocess_for_quantize, quantize
 
     qmodel = quantize(preprocess_for_quantize(_Upsampler().eval()))
-    with pytest.raises(UnsupportedLayerError, match=r"'up'.*QuantConvTranspose2d.*QuantConv2d"):
+    with pytest.raises(UnsupportedLayerError, match=r"'up'.*QuantConvTranspose3d.*QuantConv2d"):
         find_reconstruction_units(qmodel)
 
 

@@ -24,6 +24,7 @@ from ..errors import ExportError
 from ..metadata import float_metadata_props, set_metadata
 from ..model_facts import model_sha256, require_fitting_input
 from .qdq import DYNAMIC_BATCH, INPUT_NAME, OUTPUT_NAME, QCDQ_OPSET
+from .static_pools import with_static_pools
 
 
 def _quantizers_off(model: nn.Module):
@@ -48,11 +49,12 @@ def export_float(model: nn.Module, path: str | os.PathLike, example_input: torch
                     warnings.simplefilter("ignore")  # torch's TorchScript-exporter deprecation notice
                     try:
                         torch.onnx.export(
-                            model, (example_input,), str(tmp), opset_version=QCDQ_OPSET,
+                            with_static_pools(model, example_input), (example_input,), str(tmp), opset_version=QCDQ_OPSET,
                             dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                             dynamic_axes=DYNAMIC_BATCH)
                     except Exception as err:
-                        raise ExportError(f"float export failed: {type(err).__name__}: {err}") from err
+                        first_line = str(err).strip().split("\n", 1)[0][:500]  # not torch's graph dump
+                        raise ExportError(f"float export failed: {type(err).__name__}: {first_line}") from err
                 onnx_model = onnx.load(tmp)
                 set_metadata(onnx_model, float_metadata_props(model_sha256(model)))
                 onnx.save(onnx_model, tmp)

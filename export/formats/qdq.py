@@ -1,11 +1,13 @@
 """``export_qdq``: a calibrated Brevitas model -> one checked, self-describing ONNX QDQ file.
 
 Brevitas' QCDQ exporter on the TorchScript path (docs/toolchain_notes.md, "Export") writes integer
-weight initializers and keeps Int32Bias; this module adds the dynamic batch axis, checks that
+weight initializers and keeps Int32Bias (local adaptive average pools exported as the fixed
+AvgPool they are at the example input, :mod:`.static_pools`); this module adds the dynamic batch axis, checks that
 every weight layer is on the integer path, applies exact rewrites that keep onnxruntime's
 integer kernels connected (:mod:`.integer_path`: uint8 activations, redundant ReLU6 Clips,
 a quantizer before Flatten), optionally rewrites <=4-bit weights
-to true INT4 (:mod:`.int4`), and writes the ``hdrq.*`` metadata, fully checked and atomically.
+to true INT4 (:mod:`.int4`), writes the ``hdrq.*`` metadata, checks that onnxruntime computes the
+model at every optimization level (:mod:`..validation.self_check`), and writes the file atomically.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from brevitas.export.onnx.standard.qcdq.manager import StdQCDQONNXManager
 from torch import nn
 
 from hdrq_plugin._io import atomic_write_path
+from hdrq_plugin.options import WEIGHT_STORAGES  # the storages' names; torch-free for the CLI
 
-from ..errors import ExportError
+from ..errors import ExportCheckError, ExportError
 from ..graph_facts import float_weight_nodes, nonstandard_nodes
 from ..metadata import quantized_metadata_props, set_metadata, user_metadata_props
 from ..model_facts import (
@@ -37,9 +40,11 @@ from ..model_facts import (
 )
 from ..rewrites.int4 import rewrite_weights_to_int4
 from ..rewrites.integer_path import keep_integer_path
+from ..rewrites.linear_weights import transposed_weights_to_gemm
 from ..rewrites.unsigned_grids import store_wide_weights_as_uint8
+from ..validation.self_check import onnxruntime_failures
+from .static_pools import with_static_pools
 
-WEIGHT_STORAGES = ("int8", "int4", "int4-in-int8")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
 # dynamo=False: the dynamo exporter rejects Int32Bias and stores float weights (docs/toolchain_notes.md).
 QCDQ_OPSET = 13  # docs/toolchain_notes.md: the measured-good opset for Brevitas' TorchScript QCDQ path
@@ -70,7 +75,8 @@ def write_brevitas_qcdq(model: nn.Module, example_input: torch.Tensor, target: s
                 dynamo=False, keep_initializers_as_inputs=False, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_BATCH)
     except Exception as err:
-        raise ExportError(f"Brevitas QCDQ export failed: {type(err).__name__}: {err}") from err
+        first_line = str(err).strip().split("\n", 1)[0][:500]  # torch appends the whole TorchScript graph
+        raise ExportError(f"Brevitas QCDQ export failed: {type(err).__name__}: {first_line}") from err
     finally:
         # Brevitas leaves its export mode switched on when torch.onnx.export raises.
         StdQCDQONNXManager.set_export_mode(model, enabled=False)
@@ -86,6 +92,17 @@ def _require_integer_graph(onnx_model: onnx.ModelProto) -> None:
         raise ExportError(f"unsupported ops outside the standard ONNX domain: {custom}")
 
 
+def _require_same_function_in_onnxruntime(tmp: Path, model: nn.Module, example_input: torch.Tensor,
+                                         path: str | os.PathLike) -> None:
+    """Refuse a file that onnxruntime, at any optimization level, runs as another function
+    (:mod:`..validation.self_check`); the file is not written."""
+    failures = onnxruntime_failures(tmp, model, example_input)
+    if failures:
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise ExportCheckError(f"the exported graph computes another function than the model in onnxruntime, "
+                          f"so {path} was not written: {failures[0]}{more}")
+
+
 def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
                weights: str = "int8", metadata: Mapping[str, object] | None = None,
                overwrite: bool = False, saturation_safe: bool = True) -> Path:
@@ -96,7 +113,10 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
     (onnxruntime runs them on its int8 kernels); ``"int4"`` stores those layers as true INT4
     at opset 21 (half the bytes, but onnxruntime runs them as float Conv, docs/toolchain_notes.md).
     ``metadata`` adds ``method``, ``merged_targets`` or other entries to the file's ``hdrq.*``
-    metadata. The file appears complete or not at all; an existing file needs ``overwrite``.
+    metadata. Before the file is written, onnxruntime runs it on ``example_input`` under every
+    optimization level and it must compute the model there (validate's parity rules); otherwise
+    :class:`ExportError` names the level and the layer where the function first changes. The
+    file appears complete or not at all; an existing file needs ``overwrite``.
 
     ``saturation_safe`` (default): weights with codes beyond +-64 are stored as uint8 so the file
     computes the model on every x86 CPU (:func:`.unsigned_grids.store_wide_weights_as_uint8`);
@@ -116,8 +136,9 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
              "hdrq.saturation_safe": json.dumps(bool(saturation_safe))}
     require_fitting_input(model, example_input)
     with atomic_write_path(path, overwrite=overwrite) as tmp:
-        write_brevitas_qcdq(model, example_input, tmp)
+        write_brevitas_qcdq(with_static_pools(model, example_input), example_input, tmp)
         onnx_model = onnx.load(tmp)
+        transposed_weights_to_gemm(onnx_model)  # nn.Linear(bias=False): MatMul(x, Transpose(DQ(W)))
         _require_integer_graph(onnx_model)
         keep_integer_path(onnx_model)  # exact rewrites so onnxruntime fuses every layer
         if saturation_safe:
@@ -134,4 +155,5 @@ def export_qdq(model: nn.Module, path: str | os.PathLike, example_input: torch.T
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as err:
             raise ExportError(f"the exported graph fails onnx.checker: {err}") from err
+        _require_same_function_in_onnxruntime(tmp, model, example_input, path)
     return Path(path)

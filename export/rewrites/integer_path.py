@@ -11,6 +11,11 @@ benchmarks/export_latency.py --size 224):
   quantized value (QuantizeLinear is monotone: Q(clip(x, lo, hi)) = Q(x) for every x iff
   Q(lo) = q_min and Q(hi) = q_max, where a sub-8-bit grid's q_min/q_max are the bounds of the
   integer Clip after the QuantizeLinear), so it is dropped;
+* ``DequantizeLinear -> Flatten -> Gemm`` (a Linear reading a ReLU's codes through a flatten,
+  :mod:`hdrq_plugin.convert.shared_grids`): the Gemm cannot be fused because no DequantizeLinear
+  feeds it. Flatten only moves grid values, and requantizing a grid value on its own grid gives
+  its code back (s * k / s rounds to k: the float32 error is below |k| 2^-23 << 1/2 for 8-bit
+  codes), so a copy of the pair goes after the Flatten;
 * ``GlobalAveragePool -> Flatten -> QuantizeLinear`` (the classifier's input): the pool cannot
   be fused because no QuantizeLinear follows it. Flatten only moves values, so
   Q(Flatten(x)) = Flatten(Q(x)) for a per-tensor grid: a copy of the QuantizeLinear /
@@ -33,8 +38,11 @@ from .unsigned_grids import shift_clipped_signed_activations
 #: Name suffix of the QuantizeLinear copies put before a reshape: a copy of a quantizer the model
 #: runs once, which parity checks (activation_codes.py) must not count as a quantizer of its own.
 COPIED_QUANTIZE_SUFFIX = "_quantize_before"
+COPIED_AFTER_SUFFIX = "_quantize_after"  # the copy after a reshape (requantize_after_reshapes)
+COPIED_QUANTIZE_SUFFIXES = (COPIED_QUANTIZE_SUFFIX, COPIED_AFTER_SUFFIX)
 _RANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255)}
 _RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+_GRID_KEEPING = (*_RESHAPES, "MaxPool")  # ops whose outputs are values of their input
 
 
 def keep_integer_path(model: onnx.ModelProto) -> dict[str, int]:
@@ -42,6 +50,7 @@ def keep_integer_path(model: onnx.ModelProto) -> dict[str, int]:
     return {
         "redundant_clips_dropped": drop_redundant_clips(model),
         "quantize_copied_before_reshape": quantize_before_reshapes(model),
+        "quantize_copied_after_reshape": requantize_after_reshapes(model),
         "signed_activations_stored_as_uint8": shift_clipped_signed_activations(model),
     }
 
@@ -132,5 +141,42 @@ def quantize_before_reshapes(model: onnx.ModelProto) -> int:
         reshape.input[0] = name
         graph.node.insert(index, copy_dq)
         graph.node.insert(index, copy_q)
+        inserted += 1
+    return inserted
+
+
+def requantize_after_reshapes(model: onnx.ModelProto) -> int:
+    """``Q -> DQ -> Flatten -> op`` becomes ``Q -> DQ -> Flatten -> Q -> DQ -> op`` (same grid);
+    also with max pooling or other reshapes between the DequantizeLinear and the reshape.
+
+    Only for a per-tensor DequantizeLinear with constant scale and zero point, and a reshape none
+    of whose consumers is a QuantizeLinear (that is :func:`quantize_before_reshapes`' pattern).
+    """
+    graph = model.graph
+    inits, users, made_by = initializers(graph), consumers(graph), producers(graph)
+    outputs = {output.name for output in graph.output}
+    inserted = 0
+    for index, reshape in reversed(list(enumerate(graph.node))):
+        if reshape.op_type not in _RESHAPES or reshape.output[0] in outputs:
+            continue
+        source = made_by.get(reshape.input[0])
+        while source is not None and source.op_type in _GRID_KEEPING:  # e.g. DQ -> MaxPool -> Flatten
+            source = made_by.get(source.input[0])
+        following = users.get(reshape.output[0], [])
+        if source is None or source.op_type != "DequantizeLinear" or not following \
+                or any(user.op_type == "QuantizeLinear" for user in following) \
+                or _quantizer_constants(source, inits) is None:
+            continue
+        name = f"{reshape.output[0]}_hdrq_requantized"
+        copy_q = helper.make_node("QuantizeLinear", [reshape.output[0], *source.input[1:3]], [f"{name}_q"],
+                                  name=f"{reshape.name}{COPIED_AFTER_SUFFIX}")
+        copy_dq = helper.make_node("DequantizeLinear", [f"{name}_q", *source.input[1:3]], [name],
+                                   name=f"{reshape.name}_dequantize_after")
+        for user in following:
+            for position, value in enumerate(user.input):
+                if value == reshape.output[0]:
+                    user.input[position] = name
+        graph.node.insert(index + 1, copy_dq)
+        graph.node.insert(index + 1, copy_q)
         inserted += 1
     return inserted

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..errors import ValidationError
 from ..graph_facts import consumers, initializers
-from ..rewrites.integer_path import COPIED_QUANTIZE_SUFFIX
-from .ort_runtime import session_options
+from ..rewrites.integer_path import COPIED_QUANTIZE_SUFFIXES
+from .ort_runtime import DEPLOYED_LEVEL, session_options
 
 _SCALE_RTOL = 1e-6  # scales are the same float32 numbers on both sides; this only absorbs printing
 
@@ -53,7 +53,7 @@ def activation_quantize_sites(model: onnx.ModelProto) -> list[QuantizeSite]:
     inits, users = initializers(graph), consumers(graph)
     sites = []
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in inits or node.name.endswith(COPIED_QUANTIZE_SUFFIX):
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or node.name.endswith(COPIED_QUANTIZE_SUFFIXES):
             continue  # weights are initializers; copies before a reshape repeat the quantizer after it
         scale = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
         if scale is None or scale.size != 1:
@@ -78,10 +78,11 @@ class OnnxCodeReader:
     for codes only, to locate where the two sides part.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int, level: str = DEPLOYED_LEVEL) -> None:
         model = onnx.load(str(path))
         self.sites = activation_quantize_sites(model)
-        options = session_options(threads)
+        self.path, self.level = str(path), level
+        options = session_options(threads, level=level)
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         present = {output.name for output in model.graph.output}
         for site in self.sites:
@@ -118,12 +119,20 @@ def _enabled_activation_proxies(model: nn.Module) -> Iterator[tuple[str, nn.Modu
             yield name, module
 
 
+class EnoughActivations(Exception):
+    """Raised by :func:`capture_activation_codes` once ``stop_after`` quantizers have run: the
+    rest of the forward is not needed (e.g. a float64 run read only up to a sample's first
+    diverging layer)."""
+
+
 @contextlib.contextmanager
-def capture_activation_codes(model: nn.Module, keep_grid_values: bool = False) -> Iterator[list[CapturedActivation]]:
+def capture_activation_codes(model: nn.Module, keep_grid_values: bool = False,
+                             stop_after: int | None = None) -> Iterator[list[CapturedActivation]]:
     """Record every enabled activation quantizer's output codes while the block runs the model.
 
     ``keep_grid_values`` also records ``activation(x) / scale``, the value the quantizer rounds
     (for QuantReLU-style proxies the fused activation is applied first), in the model's dtype.
+    ``stop_after``: raise :class:`EnoughActivations` out of the forward once that many are recorded.
     """
     records: list[CapturedActivation] = []
 
@@ -140,6 +149,8 @@ def capture_activation_codes(model: nn.Module, keep_grid_values: bool = False) -
             x = activation(x) if activation is not None else x
             grid_value = (x.detach() / scale).to(torch.float64)
         records.append(CapturedActivation(proxy._hdrq_name, scale, codes.to(torch.int16).numpy(), grid_value))
+        if stop_after is not None and len(records) >= stop_after:
+            raise EnoughActivations
 
     handles = []
     for name, proxy in _enabled_activation_proxies(model):

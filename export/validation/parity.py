@@ -31,10 +31,33 @@ quantizer (:mod:`.activation_codes`), and only two differences are legitimate:
 Anything else (a code off by more than one step, a flip far from a tie, larger output
 differences with identical codes) is an export error, or a runtime that computes another
 function than the file says (e.g. u8s8 kernels saturating in int16 on x86 CPUs without
-VNNI, fixed in :mod:`.unsigned_grids`). Top-1 agreement must stay at or above
-``min_top1_agreement`` even with legitimate flips (goal 100 % at A4, >= 99.9 %
-elsewhere; docs/export.md). History: the previous default, relative L2 error <= 1e-2 of the logits, is gone:
-it was not a statement about the integer grid and a freshly trained zoo crossed it.
+VNNI, fixed in :mod:`.unsigned_grids`; onnxruntime's DoubleQDQPairsRemover on back-to-back
+Q/DQ pairs with two scales, issue 19).
+
+**Top-1, from the same causes.** A sample whose activation codes all agree must keep its top-1
+prediction: its logits differ by float32 rounding only. A sample whose prediction changed is
+always judged, and is *certified* when every difference at its first diverging layer is a tie
+flip (point 1) or the deployed kernels are at least as exact as PyTorch (point 3): such samples
+are counted (``tie_flip_samples``) and reported, not failed, because a rounding tie may go
+either way (measured: 4 of 64 predictions on a 224x224 ResNet-18 W8A8 file, every differing
+code a certified tie). A sample whose codes all agree but whose prediction changed is a
+*logit tie* when its reference margin between the two predicted classes is at most twice the
+bound B of point 2: each logit moves by at most B, so the margin moves by at most 2B, and a
+margin within 2B may change sign in correct arithmetic (measured: with 2-bit weights and
+activations, bnn_pynq CNV/TFC 2W2A give logits that tie *exactly* on the integer grid, PyTorch
+and onnxruntime then break 1-3 of 64 ties differently by float32 summation order, margins
+4e-7 to 1.3e-5 output steps against B = 4e-4 (TFC) and 2.6e-2 (CNV) steps). Such samples are counted
+(``logit_tie_samples``) and reported, not failed; with codes agreeing, a changed prediction
+whose margin exceeds 2B, or any output with no computable B, fails. Any other changed
+prediction fails. ``min_top1_agreement`` applies to the agreement with both kinds of certified
+samples counted as agreeing. History: the previous rule failed any
+dataset under 99.9 % agreement, tie flips included, which failed correct W8A8 files; before it,
+relative L2 error <= 1e-2 of the logits, which said nothing about the integer grid.
+
+**Dense outputs** (``[N, C, H, W]`` per-pixel logits of a segmentation network): a prediction is
+one pixel's argmax over ``C``, and the same rules apply per sample: a sample with a changed pixel
+is judged, and its changed pixels count as agreeing when it is certified. Agreement is then the
+fraction of pixels (``predictions``), accuracy the fraction of labelled pixels.
 """
 
 from __future__ import annotations
@@ -44,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 TIE_WINDOW_STEPS = 2.0 ** -10  # see the module docstring, point 1
-MIN_TOP1_AGREEMENT = 0.999  # docs/export.md: tie flips may move at most 1 in 1,000 predictions
+MIN_TOP1_AGREEMENT = 0.999  # on agreement with certified tie samples counted as agreeing (docstring)
 EXPLAINED_SAMPLES = 32  # diverging samples re-run in float64 per dataset to judge their first flip
 
 
@@ -106,11 +129,32 @@ def judge_first_divergence(ours: np.ndarray, theirs: np.ndarray, grid32: np.ndar
     return verdict
 
 
+def certified_logit_ties(reference: np.ndarray, candidate: np.ndarray, output_step_: float | None,
+                         bound_steps: float | None) -> np.ndarray:
+    """Per sample: some prediction changed and, for every changed prediction (one per sample, or
+    one per pixel of ``[N, C, H, W]`` outputs), the reference margin between the two predicted
+    classes is at most ``2 * bound_steps`` output steps (module docstring, "Top-1").
+
+    Meaningful only for samples whose activation codes all agree (the bound assumes it). With no
+    bound or no output step nothing is certified.
+    """
+    certified = np.zeros(len(reference), dtype=bool)
+    if reference.ndim < 2 or output_step_ is None or bound_steps is None:
+        return certified
+    ours, theirs = reference.argmax(1), candidate.argmax(1)
+    ref = reference.astype(np.float64)
+    margin = (np.take_along_axis(ref, ours[:, None], 1) - np.take_along_axis(ref, theirs[:, None], 1))[:, 0]
+    changed = (ours != theirs).reshape(len(reference), -1)
+    beyond = (changed & (margin / output_step_ > 2.0 * bound_steps).reshape(len(reference), -1)).any(axis=1)
+    return changed.any(axis=1) & ~beyond
+
+
 @dataclass
 class DatasetParity:
     """Everything measured for one dataset: agreement, output steps, code divergences."""
 
     samples: int = 0
+    predictions: int = 0  # samples, or pixels for dense outputs (module docstring)
     top1_agreeing: int = 0
     labelled: int = 0
     correct: dict[str, int] = field(default_factory=lambda: {"onnxruntime": 0, "pytorch": 0})
@@ -122,18 +166,27 @@ class DatasetParity:
     examined_samples: int = 0
     tie_flips: int = 0
     unexplained: list[dict] = field(default_factory=list)  # one entry per examined sample with an error
+    top1_changed_where_codes_agree: int = 0  # a failure: identical codes, another prediction, margin > 2B
+    tie_flip_samples: int = 0  # predictions changed by certified ties only: reported, not failed
+    tie_flip_predictions: int = 0  # the predictions (pixels, for dense outputs) of those samples that changed
+    logit_tie_samples: int = 0  # identical codes, reference margin <= 2B (docstring, "Top-1"): reported
+    logit_tie_predictions: int = 0  # the predictions of those samples that changed
+    top1_changed_uncertified: int = 0  # predictions changed by a difference that is not a tie
     deployed_only_samples: int = 0  # samples where the twin did not reproduce the deployed output
     deployed_only_failures: int = 0
+    function_changes_at: str | None = None  # where the deployed graph's function first changes (localize.py)
+    function_change_detail: str | None = None
     worst_deployed_excess_steps: float = 0.0  # deployed-vs-float64 minus float32-vs-float64, in steps
 
     @property
     def top1_agreement(self) -> float | None:
-        return self.top1_agreeing / self.samples if self.samples else None
+        return self.top1_agreeing / self.predictions if self.predictions else None
 
     @property
     def first_diverging_layer(self) -> str | None:
-        """The earliest layer (execution order) where any sample's codes first differ."""
-        return next(iter(self.first_divergence_counts), None)
+        """The earliest layer (execution order) where any sample's codes first differ, or where
+        the deployed graph's function first changes when only its kernels differ."""
+        return next(iter(self.first_divergence_counts), self.function_changes_at)
 
     def accuracy(self) -> dict[str, float] | None:
         if not self.labelled:
@@ -152,14 +205,18 @@ class DatasetParity:
         if codes_agree.any():
             self.max_diff_steps_where_codes_agree = max(self.max_diff_steps_where_codes_agree,
                                                         float(per_sample[codes_agree].max()))
-        if reference.ndim == 2:
+        if reference.ndim >= 2:  # classes on axis 1, per sample or per pixel
             ours, theirs = reference.argmax(1), candidate.argmax(1)
+            self.predictions += ours.size
             self.top1_agreeing += int((ours == theirs).sum())
             if labels is not None:
-                self.labelled += len(labels)
+                if labels.shape != ours.shape:
+                    raise ValueError(f"labels of shape {labels.shape} do not match predictions of shape {ours.shape}")
+                self.labelled += labels.size
                 self.correct["pytorch"] += int((ours == labels).sum())
                 self.correct["onnxruntime"] += int((theirs == labels).sum())
         else:
+            self.predictions += len(reference)
             self.top1_agreeing += int(codes_agree.sum())  # no classes: agreement = identical codes
 
     def add_code_mismatches(self, names: list[str], brevitas_codes: list[np.ndarray],
@@ -176,12 +233,30 @@ class DatasetParity:
         self.first_divergence_counts = dict(sorted(self.first_divergence_counts.items(), key=lambda kv: order[kv[0]]))
 
     def add_deployed_only(self, deployed_from_exact: np.ndarray, reference_from_exact: np.ndarray,
-                          bound_steps: float) -> None:
-        """Judge samples by point 3: distances from the float64 model, in output steps."""
+                          bound_steps: float) -> np.ndarray:
+        """Judge samples by point 3 (distances from the float64 model, in output steps); returns
+        which passed."""
         excess = deployed_from_exact - reference_from_exact - bound_steps
         self.deployed_only_samples += len(excess)
         self.deployed_only_failures += int((excess > 0).sum())
         self.worst_deployed_excess_steps = max(self.worst_deployed_excess_steps, float(excess.max(initial=0.0)))
+        return excess <= 0
+
+    def add_top1_causes(self, codes_agree: np.ndarray, certified: np.ndarray, uncertified: np.ndarray,
+                        logit_ties: np.ndarray | None = None,
+                        changed_predictions: np.ndarray | None = None) -> None:
+        """Sort the samples whose top-1 prediction changed by cause (module docstring, "Top-1");
+        ``codes_agree`` excludes the ``logit_ties``; ``changed_predictions[i]``: how many
+        predictions of sample i changed (1 per sample if None)."""
+        self.top1_changed_where_codes_agree += int(codes_agree.sum())
+        self.tie_flip_samples += int(certified.sum())
+        self.tie_flip_predictions += int(certified.sum() if changed_predictions is None
+                                         else changed_predictions[certified].sum())
+        self.top1_changed_uncertified += int(uncertified.sum())
+        if logit_ties is not None:
+            self.logit_tie_samples += int(logit_ties.sum())
+            self.logit_tie_predictions += int(logit_ties.sum() if changed_predictions is None
+                                              else changed_predictions[logit_ties].sum())
 
     def add_verdict(self, layer: str, verdict: FlipVerdict) -> None:
         self.examined_samples += 1
@@ -201,16 +276,29 @@ class DatasetParity:
             found.append(f"{name}: activation codes of {worst['layer']} differ from PyTorch's by up to "
                          f"{worst['max_step_diff']} step(s), {worst['steps_from_a_tie']:.3g} steps from any "
                          f"rounding tie ({len(self.unexplained)} of {self.examined_samples} examined samples)")
+        if self.top1_changed_where_codes_agree:
+            found.append(f"{name}: {self.top1_changed_where_codes_agree} of {self.samples} predictions changed "
+                         "although every activation code agrees and "
+                         + (f"the reference margin exceeds twice the last layer's float32 bound ({bound_steps:.3g} "
+                            "output steps)" if bound_steps is not None else
+                            "the output has no float32 error bound (it is not made by a Gemm/Conv/MatMul on "
+                            "dequantized integers)"))
+        if self.top1_changed_uncertified:
+            found.append(f"{name}: {self.top1_changed_uncertified} of {self.samples} predictions changed by "
+                         "differences that are not rounding ties")
         agreement = self.top1_agreement
-        if agreement is not None and agreement < tolerance.min_top1_agreement:
-            found.append(f"{name}: top-1 agreement {100 * agreement:.2f} % is below "
-                         f"{100 * tolerance.min_top1_agreement:.1f} % ({self.samples - self.top1_agreeing} "
-                         f"of {self.samples} predictions changed)")
+        if agreement is not None:
+            agreement += (self.tie_flip_predictions + self.logit_tie_predictions) / self.predictions
+            if agreement < tolerance.min_top1_agreement:
+                found.append(f"{name}: top-1 agreement {100 * agreement:.2f} % (certified tie flips and logit ties "
+                             f"counted as agreeing) is below {100 * tolerance.min_top1_agreement:.1f} %")
         if self.deployed_only_failures:
             found.append(f"{name}: the deployed graph's output is {self.worst_deployed_excess_steps:.3g} output steps "
                          f"farther from the float64 model than PyTorch's float32 output is, beyond the "
                          f"{bound_steps or 0.0:.3g}-step bound ({self.deployed_only_failures} of "
-                         f"{self.deployed_only_samples} samples its kernels alone compute)")
+                         f"{self.deployed_only_samples} samples its kernels alone compute)"
+                         + (f"; the function first changes at {self.function_changes_at} "
+                            f"({self.function_change_detail})" if self.function_changes_at else ""))
         if bound_steps is not None and self.max_diff_steps_where_codes_agree > bound_steps:
             found.append(f"{name}: outputs differ by {self.max_diff_steps_where_codes_agree:.3g} output steps "
                          f"where every activation code agrees (float32 bound of the last layer: "

@@ -4,6 +4,7 @@ A newly supported op (a layer type, a functional call, a tensor method) goes in 
 what is quantized around it, or the :class:`UnsupportedOpError` that names it.
 """
 
+from .from_brevitas import adopt_brevitas_model
 from .op_policy import UnsupportedLayerError, UnsupportedOpError
 from .to_brevitas import (
            RTN_FAMILY,
@@ -13,5 +14,5 @@ from .to_brevitas import (
            fold_batchnorm,
 )
 
-__all__ = ["RTN_FAMILY", "UnsupportedLayerError", "UnsupportedOpError", "calibrate_activations", "compute_layers",
+__all__ = ["RTN_FAMILY", "UnsupportedLayerError", "adopt_brevitas_model", "UnsupportedOpError", "calibrate_activations", "compute_layers",
            "convert_to_brevitas", "fold_batchnorm"]

@@ -17,6 +17,9 @@ The README table "Per op, what the conversion quantizes" is this module in prose
 * A concatenation's output gets one quantizer shared by all its consumers (as Brevitas does for
   residual adds), so onnxruntime runs it as one QLinearConcat instead of a float Concat
   requantized once per consumer.
+* Resizing (``F.interpolate``, any mode: the decoders of segmentation networks) takes the float
+  value of its input and its consumer requantizes, as for adds: bilinear values fall between
+  grid points, and onnxruntime has no integer Resize for a QDQ model to reuse a grid with.
 * Pooling, flatten and dropout add no quantizer: max pooling keeps the grid, average pooling's
   result is requantized by its consumer, dropout is removed at conversion (:func:`remove_dropout`).
 
@@ -30,6 +33,7 @@ Conv/Linear input stays on the ``act_bits`` grid (or 8 bits at the network's edg
 from __future__ import annotations
 
 import operator
+import os
 import warnings
 
 import torch
@@ -63,23 +67,48 @@ ELEMENTWISE_FUNCTIONS = (operator.add, torch.add, operator.iadd, operator.mul, t
 #: ``TorchFunctionalToModule`` map covers relu/relu6/pools/dropout, not these).
 FUNCTIONS_TO_MODULES = ((torch.relu, nn.ReLU), (F.hardswish, nn.Hardswish), (F.silu, nn.SiLU),
                         (torch.sigmoid, nn.Sigmoid), (F.sigmoid, nn.Sigmoid), (F.hardsigmoid, nn.Hardsigmoid))
-#: Functions and tensor methods a traced model may call besides modules: they move, combine or
-#: inspect values and need no quantizer of their own.
-SUPPORTED_FUNCTIONS = (*ELEMENTWISE_FUNCTIONS, operator.getitem, torch.flatten, torch.reshape,
-                       torch.squeeze, torch.unsqueeze, getattr)
-SUPPORTED_METHODS = ("add", "add_", "mul", "mul_", "flatten", "view", "reshape", "size", "squeeze",
-                     "unsqueeze", "contiguous", "dim")
+#: Calls that keep a QuantTensor on its grid (Brevitas' ``QuantTensor`` implements them, and
+#: Brevitas' ``are_inputs_quantized_and_aligned`` looks through them: a Conv after them gets no
+#: requantizer, so they must keep passing the quantized tensor on).
+GRID_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, getattr)
+GRID_PRESERVING_METHODS = ("flatten", "view", "reshape", "permute", "t", "size", "dim", "contiguous")
+#: Calls that move, slice, broadcast or reduce values between layers. ``QuantTensor`` implements
+#: none of them (``x[:, :, None, None]`` raises TypeError, ``.unsqueeze`` AttributeError), so
+#: the conversion feeds them the float value of their input (:func:`float_value_call`); Brevitas
+#: does not look through them, so whatever consumes their result gets its own requantizer.
+FLOAT_VALUE_FUNCTIONS = (*ELEMENTWISE_FUNCTIONS, operator.getitem, torch.squeeze, torch.unsqueeze,
+                         torch.permute, torch.chunk, torch.split, torch.mean, torch.sum,
+                         # arithmetic: on sizes (``x.size(1) // 2``) or scaling values (``x / 6``)
+                         operator.sub, operator.truediv, operator.floordiv, operator.neg,
+                         # resizing (U-Net/DeepLab decoders): bilinear makes off-grid values, so
+                         # every mode is fed the float value and its consumer requantizes
+                         F.interpolate)
+FLOAT_VALUE_METHODS = ("add", "add_", "mul", "mul_", "squeeze", "unsqueeze", "expand", "expand_as",
+                       "chunk", "split", "mean", "sum", "transpose")
+#: Functions that make constants (``x - torch.tensor([1.0], device=x.device)``); exported as such.
+CONSTANT_FUNCTIONS = (torch.tensor, torch.zeros, torch.ones, torch.full)
+#: Functions and tensor methods a traced model may call besides modules.
+SUPPORTED_FUNCTIONS = (*GRID_PRESERVING_FUNCTIONS, *FLOAT_VALUE_FUNCTIONS, *CONSTANT_FUNCTIONS)
+SUPPORTED_METHODS = (*GRID_PRESERVING_METHODS, *FLOAT_VALUE_METHODS)
+
+
+def float_value_call(node) -> bool:
+    """Whether ``node`` is a call whose tensor inputs the conversion feeds as float values."""
+    return (node.op == "call_function" and node.target in FLOAT_VALUE_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in FLOAT_VALUE_METHODS)
 
 
 _SPATIAL_DIMS = ((2, 3), (3, 2), (-2, -1), (-1, -2))
 
 
 def remove_dropout(graph_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Drop every dropout module call: the quantized model is an inference model (Brevitas'
-    ``RemoveStochasticModules`` only removes stochastic depth)."""
+    """Drop every dropout and ``nn.Identity`` module call: the quantized model is an inference
+    model (Brevitas' ``RemoveStochasticModules`` only removes stochastic depth), and an identity
+    between a layer and the output would get a requantizer of its own."""
     graph = graph_model.graph
     for node in list(graph.nodes):
-        if node.op == "call_module" and isinstance(graph_model.get_submodule(node.target), nn.modules.dropout._DropoutNd):
+        module = graph_model.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.modules.dropout._DropoutNd) or type(module) is nn.Identity:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             graph_model.delete_submodule(node.target)
@@ -140,14 +169,43 @@ def spatial_means_to_pools(graph_model: torch.fx.GraphModule) -> torch.fx.GraphM
     return graph_model
 
 
-def check_supported_calls(graph_model: torch.fx.GraphModule) -> None:
-    """Raise naming the first function or method call the conversion cannot quantize."""
+def check_supported_calls(graph_model: torch.fx.GraphModule, source_lines: dict[str, str] | None = None) -> None:
+    """Raise naming the first function or method call the conversion cannot quantize.
+
+    ``source_lines`` maps graph node names to the line of ``forward`` that made them, where known.
+    """
+    source_lines = source_lines or {}
     for node in graph_model.graph.nodes:
         if node.op == "call_function" and node.target not in SUPPORTED_FUNCTIONS:
             name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', node.target)}"
-            raise UnsupportedOpError(node.name, name)
+            raise UnsupportedOpError(node.name, name, source_lines.get(node.name))
         if node.op == "call_method" and node.target not in SUPPORTED_METHODS:
-            raise UnsupportedOpError(node.name, f"Tensor.{node.target}")
+            raise UnsupportedOpError(node.name, f"Tensor.{node.target}", source_lines.get(node.name))
+
+
+def forward_source_lines(model: nn.Module) -> dict[str, str]:
+    """Graph node name -> ``file, line N: code`` of the ``forward`` line that made it.
+
+    Brevitas' tracer records no stack traces; a plain ``torch.fx`` trace with
+    ``record_stack_traces`` names call nodes the same way (one name per call, in call order), so
+    its lines are matched by name. Empty when the model does not trace with plain ``torch.fx``.
+    """
+    tracer = torch.fx.Tracer()
+    tracer.record_stack_traces = True
+    try:
+        graph = tracer.trace(model)
+    except Exception:  # only a better message is at stake; the conversion's own trace decides
+        return {}
+    torch_dir = os.path.dirname(torch.__file__)
+    lines = {}
+    for node in graph.nodes:
+        trace = [line.strip() for line in (node.stack_trace or "").strip().splitlines()]
+        user = [i for i, line in enumerate(trace) if line.startswith("File ") and torch_dir not in line]
+        if user:
+            last = user[-1]
+            code = trace[last + 1] if last + 1 < len(trace) and not trace[last + 1].startswith("File ") else ""
+            lines[node.name] = f"{trace[last].removeprefix('File ')}: {code}" if code else trace[last].removeprefix("File ")
+    return lines
 
 
 class UnsupportedLayerError(HDRQPluginError, TypeError):
@@ -157,11 +215,28 @@ class UnsupportedLayerError(HDRQPluginError, TypeError):
 class UnsupportedOpError(UnsupportedLayerError):
     """A function or method call in ``forward`` that the conversion cannot quantize."""
 
-    def __init__(self, node: str, op: str) -> None:
+    def __init__(self, node: str, op: str, source_line: str | None = None) -> None:
+        where = f" at {source_line}" if source_line else ""
+        methods = sorted(set(GRID_PRESERVING_METHODS + FLOAT_VALUE_METHODS) - {"t", "dim", "size"})
         super().__init__(
-            f"op {op} (graph node {node!r}) is not supported by the conversion; write it as one of "
+            f"op {op} (graph node {node!r}){where} is not supported by the conversion; write it as one of "
             f"the supported modules ({', '.join(sorted(t.__name__ for t in FLOAT_ACTIVATIONS))}, ReLU, "
-            "ReLU6, pooling, Flatten, Dropout) or as add/mul/cat/flatten/view/reshape/mean over H,W")
+            f"ReLU6, pooling, Flatten, Dropout), as add/mul/cat, indexing with slices and None, or one "
+            f"of the tensor methods {', '.join(methods)}")
+
+
+class SignedActivationGrid(nn.Identity):
+    """Marks where a Brevitas model quantized an activation on a signed grid (a ``QuantIdentity``
+    whose quantizer is the nonlinearity, as in the bnn_pynq models): the conversion puts a signed
+    activation quantizer here, and :func:`hdrq_plugin.convert.adopt_brevitas_model` its bit width."""
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        self.bits = bits
+
+
+class UnsignedActivationGrid(SignedActivationGrid):
+    """The same on an unsigned grid."""
 
 
 class ReLU6Clamp(nn.Module):

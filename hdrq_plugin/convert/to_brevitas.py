@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..bitspec import BitSpec, split_quantizer_prefix
@@ -21,12 +22,15 @@ from ..families import QuantizerFamily, family_for_prefix, loaded_families
 from ..quant.control import quantized_layers
 from .op_policy import (
     BOUNDARY_BITS,
-    ELEMENTWISE_FUNCTIONS,
     FLOAT_ACTIVATIONS,
     QuantReLU6,
+    SignedActivationGrid,
+    UnsignedActivationGrid,
     UnsupportedLayerError,
-    UnsupportedOpError,  # noqa: F401  (re-exported: both errors live with the op policy)
+    UnsupportedOpError,
     check_supported_calls,
+    float_value_call,
+    forward_source_lines,
     functions_to_modules,
     quantize_concat_outputs,
     quantize_float_activation_outputs,
@@ -34,6 +38,7 @@ from .op_policy import (
     spatial_means_to_pools,
     widen_float_activation_inputs,
 )
+from .shared_grids import share_activation_grids
 
 with warnings.catch_warnings():
     # Brevitas warns at import when an optional CUDA Hadamard kernel is missing; irrelevant here.
@@ -41,6 +46,9 @@ with warnings.catch_warnings():
     import brevitas.nn as qnn
     from brevitas import config as brevitas_config
     from brevitas.core.scaling import ScalingImplType
+    from brevitas.fx import Tracer as BackportTracer
+    from brevitas.fx.brevitas_tracer import _symbolic_trace
+    from brevitas.fx.value_tracer import UnsetValueException
     from brevitas.graph.calibrate import calibration_mode
     from brevitas.graph.quantize import (
         COMPUTE_LAYER_MAP,
@@ -54,7 +62,6 @@ with warnings.catch_warnings():
         inp_placeholder_handler,
         layer_handler,
     )
-    from brevitas.graph.standardize import DisableLastReturnQuantTensor
     from brevitas.quant import (
         Int8ActPerTensorFloat,
         Int8WeightPerChannelFloat,
@@ -66,13 +73,14 @@ with warnings.catch_warnings():
 #: Leaf module types the conversion knows how to handle (compute layers, folded BN, activations
 #: (op_policy says what is quantized around each), and shape/pooling/dropout ops).
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.Conv2d, nn.Linear,
+    nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear,
     nn.BatchNorm1d, nn.BatchNorm2d,
     nn.ReLU, nn.ReLU6, *FLOAT_ACTIVATIONS,
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    SignedActivationGrid, UnsignedActivationGrid,
 )
-COMPUTE_LAYERS = (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantLinear)
+COMPUTE_LAYERS = (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantConvTranspose2d, qnn.QuantLinear)
 
 #: Default weight quantizers: Brevitas' per-tensor / per-channel float-scale quantizers with the
 #: scale turned into a learnable parameter initialised from max-abs statistics, so merges and
@@ -157,17 +165,20 @@ def convert_to_brevitas(
     try:
         graph_model = _trace_and_fold(float_copy)
     except Exception as err:  # FX tracing errors are long; say what is needed first
+        advice = ("; index the parts of chunk/split (parts[0], parts[1]) instead of iterating over them"
+                  if "cannot be iterated" in str(err) else "")
         raise TypeError(
             f"could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
-            "the conversion needs an FX-traceable model (no data-dependent control flow)") from err
+            f"the conversion needs an FX-traceable model (no data-dependent control flow){advice}") from err
     _reject_functional_parameters(graph_model)
-    _check_traced(graph_model)
+    _check_traced(graph_model, float_copy)
 
     layer_kwargs = {"weight_quant": _with_bits(weight_quant, spec.weight_bits),
                     "bias_quant": Int32Bias}
     compute_map = dict(COMPUTE_LAYER_MAP)
     compute_map[nn.Conv1d] = (qnn.QuantConv1d, {**layer_kwargs, "return_quant_tensor": True})
     compute_map[nn.Conv2d] = (qnn.QuantConv2d, {**layer_kwargs, "return_quant_tensor": True})
+    compute_map[nn.ConvTranspose2d] = (qnn.QuantConvTranspose2d, {**layer_kwargs, "return_quant_tensor": True})
     unsigned = _with_bits(act_quant, spec.act_bits)
     signed = _with_bits(signed_act_quant, spec.act_bits)
     # A Linear usually follows pooling/flatten, whose output is off the activation grid, so it
@@ -178,6 +189,9 @@ def convert_to_brevitas(
     act_map[nn.ReLU] = (qnn.QuantReLU, {"act_quant": unsigned, "return_quant_tensor": True})
     act_map[nn.ReLU6] = (QuantReLU6, {"act_quant": unsigned, "return_quant_tensor": True})
     act_map.pop(nn.Sigmoid, None)  # gates: float op between quantizers (op_policy)
+    # where an adopted Brevitas model had an activation quantizer of its own (adopt_brevitas_model)
+    act_map[SignedActivationGrid] = (qnn.QuantIdentity, {"act_quant": signed, "return_quant_tensor": True})
+    act_map[UnsignedActivationGrid] = (qnn.QuantIdentity, {"act_quant": unsigned, "return_quant_tensor": True})
     identity_map = {
         "signed": (qnn.QuantIdentity, {"act_quant": signed, "return_quant_tensor": True}),
         "unsigned": (qnn.QuantIdentity, {"act_quant": unsigned, "return_quant_tensor": True}),
@@ -223,18 +237,39 @@ def _trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*treespec\.children_specs.* is deprecated", category=FutureWarning)
         # relu6_to_relu=False: ReLU6 keeps its clamp (op_policy)
-        graph_model = preprocess_for_quantize(model, equalize_iters=0, merge_bn=True, relu6_to_relu=False)
+        graph_model = preprocess_for_quantize(_symbolic_trace(_Tracer(), model, None), trace_model=False, equalize_iters=0,
+                                              merge_bn=True, relu6_to_relu=False)
     return functions_to_modules(spatial_means_to_pools(remove_dropout(graph_model)))
 
 
-def _check_traced(graph_model: torch.fx.GraphModule) -> None:
+class _Tracer(BackportTracer):
+    """Brevitas' tracer (what ``preprocess_for_quantize`` traces with), with the activation-grid
+    markers of adopted Brevitas models kept as leaf modules (they live outside ``torch.nn``)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, SignedActivationGrid) or super().is_leaf_module(m, module_qualified_name)
+
+    # Brevitas patches torch.tensor/zeros/ones/... during a trace to record them with their value,
+    # which only its value tracer can compute (``symbolic_trace`` fails on ``torch.tensor([1.0],
+    # device=x.device)``, as in the bnn_pynq models); here they are recorded without one.
+    def unpack_arg(self, arg):
+        raise UnsetValueException
+
+    def create_proxy(self, *args, value=None, **kwargs):
+        return super().create_proxy(*args, **kwargs)
+
+
+def _check_traced(graph_model: torch.fx.GraphModule, float_model: nn.Module) -> None:
     """The traced graph may hold modules made from functional calls (``F.leaky_relu`` becomes a
     LeakyReLU): check those too, and every remaining function or method call."""
     try:
         check_supported(graph_model)
     except UnsupportedLayerError as err:
         raise UnsupportedLayerError(f"{err} (found after tracing: it may come from a functional call)") from None
-    check_supported_calls(graph_model)
+    try:
+        check_supported_calls(graph_model)
+    except UnsupportedOpError:  # again, with the line of forward that made the call
+        check_supported_calls(graph_model, forward_source_lines(float_model))
 
 
 def _reject_functional_parameters(graph_model: torch.fx.GraphModule) -> None:
@@ -275,21 +310,34 @@ def _quantize_graph(graph_model, identity_map, compute_map, act_map, gate_quant)
         graph_model = layer_handler(graph_model, layer_map=compute_map, requantize_output=True,
                                     quant_identity_map=identity_map, quant_act_map=act_map,
                                     unsigned_act_tuple=UNSIGNED_ACT_TUPLE)
+        share_activation_grids(graph_model)  # one grid per activation (shared_grids.py)
         widen_float_activation_inputs(graph_model, _set_proxy_bits)
         _drop_output_quantizers(graph_model)
         _dequantize_elementwise_inputs(graph_model)
-        graph_model = DisableLastReturnQuantTensor().apply(graph_model)
+        _return_plain_outputs(graph_model)
     finally:
         brevitas_config.IGNORE_MISSING_KEYS = prev
     return graph_model
 
 
 def _drop_output_quantizers(graph_model: torch.fx.GraphModule) -> None:
-    """Remove requantizers whose only user is the graph output (keep the logits in float)."""
+    """Remove requantizers whose only user is the graph output (keep the logits in float), also
+    through the resize that brings a segmentation network's logits to the input size.
+
+    A convolution's logits (a segmentation head) keep theirs at ``BOUNDARY_BITS``, the 8-bit edge
+    policy of the network input: onnxruntime's integer conv (QLinearConv) needs a quantized
+    output, unlike QGemm, so a float-output head would stay a float Conv; at ``act_bits`` a
+    4-bit logit grid would cost what the classification policy avoids.
+    """
     output = next(n for n in graph_model.graph.nodes if n.op == "output")
-    for node in list(output.all_input_nodes):
+    for node in [_through_output_resizes(n) for n in output.all_input_nodes]:
         if node.op == "call_module" and isinstance(graph_model.get_submodule(node.target), qnn.QuantIdentity) \
                 and len(node.users) == 1:
+            producer = node.all_input_nodes[0]
+            if producer.op == "call_module" and isinstance(graph_model.get_submodule(producer.target),
+                                                           (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantConvTranspose2d)):
+                _set_proxy_bits(graph_model.get_submodule(node.target).act_quant, BOUNDARY_BITS)
+                continue
             node.replace_all_uses_with(node.all_input_nodes[0])
             graph_model.graph.erase_node(node)
             graph_model.delete_submodule(node.target)
@@ -297,25 +345,43 @@ def _drop_output_quantizers(graph_model: torch.fx.GraphModule) -> None:
     graph_model.recompile()
 
 
+def _through_output_resizes(node):
+    """The node a chain of single-use ``F.interpolate`` (and its ``dequantized`` input) reads."""
+    while node.op == "call_function" and node.target in (F.interpolate, dequantized) and len(node.users) == 1 \
+            and node.args and hasattr(node.args[0], "op"):
+        node = node.args[0]
+    return node
+
+
+def _return_plain_outputs(graph_model: torch.fx.GraphModule) -> None:
+    """The modules producing the graph's outputs return plain tensors.
+
+    Brevitas' ``DisableLastReturnQuantTensor`` switches off the last module in graph order that
+    returns a QuantTensor, which is not the output layer when that one already returns a plain
+    tensor (a Linear classifier): it would strip the quantized activation feeding the classifier.
+    """
+    output = next(n for n in graph_model.graph.nodes if n.op == "output")
+    for node in output.all_input_nodes:
+        module = graph_model.get_submodule(node.target) if node.op == "call_module" else None
+        if getattr(module, "return_quant_tensor", False):
+            module.return_quant_tensor = False
+
+
 def dequantized(x):
     """The float value of a QuantTensor (identity for plain tensors); FX-wrapped below."""
     return plain_tensor(x)
 
 
-_ELEMENTWISE_METHODS = ("add", "add_", "mul", "mul_")
-
-
 def _dequantize_elementwise_inputs(graph_model: torch.fx.GraphModule) -> None:
-    """Feed adds, multiplies and concatenations with float values: their inputs carry independent
-    scales.
+    """Feed adds, multiplies, concatenations and the tensor methods QuantTensor lacks
+    (op_policy's ``FLOAT_VALUE_*``) with float values.
 
     Brevitas' QuantTensor addition and concatenation demand equal scales; onnxruntime does not
     (QDQ Add/Mul/Concat take one scale per input). The result is requantized by its consumer.
     """
     node_type = type(next(iter(graph_model.graph.nodes)))  # Brevitas traces with its backported FX Node
     for node in list(graph_model.graph.nodes):
-        if not ((node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS)
-                or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)):
+        if not float_value_call(node):
             continue
 
         def wrap(arg, node=node):

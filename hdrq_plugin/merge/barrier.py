@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .._io import atomic_write_path
 from ..data import labelled_batch, plain_tensor
+from ..progress import progress_bar
 from .models import is_quantized_model, merge_models
 from .rules import NOISE_TRIALS
 
@@ -131,7 +131,7 @@ def error_barrier(model_a: nn.Module, model_b: nn.Module, data: Dataset | Iterab
         raise TypeError(f"quantized={quantized} but the models are {'quantized' if is_quantized else 'float'}")
     lambdas = tuple(float(v) for v in torch.linspace(0.0, 1.0, steps, dtype=torch.float64))
     losses, accuracies = [], []
-    for lam in tqdm(lambdas, desc="error barrier", disable=None):
+    for lam in progress_bar(lambdas, desc="error barrier", unit="point"):
         point = merge_models([model_a, model_b], (1.0 - lam, lam), rounding=rounding, trials=trials, seed=seed)
         point_loss, point_accuracy = evaluate_loss_and_accuracy(point, data, loss)
         losses.append(point_loss)

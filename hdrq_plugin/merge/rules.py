@@ -58,7 +58,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-ROUNDING_RULES = ("noise-sampling", "half-to-even", "random", "naive")
+from ..options import ROUNDING_RULES  # noqa: F401 (the rules' names; torch-free for the CLI)
+
 TIE_TOLERANCE = 1e-6  # float64 slack on a code midpoint; codes are ≤ 2^8, coefficients O(1)
 NOISE_TRIALS = 100  # docs/hdrq_method.md §5: reference K = 100 (its BRECQ merge uses 30)
 _COEFFICIENT_SUM_TOLERANCE = 1e-6

@@ -1,15 +1,15 @@
 """NIPQ's budget: the target (average bits or BOPs), whether it is reachable, and freezing the
 learned widths onto it (the projection is our addition to the reference).
 
-The reference freezes ``round(b_c)`` after its 40 noise epochs, by which time the continuous cost
-term has brought the widths to the budget. Short schedules stop short of it (measured on the
-digits zoo: 4.3 / 5.9 average weight / activation bits after 30 steps at a 4-bit target), so
-the freeze here moves widths one bit at a time until the budget holds.
+The reference freezes ``round(b_c)`` after training; its cost (L1 on the rounded totals) has
+brought the deployed widths onto the budget by then, and so does ours (``cost.py``). The freeze
+here closes any remaining gap by measured loss per bit and refills what is left under it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,15 +99,17 @@ def check_reachable(cost: CostModel, target: NIPQTarget) -> None:
 
 @torch.no_grad()
 def freeze_bits(model_cost: CostModel, target=None, *, fit_budget: bool = True,
-                tolerance: float = 0.02) -> CostReport:
-    """Freeze every learned width at ``round(b_c)``; with ``fit_budget`` then project onto the target.
+                measure_loss: Callable[[], float] | None = None) -> CostReport:
+    """Freeze every learned width at ``round(b_c)``; with ``fit_budget`` then put it on the target.
 
-    Our addition to the reference (its continuous cost only approaches the budget, and short
-    schedules stop short of it): widths move one bit at a time, the one whose b_c was nearest to
-    rounding the other way first, round robin (no width moves twice before the others moved
-    once). BOPs: down until at most the target, then up while it stays at most the target (to
-    land within ``tolerance`` below it). Average bits: down, per kind, until
-    the learned tensors' average is at most the target.
+    The cost term (:func:`hdrq_plugin.nipq.cost.average_bits_loss`) already holds the rounded
+    widths on the budget, so this usually moves nothing. What is left (our addition to the
+    reference): while over budget, lower by one bit the width with the least **measured loss
+    per bit saved** (``measure_loss``: the task loss on fixed batches; without it, the width
+    whose b_c was nearest to rounding down); then refill: while some width can go up one bit
+    and stay within budget, raise the one with the most loss removed per bit added. It ends at
+    most the budget and less than one smallest move below it (no upward move fits).
+    Average bits are fitted per kind; BOPs over all learned widths.
     """
     learned = [t for t in model_cost.weights + model_cost.activations if not t.bits.pinned]
     continuous = {id(t.bits): float(t.bits.continuous()) for t in learned}
@@ -117,37 +119,55 @@ def freeze_bits(model_cost: CostModel, target=None, *, fit_budget: bool = True,
     if fit_budget and target is not None:
         if target.bops is not None:
             _fit(lambda: float(model_cost.bops(deployed=True)), target.bops, [t.bits for t in learned],
-                 continuous, tolerance)
+                 continuous, measure_loss)
         for kind, bits in (("weights", target.weight_bits), ("activations", target.act_bits)):
             mine = [t.bits for t in model_cost._tensors(kind) if not t.bits.pinned]
             if bits is not None and mine:
                 _fit(lambda kind=kind: float(model_cost.average_bits(kind, learned_only=True, deployed=True)),
-                     bits, mine, continuous, None)
+                     bits, mine, continuous, measure_loss)
     return model_cost.report()
 
 
-def _fit(measure, budget: float, learned: list[LearnedBitWidth], continuous: dict, tolerance: float | None) -> None:
-    """Greedy one-bit moves onto ``measure() <= budget`` (and ``>= budget·(1-tolerance)`` if given)."""
-    moves = {id(b): 0 for b in learned}  # round robin: a width moves again only after the others
+def _fit(measure, budget: float, learned: list[LearnedBitWidth], continuous: dict,
+         measure_loss: Callable[[], float] | None) -> None:
+    """Greedy one-bit moves onto ``measure() <= budget``, ranked by loss per unit of budget."""
+    def price(width: LearnedBitWidth, delta: int, spent: float, base_loss: float | None, admissible):
+        """Loss change per unit of budget of moving ``width`` by ``delta`` bits (None if it does not fit)."""
+        bits = int(width.frozen_bits)
+        if not MIN_BITS <= bits + delta <= MAX_BITS:
+            return None
+        width.freeze(bits + delta)
+        try:
+            change = measure() - spent
+            if not change or not admissible(spent + change):
+                return None
+            if base_loss is None:  # no data: the distance b_c has to go, a proxy of the loss
+                return (abs(bits + delta - continuous[id(width)]) - abs(bits - continuous[id(width)])) / abs(change)
+            return (measure_loss() - base_loss) / abs(change)  # measured only for moves that fit
+        finally:
+            width.freeze(bits)
+
+    def base() -> tuple[float, float | None]:
+        return measure(), None if measure_loss is None else measure_loss()
+
+    # down: the least loss per unit of budget saved first. Lazy greedy: a width's price is measured
+    # again only after it moved (moving one width barely changes the others' prices), so the
+    # projection costs one loss measurement per width plus one per move.
+    spent, base_loss = base()
+    prices = {id(w): price(w, -1, spent, base_loss, lambda _after: True) for w in learned}
     while measure() > budget:
-        candidates = [b for b in learned if int(b.frozen_bits) > MIN_BITS]
-        if not candidates:
+        offers = [(prices[id(w)], i, w) for i, w in enumerate(learned) if prices[id(w)] is not None]
+        if not offers:
             return
-        pick = max(candidates, key=lambda b: (-moves[id(b)], float(b.frozen_bits) - continuous[id(b)]))
+        _, _, pick = min(offers)
         pick.freeze(int(pick.frozen_bits) - 1)
-        moves[id(pick)] += 1
-    if tolerance is None:
-        return
-    while measure() < budget * (1 - tolerance):
-        ordered = sorted((b for b in learned if int(b.frozen_bits) < MAX_BITS),
-                         key=lambda b: continuous[id(b)] - float(b.frozen_bits), reverse=True)
-        for pick in ordered:
-            pick.freeze(int(pick.frozen_bits) + 1)
-            if measure() <= budget:
-                continuous[id(pick)] = float(pick.frozen_bits)
-                break
-            pick.freeze(int(pick.frozen_bits) - 1)
-        else:
+        spent, base_loss = base()
+        prices[id(pick)] = price(pick, -1, spent, base_loss, lambda _after: True)
+    while True:  # refill: most loss removed per unit of budget spent, while it fits
+        spent, base_loss = base()
+        offers = [(p, i, w) for i, w in enumerate(learned)
+                  if (p := price(w, +1, spent, base_loss, lambda after: after <= budget)) is not None]
+        if not offers:
             return
-
-
+        _, _, pick = min(offers)
+        pick.freeze(int(pick.frozen_bits) + 1)

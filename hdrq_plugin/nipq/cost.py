@@ -3,19 +3,20 @@
 Formulas (``docs/nipq_method.md`` "Cost constraint"):
 
 - average-bit mode, separately for weights and activations:
-  ``L = SmoothL1(Σ b_l·numel_l / U, T·Σ numel_l / U)``; the reference's unit is ``U = 2^23``
+  ``L = |Σ b_l·numel_l / U − T·Σ numel_l / U|``; the reference's unit is ``U = 2^23``
   (≈ 2.5× MobileNet-v2's weight count), which makes the term vanish on small models, so the
   default unit here is ``Σ numel_l`` (the term is then in bits of average, whatever the size);
 - BOPs mode: ``BOPs_l = k²·C_in·(C_out/groups)·H_out·W_out·b_w,l·b_a,l`` (Linear:
-  ``C_in·C_out·b_w·b_a``), ``L = 3·SmoothL1(Σ BOPs_l / U, target / U)``; the reference's unit is
+  ``C_in·C_out·b_w·b_a``), ``L = 3·|Σ BOPs_l / U − target / U|``; the reference's unit is
   1e9 against a 5.3 GBOPs target, so the default unit keeps that ratio, ``U = target / 5.3``.
 
 ``b_a,l`` is the bit-width of the quantizer that produces layer l's **input** (its own
 ``input_quant`` or the activation quantizer upstream). The reference code costs every layer
 with a stale 32 bits instead, which makes low BOPs targets unreachable.
 
-Bits in the losses are the continuous ``b_c`` (the expectation of the stochastic rounding the
-forward uses), so the terms are smooth in θ_b; the report uses the deployed ``round(b_c)``.
+Bits in the losses are the deployed ``round(b_c)`` with a straight-through gradient
+(:func:`round_ste`, as the reference), and the terms are L1: a constant pull until the rounded
+widths meet the budget, so what is frozen is already on it. The report uses ``round(b_c)`` too.
 Activation sizes and output resolutions come from one probe forward (:func:`describe_costs`).
 """
 
@@ -31,6 +32,7 @@ from brevitas.nn.quant_layer import QuantNonLinearActLayer, QuantWeightBiasInput
 from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
 from torch import Tensor, nn
 
+from ..bitspec import MAX_BITS, MIN_BITS
 from ..data import plain_tensor
 from ..errors import HDRQPluginError
 from .quantizers import LearnedBitWidth
@@ -44,6 +46,7 @@ __all__ = [
     "describe_costs",
     "average_bits_loss",
     "bops_loss",
+    "round_ste",
     "REFERENCE_BOPS_LOSS_WEIGHT",
 ]
 
@@ -168,23 +171,41 @@ class CostReport:
                 "act_bits": dict(self.act_bits), "input_quantizers": dict(self.input_quantizers)}
 
 
-def average_bits_loss(model_cost: CostModel, kind: str, target: float, *, unit: float | None = None) -> Tensor:
-    """``SmoothL1(Σ b·numel / U, T·Σ numel / U)`` over the learned tensors of ``kind`` (docs/nipq_method.md);
-    ``U`` defaults to their Σ numel. Pinned widths (the 8-bit edge layers) are outside the budget,
-    as they are in a uniform W4A4 model."""
+def round_ste(bits: Tensor) -> Tensor:
+    """``round(b)`` clamped to the exported 2..8 in the forward, identity gradient (the reference's
+    ``round_ste``): the cost sees the *deployed* widths and still reaches θ_b."""
+    return bits + (torch.round(bits).clamp(MIN_BITS, MAX_BITS) - bits).detach()
+
+
+def _spent(bits: LearnedBitWidth, deployed: bool) -> Tensor:
+    return round_ste(bits.continuous()) if deployed else bits.continuous()
+
+
+def average_bits_loss(model_cost: CostModel, kind: str, target: float, *, unit: float | None = None,
+                      deployed: bool = True) -> Tensor:
+    """``|Σ b·numel / U − T·Σ numel / U|`` over the learned tensors of ``kind`` (docs/nipq_method.md).
+
+    ``b = round_ste(b_c)`` (``deployed``): an L1 price per element-bit that stays constant until the
+    *rounded* total meets the budget and flips sign there, as the reference's SmoothL1 on
+    element-bit totals of ~10^7 does (always in its L1 regime). ``U`` defaults to their Σ numel
+    (so the term is in bits of average). Pinned widths (the 8-bit edge layers) are outside the
+    budget, as they are in a uniform W4A4 model.
+    """
     tensors = [t for t in model_cost._tensors(kind) if not t.bits.pinned]
     total = sum(t.numel for t in tensors)
     unit = float(total) if unit is None else float(unit)
-    spent = sum(t.bits.continuous() * t.numel for t in tensors) / unit
-    return F.smooth_l1_loss(spent, torch.as_tensor(target * total / unit, dtype=spent.dtype))
+    spent = sum(_spent(t.bits, deployed) * t.numel for t in tensors) / unit
+    return F.l1_loss(spent, torch.as_tensor(target * total / unit, dtype=spent.dtype))
 
 
 def bops_loss(model_cost: CostModel, target_bops: float, *, unit: float | None = None,
-              weight: float = REFERENCE_BOPS_LOSS_WEIGHT) -> Tensor:
-    """``3·SmoothL1(Σ BOPs / U, target / U)`` (docs/nipq_method.md); ``U`` defaults to ``target / 5.3``."""
+              weight: float = REFERENCE_BOPS_LOSS_WEIGHT, deployed: bool = True) -> Tensor:
+    """``3·|Σ BOPs / U − target / U|`` on the deployed (``round_ste``) widths (docs/nipq_method.md);
+    ``U`` defaults to ``target / 5.3``."""
     unit = target_bops / REFERENCE_BOPS_TARGET_PER_UNIT if unit is None else float(unit)
-    spent = model_cost.bops() / unit
-    return weight * F.smooth_l1_loss(spent, torch.as_tensor(target_bops / unit, dtype=spent.dtype))
+    spent = sum(layer.macs * _spent(layer.weight.bits, deployed) * _spent(layer.input_bits, deployed)
+                for layer in model_cost.layers) / unit
+    return weight * F.l1_loss(spent, torch.as_tensor(target_bops / unit, dtype=spent.dtype))
 
 
 # --- discovery -------------------------------------------------------------------------------

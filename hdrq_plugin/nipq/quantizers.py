@@ -118,6 +118,9 @@ class LearnedBitWidth(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *rest) -> None:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *rest)
         _forgive_missing(self, prefix, missing_keys)
+        # requires_grad is not in a state dict: a width frozen before the save stays frozen, so a
+        # resumed run rebuilds the optimizer's param groups exactly as they were saved
+        self.theta.requires_grad_(not self.is_frozen)
 
     @property
     def is_frozen(self) -> bool:

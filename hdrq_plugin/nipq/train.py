@@ -18,6 +18,7 @@ training, restores the last good state (the checkpoint on disk is left as it was
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,11 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .._io import atomic_write_path, ensure_writable_dir
+from .._io import ensure_writable_dir, save_torch_atomic
 from ..data import plain_tensor
-from ..errors import HDRQPluginError
+from ..errors import HDRQPluginError, InputError, one_line
+from ..progress import progress_bar
 from ..quant.control import set_quant_mode
 from ..quant.quantizers import PseudoQuantIntQuant, QuantMode
 from .budget import NIPQTarget, check_reachable, freeze_bits, parse_target
@@ -42,10 +43,8 @@ from .quantizers import LearnedBitWidth, LearnedTruncation
 __all__ = ["NIPQConfig", "NIPQTarget", "NIPQResult", "NIPQTrainingError", "nipq_train", "freeze_bits",
            "observe_activation_ranges", "reestimate_batchnorm", "parse_target", "quantize_nipq"]
 
-#: Noise epochs of :func:`quantize_nipq` (and the CLI, demo and benchmarks) with the CPU preset.
-#: Measured on the digits zoo (≈10 steps an epoch, target w4a4): after 3 epochs the learned
-#: widths stop at 4.3 / 5.9 average weight / activation bits and freeze_bits' projection does
-#: the rest; after 10 they reach 4.1 / 4.2, the cost term's own allocation (BENCHMARKS.md, NIPQ).
+#: Noise epochs of :func:`quantize_nipq` (and the CLI, demo and benchmarks) with the CPU preset:
+#: ≈ 100 steps on a digits target, the widths freezing after 60 % of them (``freeze_fraction``).
 CPU_EPOCHS = 10
 CHECKPOINT_FORMAT = "hdrq-plugin/nipq-training/v1"
 CHECKPOINT_NAME = "nipq_last.pt"
@@ -53,6 +52,10 @@ CHECKPOINT_NAME = "nipq_last.pt"
 
 class NIPQTrainingError(HDRQPluginError, RuntimeError):
     """Training stopped (non-finite loss); the message names the step and the last good checkpoint."""
+
+
+class NIPQCheckpointError(InputError):
+    """A checkpoint folder holds a checkpoint of another run (seed, settings, data size) or junk."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,10 @@ class NIPQConfig:
     noise_shape: str = "histogram"  # docs/nipq_method.md: the tensor's own rounding-error histogram, or "uniform"
     activation_init: str = "data"  # "data": α from the first batches' max|x|; "reference": 6 / 3
     init_batches: int = 4
-    fit_budget: bool = True  # after freezing, move widths by one bit onto the budget (freeze_bits)
-    budget_tolerance: float = 0.02  # the issue's "within 2 %"
+    fit_budget: bool = True  # after freezing, close any gap to the budget by measured loss per bit (freeze_bits)
+    freeze_fraction: float = 0.6  # ours: widths freeze after this fraction of the noise epochs, so the
+    # weights train on at their final widths (docs/nipq_method.md §6; the reference freezes at the end)
+    budget_batches: int = 2  # fixed training batches that measure the loss of each projection move
     seed: int = 0
     # how quantize_model / quantize_nipq run it (nipq_train takes these as arguments)
     epochs: int | None = None  # noise epochs; None: CPU_EPOCHS
@@ -89,6 +94,8 @@ class NIPQConfig:
     def __post_init__(self) -> None:
         if self.hard_epochs < 0 or self.lr <= 0 or self.warmup_epochs < 0:
             raise ValueError(f"hard_epochs/warmup_epochs must be >= 0 and lr > 0: {self}")
+        if not 0 < self.freeze_fraction <= 1:
+            raise ValueError(f"freeze_fraction must be in (0, 1], got {self.freeze_fraction}")
         if self.activation_init not in ("data", "reference"):
             raise ValueError(f"activation_init must be 'data' or 'reference', got {self.activation_init!r}")
 
@@ -103,20 +110,21 @@ class NIPQConfig:
 
         Weights lr 0.001 / hard 0.0002: the converted model has BatchNorm folded, and SGD at
         0.01 diverged within 5 steps even in float (measured on the digits zoo); θ_α lr 0.01,
-        θ_b lr 0.02 with the reference's momentum 0.9 (measured on the digits zoo at w4a4: after
-        30 steps the widths stop near 4.3 / 5.9 bits, after 100 steps (``CPU_EPOCHS``) they reach
-        4.1 / 4.2; without momentum on θ_b they only reach 5.9 / 7.2 in 100 steps); half a
-        warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
+        θ_b lr 0.1 with the reference's momentum 0.9 (ablation in docs/nipq_method.md
+        "Schedule": at 0.02 the deployed-width cost had not settled the widths in 30 steps);
+        half a warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
         BN unfolded).
         """
-        return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.02,
+        return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.1,
                       "warmup_epochs": 0.5, "hard_epochs": 1, **changes})
 
 
 @dataclass
 class NIPQResult:
-    """What :func:`nipq_train` did: the final cost, the widths as learned (``round(b_c)`` at the
-    end of phase 1, before :func:`freeze_bits` projects them onto the budget), timings, steps."""
+    """What :func:`nipq_train` did: the final cost, the widths as learned (``round(b_c)`` when they
+    froze, before :func:`freeze_bits` closes any gap to the budget), the accuracy (hard-rounded
+    evaluation on ``eval_data``, or on the budget batches) just before and just after freezing,
+    timings, steps."""
 
     target: str
     report: CostReport
@@ -126,11 +134,23 @@ class NIPQResult:
     last_loss: float = float("nan")
     checkpoint: str | None = None
     batchnorm_reestimated: int = 0
+    freeze_epoch: int = 0  # widths froze at the end of this noise epoch (1-based)
+    accuracy_before_freeze: float | None = None
+    accuracy_after_freeze: float | None = None
+
+    @property
+    def freeze_drop(self) -> float | None:
+        """Accuracy lost by freezing (and projecting) the widths, in fraction of samples."""
+        if self.accuracy_before_freeze is None or self.accuracy_after_freeze is None:
+            return None
+        return self.accuracy_before_freeze - self.accuracy_after_freeze
 
 
 # --- pieces the loop uses ---------------------------------------------------------------------
 
-def _task_loss(model: nn.Module, teacher: nn.Module | None, batch, config: NIPQConfig) -> Tensor:
+def _task_loss(model: nn.Module, teacher: nn.Module | None, batch, config: NIPQConfig,
+               soft: Tensor | None = None) -> Tensor:
+    """Cross-entropy and distillation; ``soft``: the teacher's logits when already computed."""
     x, y = inputs_of(batch), labels_of(batch)
     out = model(x)
     out = plain_tensor(out)
@@ -138,8 +158,9 @@ def _task_loss(model: nn.Module, teacher: nn.Module | None, batch, config: NIPQC
     if y is not None:
         terms.append(F.cross_entropy(out, y))
     if teacher is not None and config.distillation_weight > 0:
-        with torch.no_grad():
-            soft = teacher(x)
+        if soft is None:
+            with torch.no_grad():
+                soft = teacher(x)
         t = config.distillation_temperature
         kd = F.kl_div(F.log_softmax(out / t, 1), F.softmax(soft / t, 1), reduction="batchmean") * t * t
         terms.append(config.distillation_weight * kd)
@@ -180,11 +201,77 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _enter_hard_phase(model: nn.Module, cost: CostModel, target: NIPQTarget, config: NIPQConfig, data) -> tuple:
-    learned = cost.report()  # round(b_c): the widths as learned, before the budget projection
-    freeze_bits(cost, target, fit_budget=config.fit_budget, tolerance=config.budget_tolerance)
+@torch.no_grad()
+def _task_loss_eval(model: nn.Module, teacher: nn.Module | None, batches, config: NIPQConfig,
+                    soft: list) -> float:
+    """Mean task loss over ``batches``, hard-rounded (eval mode): the price of a projection move."""
+    was = model.training
+    model.eval()
+    try:
+        return sum(float(_task_loss(model, teacher, batch, config, s)) for batch, s in zip(batches, soft, strict=True)
+                   ) / len(batches)
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, batches) -> float | None:
+    """Top-1 over labelled ``batches``, hard-rounded (eval mode); None without labels."""
+    was = model.training
+    model.eval()
+    try:
+        correct = seen = 0
+        for batch in batches:
+            y = labels_of(batch)
+            if y is None:
+                return None
+            correct += int((plain_tensor(model(inputs_of(batch))).argmax(1) == y).sum())
+            seen += len(y)
+        return correct / seen if seen else None
+    finally:
+        model.train(was)
+
+
+def _freeze_widths(model, teacher, cost: CostModel, target: NIPQTarget, config: NIPQConfig, budget_batches,
+                   eval_batches, epoch: int, epochs: int) -> dict:
+    """Freeze the widths (closing any gap to the budget by measured loss per bit), print the deployed
+    widths and the accuracy before and after, and return them for :class:`NIPQResult`."""
+    learned = cost.report()  # round(b_c): the widths as learned
+    before = _accuracy(model, eval_batches)
+    with torch.no_grad():  # the teacher's logits are the same for every candidate move
+        soft = [None if teacher is None else teacher(inputs_of(batch)) for batch in budget_batches]
+    def measure_loss() -> float:
+        return _task_loss_eval(model, teacher, budget_batches, config, soft)
+    freeze_bits(cost, target, fit_budget=config.fit_budget and config.learn_bits, measure_loss=measure_loss)
+    deployed = cost.report()
+    after = _accuracy(model, eval_batches)
+    print(f"nipq: widths frozen after noise epoch {epoch}/{epochs}: learned w {learned.average_weight_bits:.3f} "
+          f"a {learned.average_act_bits:.3f} ({learned.gbops:.4g} GBOPs), acc {_pct(before)} -> deployed "
+          f"w {deployed.average_weight_bits:.3f} a {deployed.average_act_bits:.3f} ({deployed.gbops:.4g} GBOPs), "
+          f"acc {_pct(after)}", flush=True)
+    return {"report_at_freeze": learned.as_dict(), "accuracy_before_freeze": before,
+            "accuracy_after_freeze": after, "freeze_epoch": epoch}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+def _drop_frozen_bits(optimizer: torch.optim.Optimizer) -> None:
+    """Remove parameters that no longer train (frozen θ_b) from the optimizer, as a resumed run
+    builds it (:func:`_optimizer` takes only trainable parameters)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                optimizer.state.pop(p, None)
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+    # by identity: groups hold tensors, so list.remove's == would compare them
+    optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+
+
+def _enter_hard_phase(model: nn.Module, data) -> int:
     _set_phase(model, noise=False)
-    return learned, reestimate_batchnorm(model, data)
+    return reestimate_batchnorm(model, data)
 
 
 def _set_phase(model: nn.Module, *, noise: bool) -> None:
@@ -195,19 +282,42 @@ def _set_phase(model: nn.Module, *, noise: bool) -> None:
 
 
 def _save(path: Path, payload: dict) -> None:
-    with atomic_write_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch_atomic(path, payload)
+
+
+def _restore_model(model: nn.Module, saved: dict, path: Path) -> None:
+    """Load a training checkpoint's state, and which widths are pinned (a Python attribute of
+    modules that Brevitas re-creates on load, so not in the state dict)."""
+    try:
+        model.load_state_dict(saved["model"], strict=True)
+    except (KeyError, RuntimeError) as err:
+        raise NIPQCheckpointError(f"{path} does not fit this model ({one_line(err, 120)}); "
+                                  "use another checkpoint_dir") from err
+    pinned = set(saved.get("pinned") or [])
+    for name, module in model.named_modules():
+        if isinstance(module, LearnedBitWidth):
+            module.pinned = name in pinned
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign file: torch raises many types
+        raise NIPQCheckpointError(f"NIPQ checkpoint {path} is unreadable ({one_line(err, 120)}); "
+                                  "delete it or use another checkpoint_dir") from err
 
 
 def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, teacher: nn.Module | None = None,
                config: NIPQConfig | None = None, checkpoint_dir: str | Path | None = None,
-               progress: bool | None = None) -> NIPQResult:
+               progress: bool | None = None, eval_data=None) -> NIPQResult:
     """Train a NIPQ-converted model in place (``convert_to_brevitas(float_model, "nipq-w4a4")``).
 
     ``train_loader``: a re-iterable of ``(input, label)`` batches (or inputs alone with a
     ``teacher``) with a length. ``target``: see :func:`parse_target`. ``epochs``: phase 1
-    (noise, learned bits); ``config.hard_epochs`` follow. Returns an :class:`NIPQResult`; the
-    model ends in eval mode with every bit-width frozen.
+    (noise, learned bits until ``config.freeze_fraction`` of them, then fixed widths);
+    ``config.hard_epochs`` follow. ``eval_data``: labelled batches on which the accuracy before and
+    after freezing is printed (default: the budget batches, the first training batches). Returns
+    an :class:`NIPQResult`; the model ends in eval mode with every bit-width frozen.
     """
     config = config or NIPQConfig()
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
@@ -219,6 +329,14 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
         raise TypeError("train_loader needs a length (a DataLoader or a list of batches)") from None
     if steps_per_epoch == 0:
         raise ValueError("train_loader is empty")
+    path = None if checkpoint_dir is None else ensure_writable_dir(checkpoint_dir) / CHECKPOINT_NAME
+    saved = _load_checkpoint(path) if path is not None and path.is_file() else None
+    if saved is not None:
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+            raise NIPQCheckpointError(f"{path} is not a NIPQ training checkpoint; use another checkpoint_dir")
+        _restore_model(model, saved, path)
+    # after the restore: Brevitas rebuilds its quantizer modules when a state dict is loaded, so
+    # the cost model must hold the modules that are trained, not the ones they replaced
     cost = describe_costs(model, inputs_of(next(iter(train_loader))))
     target = parse_target(target, cost)
     check_reachable(cost, target)
@@ -235,17 +353,21 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
     if teacher is not None:
         teacher.eval()
 
-    path = None if checkpoint_dir is None else ensure_writable_dir(checkpoint_dir) / CHECKPOINT_NAME
-    start_epoch, report_at_freeze, bn_layers = 0, None, 0
-    saved = torch.load(path, map_location="cpu", weights_only=True) if path is not None and path.is_file() else None
+    budget_batches = list(itertools.islice(train_loader, max(1, config.budget_batches)))
+    eval_batches = budget_batches if eval_data is None else eval_data
+    freeze_epoch = min(epochs, max(1, math.ceil(config.freeze_fraction * epochs)))
+    start_epoch, frozen, bn_layers = 0, None, 0
     if saved is not None:
-        run = {"target": asdict(target), "epochs": epochs, "hard_epochs": hard_epochs}
-        if saved.get("format") != CHECKPOINT_FORMAT or {k: saved.get(k) for k in run} != run:
-            raise ValueError(f"{path} is a checkpoint of another run (format, target or epochs differ); "
-                             "use another checkpoint_dir")
-        model.load_state_dict(saved["model"], strict=True)
+        run = {"target": asdict(target), "epochs": epochs, "hard_epochs": hard_epochs,
+               "config": asdict(config), "steps_per_epoch": steps_per_epoch}
+        differ = [k for k in run if saved.get(k) != run[k]]
+        if differ == ["config"]:
+            differ = [f"config.{k}" for k in run["config"] if (saved.get("config") or {}).get(k) != run["config"][k]]
+        if differ:
+            raise NIPQCheckpointError(f"{path} is a checkpoint of another run ({', '.join(differ)} differ); "
+                                      "use another checkpoint_dir or the same settings")
         start_epoch = int(saved["epoch"])
-        report_at_freeze = None if saved.get("report_at_freeze") is None else CostReport(**saved["report_at_freeze"])
+        frozen = saved.get("frozen")
     elif config.activation_init == "data":
         torch.manual_seed(config.seed)
         observe_activation_ranges(model, train_loader, batches=config.init_batches)
@@ -262,8 +384,8 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
     last_good = {k: v.clone() for k, v in model.state_dict().items()}
     timings: dict[str, list[float]] = {"noise" if config.noise else "ste": [], "hard": []}
     step, loss_value = start_epoch * steps_per_epoch, float("nan")
-    bar = tqdm(total=total_epochs * steps_per_epoch, initial=step, desc="nipq", disable=None if progress is None else not progress,
-               leave=False)
+    bar = progress_bar(total=total_epochs * steps_per_epoch, initial=step, desc="nipq", unit="step",
+                       disable=None if progress is None else not progress, leave=False)
     try:
         for epoch in range(start_epoch, total_epochs):
             hard = epoch >= epochs
@@ -278,7 +400,7 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * _lr_factor(phase_step, total, warmup)
                 loss = _task_loss(model, teacher, batch, config)
-                if not hard and config.learn_bits:
+                if not hard and config.learn_bits and frozen is None:
                     loss = loss + _cost_loss(cost, target, config)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
@@ -295,8 +417,12 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                 bar.update()
                 bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             timings["hard" if hard else next(iter(timings))].append(time.perf_counter() - tic)
-            if epoch + 1 == epochs:  # end of phase 1: freeze bits, hard quantization from here on
-                report_at_freeze, bn_layers = _enter_hard_phase(model, cost, target, config, train_loader)
+            if epoch + 1 == freeze_epoch:  # widths freeze; the weights train on at these widths
+                frozen = _freeze_widths(model, teacher, cost, target, config, budget_batches, eval_batches,
+                                        epoch + 1, epochs)
+                _drop_frozen_bits(optimizer)
+            if epoch + 1 == epochs:  # end of phase 1: hard quantization from here on
+                bn_layers = _enter_hard_phase(model, train_loader)
                 hard_lr = config.lr / 10 if config.hard_lr is None else config.hard_lr
                 optimizer = _optimizer(model, hard_lr, hard_lr, hard_lr, config)
             last_good = {k: v.clone() for k, v in model.state_dict().items()}
@@ -304,29 +430,37 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                 _save(path, {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "target": asdict(target),
                              "epochs": epochs, "hard_epochs": hard_epochs,
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "report_at_freeze": None if report_at_freeze is None else report_at_freeze.as_dict(),
-                             "config": asdict(config)})
+                             "frozen": frozen,
+                             "config": asdict(config), "steps_per_epoch": steps_per_epoch,
+                             "pinned": [n for n, m in model.named_modules()
+                                        if isinstance(m, LearnedBitWidth) and m.pinned]})
     finally:
         bar.close()
-    if report_at_freeze is None:  # resumed after phase 1 ended without a saved report
-        report_at_freeze = freeze_bits(cost, target, fit_budget=False)
     model.eval()
+    final = cost.report()
+    print(f"nipq: done ({target.describe()}): deployed w {final.average_weight_bits:.3f} a {final.average_act_bits:.3f} "
+          f"({final.gbops:.4g} GBOPs), acc {_pct(_accuracy(model, eval_batches))}", flush=True)
+    frozen = frozen or {}
+    at_freeze = frozen.get("report_at_freeze")
     return NIPQResult(
-        target=target.describe(), report=cost.report(), report_at_freeze=report_at_freeze,
+        target=target.describe(), report=final, report_at_freeze=None if at_freeze is None else CostReport(**at_freeze),
         steps=step, seconds_per_epoch={k: sum(v) / len(v) for k, v in timings.items() if v},
-        last_loss=loss_value, checkpoint=None if path is None else str(path), batchnorm_reestimated=bn_layers)
+        last_loss=loss_value, checkpoint=None if path is None else str(path), batchnorm_reestimated=bn_layers,
+        freeze_epoch=int(frozen.get("freeze_epoch", 0)), accuracy_before_freeze=frozen.get("accuracy_before_freeze"),
+        accuracy_after_freeze=frozen.get("accuracy_after_freeze"))
 
 
 def quantize_nipq(model: nn.Module, train_data, bits="w4a4", *, target=None, epochs: int | None = None, seed: int = 0,
                   config: NIPQConfig | None = None, batch_size: int | None = None,
-                  checkpoint_dir: str | Path | None = None,
-                  progress: bool | None = None) -> tuple[nn.Module, NIPQResult]:
+                  checkpoint_dir: str | Path | None = None, progress: bool | None = None,
+                  eval_data=None) -> tuple[nn.Module, NIPQResult]:
     """A float model → a NIPQ-trained Brevitas model, the way the CLI, demo and benchmarks run it.
 
     ``convert_to_brevitas(model, "nipq-" + bits)`` (BN folded, edges pinned at 8 bits), then
     :func:`nipq_train` on shuffled batches of ``train_data`` (a dataset of ``(input, label)`` or
     of inputs alone) with distillation from ``model`` itself. ``target`` defaults to ``bits``'
-    nominal widths; ``config`` to :meth:`NIPQConfig.cpu_preset` at ``seed``.
+    nominal widths; ``config`` to :meth:`NIPQConfig.cpu_preset` at ``seed``. ``eval_data``: a
+    labelled dataset on which the accuracy before and after freezing the widths is printed.
     """
     from torch.utils.data import DataLoader
 
@@ -344,5 +478,6 @@ def quantize_nipq(model: nn.Module, train_data, bits="w4a4", *, target=None, epo
     # the same batches as an uninterrupted one
     loader = DataLoader(train_data, batch_size=batch_size, shuffle=True)
     result = nipq_train(qmodel, loader, target=str(spec) if target is None else target, epochs=epochs,
-                        teacher=model, config=config, checkpoint_dir=checkpoint_dir, progress=progress)
+                        teacher=model, config=config, checkpoint_dir=checkpoint_dir, progress=progress,
+                        eval_data=None if eval_data is None else DataLoader(eval_data, batch_size=256))
     return qmodel, result

@@ -22,6 +22,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from ..options import RECONSTRUCTION_METHODS
+
 WeightRounding = Literal["nearest", "noise", "ste", "learned"]
 NoiseShape = Literal["histogram", "uniform"]
 Granularity = Literal["block", "layer"]
@@ -32,7 +34,7 @@ Granularity = Literal["block", "layer"]
 #: seed), 500 it 90.7 / 91.9, 1,000 it 92.5 / 91.3, 2,000 it 93.7 / 93.1 — within a point of the
 #: float model only at 2,000, a tenth of the GPU budget, about 2 CPU-minutes per model on one core.
 CPU_ITERATIONS = 2000
-METHODS = ("rtn", "adaround", "brecq", "qdrop", "hdrq")
+METHODS = RECONSTRUCTION_METHODS  # the names live in hdrq_plugin.options (torch-free, for the CLI)
 
 
 @dataclass(frozen=True)

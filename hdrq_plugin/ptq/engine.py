@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..data import plain_tensor
+from ..progress import progress_bar
 from ..quant.control import (
     activation_scale_parameters,
     freeze_rounding,
@@ -114,7 +114,7 @@ def reconstruct(
     cache = BoundaryCache({placeholders[0]: inputs})
     report = ReconstructionReport(method=config.method)
     total = len(units) * config.iterations
-    with tqdm(total=total, desc=f"{config.method} reconstruction", unit="it", disable=None) as bar:
+    with progress_bar(total=total, desc=f"{config.method} reconstruction", unit="it") as bar:
         for index, unit in enumerate(units):
             unit_start = time.perf_counter()
             x_q, x_fp = cache.inputs_of(unit)

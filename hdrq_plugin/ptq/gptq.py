@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..convert.to_brevitas import calibrate_activations, compute_layers
 from ..data import collect_inputs
+from ..progress import progress_bar
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
@@ -87,7 +87,7 @@ def gptq_calibrate(
     # from a checkpoint (unexpected keys) and a quantization-disabled evaluation (a merge's
     # dequantized average) would silently run the pre-GPTQ float weights
     with gptq_mode(qmodel, act_order=act_order, use_quant_activations=True, create_weight_orig=False) as gptq:
-        for _ in tqdm(range(gptq.num_layers), desc="GPTQ", unit="layer", disable=None):
+        for _ in progress_bar(range(gptq.num_layers), desc="GPTQ", unit="layer"):
             for batch in batches:
                 gptq.model(batch)
             gptq.update()

@@ -15,7 +15,7 @@ from ..errors import HDRQPluginError
 
 __all__ = ["SourceMismatchError", "folded_weights", "source_weights_for"]
 
-_FLOAT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_FLOAT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
 class SourceMismatchError(HDRQPluginError, ValueError):

@@ -9,8 +9,8 @@ its recipe fails loudly instead of producing a silently different model.
 
 from __future__ import annotations
 
-import importlib
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,9 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_write_path
+from .._io import save_torch_atomic
+from ..architectures import (
+    build_architecture,
+    builder_name,
+    check_builder_kwargs,
+    get_architecture,
+    register_architecture,
+)
 from ..bitspec import BitSpec
-from ..errors import HDRQPluginError
+from ..errors import HDRQPluginError, one_line
 from ..families import UnknownFamilyError, get_family
 
 FORMAT = "hdrq-plugin/quantized-model/v1"
@@ -34,20 +41,21 @@ class CheckpointError(HDRQPluginError, ValueError):
 
 @dataclass
 class ModelRecipe:
-    """How to rebuild a float model: ``builder`` is ``"package.module:function"``."""
+    """How to rebuild a float model: ``builder`` names a registered builder
+    (:mod:`hdrq_plugin.architectures`, ``"package.module:function"``) and ``kwargs`` are plain values."""
 
     builder: str
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> nn.Module:
-        module_name, _, attr = self.builder.partition(":")
-        if not module_name or not attr:
-            raise CheckpointError(f"builder {self.builder!r} is not of the form 'package.module:function'")
-        try:
-            factory: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise CheckpointError(f"cannot import model builder {self.builder!r}: {err}") from err
-        return factory(**self.kwargs)
+        """Build through the registry: a recipe read from a file can only name, never import."""
+        return build_architecture(self.builder, self.kwargs)
+
+    @classmethod
+    def from_payload(cls, recipe: Any, path: str | Path) -> ModelRecipe:
+        if not isinstance(recipe, dict) or set(recipe) - {"builder", "kwargs"} or "builder" not in recipe:
+            raise CheckpointError(f"checkpoint {path} has a malformed recipe")
+        return cls(recipe["builder"], recipe.get("kwargs") or {})
 
 
 def quantizer_family(name: str) -> dict[str, Any]:
@@ -64,23 +72,41 @@ def quantizer_family(name: str) -> dict[str, Any]:
         raise CheckpointError(str(err)) from err
 
 
-def save_float_model(path: str | Path, model: nn.Module, recipe: ModelRecipe,
-                     metadata: dict[str, Any] | None = None) -> Path:
-    """Save a float model with the recipe that rebuilds it (atomic)."""
+def save_float_model(path: str | Path, model: nn.Module, recipe: ModelRecipe | Callable[..., nn.Module],
+                     metadata: dict[str, Any] | None = None, **kwargs: Any) -> Path:
+    """Save a float model with the recipe that rebuilds it (atomic, byte-reproducible).
+
+    ``recipe``: a :class:`ModelRecipe` naming a registered builder, or the builder function
+    itself (registered here; ``kwargs`` are its plain keyword arguments). Loading the file
+    needs the builder registered again (``register_architecture`` or ``--arch module:function``).
+    """
+    if callable(recipe) and not isinstance(recipe, ModelRecipe):
+        recipe = ModelRecipe(builder_name(register_architecture(recipe)), dict(kwargs))
+    elif kwargs:
+        raise TypeError("keyword arguments go into the ModelRecipe when one is given")
+    builder = get_architecture(recipe.builder)
+    check_builder_kwargs(recipe.builder, builder, recipe.kwargs)
     payload = {"format": FLOAT_FORMAT, "recipe": asdict(recipe),
                "state_dict": model.state_dict(), "metadata": dict(metadata or {})}
-    with atomic_write_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return save_torch_atomic(path, payload)
 
 
-def load_float_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    payload = _read(path, FLOAT_FORMAT)
-    recipe = ModelRecipe(**payload["recipe"])
+def load_float_model(path: str | Path, arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A float model saved by :func:`save_float_model`, or a plain ``state_dict`` file whose
+    architecture ``arch`` names (a registered builder, called without arguments)."""
+    payload = _read(path, FLOAT_FORMAT, allow_state_dict=True)
+    if "format" not in payload:  # a plain state_dict
+        if arch is None:
+            raise CheckpointError(f"{path} is a plain state_dict: name the model that reads it with "
+                                  "--arch package.module:function (API: load_float_model(path, arch=...))")
+        recipe, state, metadata = ModelRecipe(arch), payload, {}
+    else:
+        recipe = ModelRecipe.from_payload(payload.get("recipe"), path)
+        state, metadata = payload.get("state_dict"), payload.get("metadata") or {}
     model = recipe.build()
-    _load_state(model, payload["state_dict"], path)
+    _load_state(model, state, path)
     model.eval()
-    return model, {"recipe": recipe, **payload.get("metadata", {})}
+    return model, {**(metadata if isinstance(metadata, dict) else {}), "recipe": recipe}
 
 
 def save_quantized(path: str | Path, qmodel: nn.Module, *, recipe: ModelRecipe, bits: str | BitSpec,
@@ -95,9 +121,7 @@ def save_quantized(path: str | Path, qmodel: nn.Module, *, recipe: ModelRecipe, 
         "state_dict": qmodel.state_dict(),
         "metadata": json.loads(json.dumps(metadata or {}, default=str)),
     }
-    with atomic_write_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return save_torch_atomic(path, payload)
 
 
 def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -105,31 +129,63 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     from ..convert.to_brevitas import convert_to_brevitas
 
     payload = _read(path, FORMAT)
-    recipe = ModelRecipe(**payload["recipe"])
-    bits = BitSpec.parse(payload["bits"])
-    qmodel = convert_to_brevitas(recipe.build(), bits, **quantizer_family(payload["family"]))
-    _load_state(qmodel, payload["state_dict"], path)
+    recipe = ModelRecipe.from_payload(payload.get("recipe"), path)
+    try:
+        bits = BitSpec.parse(payload.get("bits"))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has a bad bit spec: {one_line(err)}") from err
+    family = quantizer_family(payload.get("family"))
+    metadata = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
+    qmodel = convert_to_brevitas(recipe.build(), bits, **family)
+    _load_state(qmodel, payload.get("state_dict"), path)
     qmodel.eval()
-    info = {"recipe": recipe, "bits": bits, "family": payload["family"], **payload["metadata"]}
+    info = {**metadata, "recipe": recipe, "bits": bits, "family": payload["family"]}
     return qmodel, info
 
 
-def _read(path: str | Path, expected_format: str) -> dict[str, Any]:
+def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with every failure as one line naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a directory, not a file")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated/garbage files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {err}") from err
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise CheckpointError(
+                f"{what} {path} holds pickled Python objects, which are not loaded (they could run code); "
+                "save model.state_dict() (or hdrq_plugin.save_float_model) instead") from err
+        raise CheckpointError(f"{what} {path} is corrupt or not a torch file: {one_line(err)}") from err
+    except Exception as err:  # torch raises many types (EOFError, RuntimeError, OSError) for bad files
+        raise CheckpointError(f"{what} {path} is corrupt, truncated or not a torch file: {one_line(err)}") from err
+
+
+def _read(path: str | Path, expected_format: str, *, allow_state_dict: bool = False) -> dict[str, Any]:
+    payload = read_torch_file(path)
+    if allow_state_dict and _is_state_dict(payload):
+        return payload
     if not isinstance(payload, dict) or payload.get("format") != expected_format:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} is not a {expected_format} checkpoint (found {found!r})")
     return payload
 
 
-def _load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+def _is_state_dict(payload: Any) -> bool:
+    return (isinstance(payload, dict) and bool(payload) and "format" not in payload
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()))
+
+
+def _load_state(model: nn.Module, state_dict: Any, path: str | Path) -> None:
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"checkpoint {path} has no state dict")
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"checkpoint {path}: {key} holds NaN or infinite values")
     try:
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not match its recipe: {err}") from err
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} does not match its recipe: {one_line(err)}") from err

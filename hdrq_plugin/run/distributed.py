@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import HDRQPluginError
+from ..progress import progress_bar, stage
 
 #: Ray re-runs a task whose worker process died (killed, out of memory) this many times; a task
 #: that raises is not retried (a deterministic error would only fail again).
@@ -86,8 +86,8 @@ def run_task(function: Callable[..., Any], num_threads: int, seed: int | None, /
         torch.set_num_threads(threads)
 
 
-def _progress(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="task", disable=None)
+def _progress(total: int, desc: str):
+    return progress_bar(total=total, desc=desc, unit="task")
 
 
 class SequentialRunner:
@@ -104,7 +104,8 @@ class SequentialRunner:
             for task in tasks:
                 bar.set_postfix_str(task.name)
                 try:
-                    outcome = run_task(task.function, task.num_cpus, task.seed, *task.args, **task.kwargs)
+                    with stage(task.name):
+                        outcome = run_task(task.function, task.num_cpus, task.seed, *task.args, **task.kwargs)
                 except Exception as err:  # noqa: BLE001 - reported to the caller like a Ray task failure
                     outcome = TaskFailure(task.name, f"{type(err).__name__}: {err}", traceback.format_exc())
                 bar.update()

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from .._io import ensure_writable_dir, write_text_atomic
 from ..errors import EXIT_TARGETS_FAILED, HDRQPluginError
 from ..merge.models import merge_models
+from ..progress import stage
 from ..ptq.config import METHODS
 from ..quantize import quantize_model
 from .checkpoint import CheckpointError, ModelRecipe, load_quantized, save_quantized
@@ -130,8 +131,10 @@ def finished_checkpoint(path: Path, key: str) -> nn.Module | None:
         return None
     try:
         model, info = load_quantized(path)
-    except CheckpointError:
-        return None  # unreadable: quantized again, and the atomic write replaces it
+    except (CheckpointError, HDRQPluginError):
+        # unreadable, or naming a builder that is not registered (never imported): quantized
+        # again, and the atomic write replaces it
+        return None
     return model if info.get("task_key") == key else None
 
 
@@ -179,18 +182,21 @@ def quantize_targets(source: nn.Module | None, targets: list[TargetInputs], reci
     quantize_wall = time.perf_counter() - wall
 
     ordered = [models[t.name] for t in targets]
-    merged = merge_models(ordered, rounding=settings.rounding, trials=settings.trials, seed=settings.seed)
+    with stage(f"merge ({settings.rounding})"):
+        merged = merge_models(ordered, rounding=settings.rounding, trials=settings.trials, seed=settings.seed)
     merged_path = save_quantized(out / "merged.pt", merged, recipe=recipe, bits=settings.bits, family="hdrq",
                                  metadata={"method": settings.method, "merged_from": [t.name for t in targets],
                                            "rounding": settings.rounding, "seed": settings.seed})
     example = targets[0].calibration[:1].float()
-    onnx_path = export_qdq(merged, out / "merged.onnx", example, weights=settings.weights,
-                           metadata={"method": settings.method,
-                                     "merged_targets": ",".join(t.name for t in targets)}, overwrite=True)
+    with stage(f"export ONNX ({settings.weights})"):
+        onnx_path = export_qdq(merged, out / "merged.onnx", example, weights=settings.weights,
+                               metadata={"method": settings.method,
+                                         "merged_targets": ",".join(t.name for t in targets)}, overwrite=True)
     tests = {t.name: DataLoader(t.test, batch_size=256) for t in targets if t.test is not None}
     if not tests:
         raise ValueError("no target has test data: validation needs labelled data for at least one target")
-    report = validate(onnx_path, merged, tests)
+    with stage("validate in onnxruntime"):
+        report = validate(onnx_path, merged, tests)
     validation = report.to_dict()
     write_text_atomic(out / "validation.json", json.dumps(validation, indent=2, default=str))
     summary = {"settings": asdict(settings), "runner": runner.name, "targets": [t.name for t in targets],

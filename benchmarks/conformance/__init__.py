@@ -1,0 +1,1 @@
+"""The conformance suite over the model space (issue 19): generated CNNs × bit specs × storages."""

@@ -1,0 +1,137 @@
+"""NIPQ at equal deployed budget: learned widths against pinned uniform widths, LSQ and HDRQ PTQ.
+
+    python -m benchmarks.nipq.equal_budget --targets optdigits --seeds 0 1 2 --bits 4 \\
+        --epochs 5 --hard-epochs 1 --output benchmarks/results/nipq_budget_avg4.json
+
+Per target θt of the digits zoo (``hdrq_examples.zoo``), per seed, with the same train split,
+batch order, steps and distillation from θt (rows are the issue-21 ablation):
+
+- ``nipq``: learned widths at an average of ``--bits`` (weights and activations, over the learned
+  tensors), the cost on the deployed widths, widths frozen at ``freeze_fraction`` of the noise
+  epochs; the accuracy just before and after freezing is recorded;
+- ``nipq-pinned``: the same noise training with every learned width pinned at ``--bits``;
+- ``lsq``: uniform-width LSQ/STE QAT (``NIPQConfig.uniform_ste``) at the same total steps;
+- ``hdrq``: HDRQ post-training quantization at ``w{bits}a{bits}`` (``--hdrq-iterations``; 0 skips).
+
+Every row states its deployed average bits over the learned tensors (the first conv, the
+classifier and the input stay 8-bit in every method). ``--bits-lr`` overrides θ_b's learning
+rate (the ablation of docs/nipq_method.md §4). Writes JSON atomically and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from hdrq_plugin import quantize_model
+from hdrq_plugin._io import write_text_atomic
+from hdrq_plugin.evaluation import accuracy
+from hdrq_plugin.nipq.cost import describe_costs
+from hdrq_plugin.nipq.train import NIPQConfig, quantize_nipq
+
+BATCH = 128
+METHODS = ("nipq", "nipq-pinned", "lsq", "hdrq")
+
+
+def learned_average(model, example, kind: str) -> float:
+    """Deployed average bits over the learned (unpinned) tensors of ``kind``."""
+    return float(describe_costs(model, example).average_bits(kind, learned_only=True, deployed=True))
+
+
+def run_one(bench, target: str, seed: int, method: str, args) -> dict:
+    theta, domain = bench.adapted[target], bench.domains[target]
+    bits = int(args.bits)
+    example = domain.test[0][0][None]
+    tic = time.perf_counter()
+    if method == "hdrq":
+        model = quantize_model(theta, domain.calib, bits=f"w{bits}a{bits}", method="hdrq", source=bench.source_model,
+                               seed=seed, iterations=args.hdrq_iterations).model
+        return {"method": method, "target": target, "seed": seed, "accuracy": accuracy(model, domain.test),
+                "learned_weight_bits": float(bits), "learned_act_bits": float(bits),
+                "seconds": time.perf_counter() - tic}
+    changes = {"seed": seed, "noise_shape": args.noise, "hard_epochs": args.hard_epochs}
+    if args.bits_lr is not None:
+        changes["bits_lr"] = args.bits_lr
+    if method == "nipq-pinned":
+        changes["learn_bits"] = False
+    if method == "lsq":
+        changes.update(noise=False, learn_bits=False)
+    config = NIPQConfig.cpu_preset(**changes)
+    model, result = quantize_nipq(theta, domain.train, f"w{bits}a{bits}", target=float(bits), epochs=args.epochs,
+                                  seed=seed, config=config, batch_size=BATCH, progress=False, eval_data=domain.test)
+    row = {"method": method, "target": target, "seed": seed, "accuracy": accuracy(model, domain.test),
+           "learned_weight_bits": learned_average(model, example, "weights"),
+           "learned_act_bits": learned_average(model, example, "activations"),
+           "average_weight_bits_all": result.report.average_weight_bits,
+           "average_act_bits_all": result.report.average_act_bits, "gbops": result.report.gbops,
+           "freeze_epoch": result.freeze_epoch, "accuracy_before_freeze": result.accuracy_before_freeze,
+           "accuracy_after_freeze": result.accuracy_after_freeze, "seconds": time.perf_counter() - tic,
+           "bits_lr": config.bits_lr, "widths": {"weights": result.report.weight_bits,
+                                                  "activations": result.report.act_bits}}
+    if result.report_at_freeze is not None:
+        row["at_freeze_all"] = {"average_weight_bits": result.report_at_freeze.average_weight_bits,
+                                "average_act_bits": result.report_at_freeze.average_act_bits}
+    return row
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| method | target | deployed w / a bits (learned tensors) | accuracy % (mean ± std) | drop at freezing |",
+             "|---|---|---|---|---|"]
+    for method in METHODS:
+        for target in sorted({r["target"] for r in rows}):
+            mine = [r for r in rows if r["method"] == method and r["target"] == target]
+            if not mine:
+                continue
+            acc = [100 * r["accuracy"] for r in mine]
+            drops = [100 * (r["accuracy_before_freeze"] - r["accuracy_after_freeze"]) for r in mine
+                     if r.get("accuracy_before_freeze") is not None and method == "nipq"]
+            lines.append(f"| {method} | {target} | {statistics.mean(r['learned_weight_bits'] for r in mine):.3f} / "
+                         f"{statistics.mean(r['learned_act_bits'] for r in mine):.3f} | {statistics.mean(acc):.2f} ± "
+                         f"{statistics.stdev(acc) if len(acc) > 1 else 0:.2f} | "
+                         + (", ".join(f"{d:+.2f}" for d in drops) if drops else "–") + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.nipq.equal_budget", description=__doc__.split("\n")[0])
+    parser.add_argument("--targets", nargs="+", default=["optdigits"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 5, 6, 7, 8))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--hard-epochs", type=int, default=1)
+    parser.add_argument("--noise", default="uniform", choices=("uniform", "histogram"))
+    parser.add_argument("--bits-lr", type=float, default=None)
+    parser.add_argument("--hdrq-iterations", type=int, default=0)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    from hdrq_examples.zoo import load_or_build_benchmark
+
+    bench = load_or_build_benchmark()
+    rows, tic = [], time.perf_counter()
+    result = {"settings": vars(args), "machine": platform.platform(), "torch": torch.__version__, "rows": rows}
+    for seed in args.seeds:
+        for target in args.targets:
+            for method in args.methods:
+                if method == "hdrq" and args.hdrq_iterations <= 0:
+                    continue
+                rows.append(run_one(bench, target, seed, method, args))
+                r = rows[-1]
+                print(f"[{seed}] {method:11s} {target:9s} acc {100 * r['accuracy']:.2f}  w {r['learned_weight_bits']:.3f} "
+                      f"a {r['learned_act_bits']:.3f}  ({r['seconds']:.0f} s)", flush=True)
+                result["wall_seconds"] = time.perf_counter() - tic
+                write_text_atomic(args.output, json.dumps(result, indent=1))  # after every run: partial results survive
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Merged mIoU on the digit-scene segmentation benchmark, HDRQ against each baseline, paired by seed.
+
+    .venv/bin/python -m benchmarks.segmentation --size tiny --seeds 0 --iterations 20 --out runs/seg-smoke
+    .venv/bin/python -m benchmarks.segmentation --size demo --seeds 0 1 2 --out runs/segmentation
+
+For every seed (zoo, splits and calibration) each adapted U-Net θt is quantized with its own
+target's calibration scenes by every method at every bit width; the quantized models of every two
+targets and of all targets are merged (HDRQ with noise sampling, its own rule, docs/hdrq_method.md
+§5; the baselines with unbiased half-to-even ties); references are the float merge and
+merge-then-quantize (the float merge quantized by HDRQ on the pooled calibration scenes).
+Each finished (seed, bits, method) cell is written to ``--out/results.json`` at once, and a
+rerun skips the cells already there, so a killed run resumes. The table: HDRQ's all-target
+harmonic-mean mIoU minus each method's, per seed, its mean and the seeds HDRQ won.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from hdrq_examples.segmentation_demo import SIZES
+from hdrq_examples.segmentation_metrics import mean_iou
+from hdrq_examples.segmentation_scenes import NUM_CLASSES
+from hdrq_examples.segmentation_zoo import load_or_build_segmentation_zoo
+from hdrq_examples.zoo import merge_subsets
+from hdrq_plugin._io import write_text_atomic
+from hdrq_plugin.convert.to_brevitas import fold_batchnorm
+from hdrq_plugin.evaluation import harmonic_mean
+from hdrq_plugin.merge.float_merge import average_float_models
+from hdrq_plugin.merge.models import merge_models
+from hdrq_plugin.quantize import quantize_model
+
+METHODS = ("rtn", "adaround", "brecq", "qdrop", "hdrq")
+MERGE_RULE = {"hdrq": "noise-sampling"}  # every other method: half-to-even
+ALL = "all"
+
+
+def _pooled(bench, targets) -> TensorDataset:
+    """The targets' calibration scenes interleaved, so any prefix stays mixed (as benchmarks.mtda)."""
+    parts = [bench.domains[t].calib.tensors for t in targets]
+    size = min(len(images) for images, _ in parts)
+    images = torch.stack([images[:size] for images, _ in parts], dim=1).flatten(0, 1)
+    masks = torch.stack([masks[:size] for _, masks in parts], dim=1).flatten(0, 1)
+    return TensorDataset(images, masks)
+
+
+def _subset_rows(model, bench, subset, **fields) -> list[dict]:
+    per_target = {t: mean_iou(model, bench.domains[t].test, NUM_CLASSES) for t in subset}
+    label = ALL if len(subset) == len(bench.recipe.target_domains) else "+".join(subset)
+    return [{**fields, "merge": label, "miou": per_target, "harmonic_mean": harmonic_mean(list(per_target.values()))}]
+
+
+def run_cell(bench, method: str, bits: str, seed: int, iterations: int | None) -> dict:
+    """Quantize every target with ``method``, evaluate singles and every merge."""
+    start = time.perf_counter()
+    targets = list(bench.recipe.target_domains)
+    quantized, rows = {}, []
+    for t in targets:
+        result = quantize_model(bench.adapted[t], bench.domains[t].calib, bits=bits, method=method,
+                                source=bench.source_model, seed=seed, iterations=iterations)
+        quantized[t] = result.model
+        rows.append({"stage": "single", "method": method, "target": t,
+                     "miou": mean_iou(result.model, bench.domains[t].test, NUM_CLASSES)})
+    rule = MERGE_RULE.get(method, "half-to-even")
+    for subset in merge_subsets(targets):
+        merged = merge_models([quantized[t] for t in subset], rounding=rule, seed=seed)
+        rows += _subset_rows(merged, bench, subset, stage="merged", method=method, rounding=rule)
+    return {"rows": rows, "seconds": time.perf_counter() - start}
+
+
+def run_references(bench, bits: str, seed: int, iterations: int | None) -> dict:
+    start = time.perf_counter()
+    targets = list(bench.recipe.target_domains)
+    rows = []
+    for subset in merge_subsets(targets):
+        float_merged = average_float_models([fold_batchnorm(bench.adapted[t]) for t in subset])
+        rows += _subset_rows(float_merged, bench, subset, stage="float-merge", method="fp32")
+    merged = average_float_models([bench.adapted[t] for t in targets])
+    quantized = quantize_model(merged, _pooled(bench, targets), bits=bits, method="hdrq", source=bench.source_model,
+                               seed=seed, iterations=iterations).model
+    rows += _subset_rows(quantized, bench, targets, stage="merge-then-quantize", method="hdrq")
+    return {"rows": rows, "seconds": time.perf_counter() - start}
+
+
+def paired_table(cells: dict) -> list[dict]:
+    """Per bits and method: HDRQ's all-target harmonic mIoU minus the method's, paired by seed."""
+    def merged_all(key):
+        return next(r["harmonic_mean"] for r in cells[key]["rows"] if r.get("stage") == "merged" and r["merge"] == ALL)
+
+    table = []
+    for bits in sorted({c.split("/")[1] for c in cells}):
+        seeds = sorted({int(c.split("/")[0]) for c in cells if f"/{bits}/hdrq" in c})
+        for method in METHODS[:-1]:
+            paired = [s for s in seeds if f"{s}/{bits}/{method}" in cells]
+            if not paired:
+                continue
+            diffs = [merged_all(f"{s}/{bits}/hdrq") - merged_all(f"{s}/{bits}/{method}") for s in paired]
+            table.append({"bits": bits, "baseline": method, "seeds": paired,
+                          "hdrq": [merged_all(f"{s}/{bits}/hdrq") for s in paired],
+                          "baseline_miou": [merged_all(f"{s}/{bits}/{method}") for s in paired],
+                          "mean_difference": statistics.fmean(diffs),
+                          "std_difference": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                          "seeds_won": sum(d > 0 for d in diffs)})
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.segmentation", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=tuple(SIZES), default="demo")
+    parser.add_argument("--bits", nargs="+", default=["w4a4", "w3a3"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--iterations", type=int, default=200, help="reconstruction iterations per unit")
+    parser.add_argument("--out", default="runs/segmentation")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    # our own earlier output (resume); only numbers are read from it
+    cells = json.loads(results_path.read_text())["cells"] if results_path.is_file() else {}
+    settings = {"size": args.size, "iterations": args.iterations, "merge_rule": MERGE_RULE,
+                "default_merge_rule": "half-to-even"}
+    for seed in args.seeds:
+        bench = load_or_build_segmentation_zoo(SIZES[args.size](seed=seed))
+        settings[f"zoo_timings_seed{seed}"] = bench.timings
+        for bits in args.bits:
+            jobs = [("references", run_references)] + [(m, None) for m in args.methods]
+            for name, job in jobs:
+                key = f"{seed}/{bits}/{name}"
+                if key in cells:
+                    continue
+                print(f"[{time.strftime('%H:%M:%S')}] {key}", flush=True)
+                cells[key] = job(bench, bits, seed, args.iterations) if job else \
+                    run_cell(bench, name, bits, seed, args.iterations)
+                payload = {"settings": settings, "cells": cells, "paired": paired_table(cells)}
+                write_text_atomic(results_path, json.dumps(payload, indent=2))
+    for row in paired_table(cells):
+        print(f"{row['bits']} HDRQ - {row['baseline']}: {100 * row['mean_difference']:+.2f} mIoU points "
+              f"over seeds {row['seeds']} (won {row['seeds_won']})")
+    return 0
