@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+_CHUNK = 1 << 18  # entries (a multiple of 8): float32 temporaries of 1 MiB at a time
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -52,7 +53,7 @@ class MaskedReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, low, high, inplace):
-        passes = inputs > low if high is None else (inputs > low) & (inputs < high)
+        packed = _packed_passes(inputs.detach(), low, high)  # before an in-place op overwrites x
         if high is None:
             output = torch.relu_(inputs) if inplace else torch.relu(inputs)
         else:
@@ -60,13 +61,35 @@ class MaskedReLU(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(inputs)
         ctx.shape = output.shape
-        ctx.save_for_backward(pack_mask(passes))
+        ctx.save_for_backward(packed)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         (packed,) = ctx.saved_tensors
-        return grad_output * unpack_mask(packed, ctx.shape), None, None, None
+        grad = grad_output.contiguous().view(-1)
+        grad_input = torch.empty_like(grad)
+        # a chunk at a time: the unpacked bool mask never exists at full size
+        for start in range(0, grad.numel(), _CHUNK):
+            stop = min(start + _CHUNK, grad.numel())
+            bits = unpack_mask(packed[start // 8:-(-stop // 8)], torch.Size([-(-stop // 8) * 8 - start // 8 * 8]))
+            torch.mul(grad[start:stop], bits[:stop - start], out=grad_input[start:stop])
+        return grad_input.view(ctx.shape), None, None, None
+
+
+def _packed_passes(inputs: torch.Tensor, low: float, high: float | None) -> torch.Tensor:
+    """pack_mask(low < x < high), a chunk at a time (no bool map of the whole input)."""
+    flat = inputs.reshape(-1)
+    packed = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        passes = chunk > low if high is None else (chunk > low) & (chunk < high)
+        packed[start // 8:start // 8 + packed_length(chunk.numel())] = pack_mask(passes)
+    return packed
+
+
+def packed_length(count: int) -> int:
+    return -(-count // 8)
 
 
 def _per_channel_view(vector: torch.Tensor, dims: int) -> torch.Tensor:
@@ -87,13 +110,19 @@ class CompressedBatchNorm(torch.autograd.Function):
         if not training:  # native_batch_norm returns empty statistics in eval mode
             mean, invstd = running_mean, torch.rsqrt(running_var + eps)
         dims = inputs.dim()
-        normalised = (inputs.detach() - _per_channel_view(mean, dims)).mul_(_per_channel_view(invstd, dims))
-        if quantize:
+        mean_v, invstd_v = _per_channel_view(mean, dims), _per_channel_view(invstd, dims)
+        if quantize:  # max |x̂| per channel from the channel's min and max: no |x̂| temporary
             reduce = [d for d in range(dims) if d != 1]
-            scale = (normalised.abs().amax(reduce) / 127).clamp_min_(torch.finfo(torch.float32).tiny)
-            normalised = normalised.div_(_per_channel_view(scale, dims)).round_().to(torch.int8)
+            magnitude = torch.maximum(inputs.detach().amax(reduce) - mean, mean - inputs.detach().amin(reduce))
+            scale = (magnitude * invstd / 127).clamp_min_(torch.finfo(torch.float32).tiny)
+            normalised = torch.empty(inputs.shape, dtype=torch.int8)
+            gain = invstd_v / _per_channel_view(scale, dims)
         else:
             scale = torch.ones(inputs.shape[1])
+            normalised, gain = torch.empty(inputs.shape, dtype=torch.float32), invstd_v
+        for rows in _row_chunks(inputs):  # a chunk at a time: no float x̂ of the whole map
+            codes = (inputs.detach()[rows] - mean_v).mul_(gain)
+            normalised[rows] = codes.round_().clamp_(-127, 127) if quantize else codes
         ctx.training, ctx.has_weight, ctx.has_bias = training, weight is not None, bias is not None
         ctx.save_for_backward(normalised, scale, invstd, weight)
         return output
@@ -102,18 +131,32 @@ class CompressedBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_output):
         codes, scale, invstd, weight = ctx.saved_tensors
         dims = grad_output.dim()
-        normalised = codes.to(torch.float32, copy=True).mul_(_per_channel_view(scale, dims))
-        del codes
         gain = invstd if weight is None else invstd * weight
-        # torch's fused batch-norm backward on x̂ itself: zero mean, unit σ⁻¹, γσ⁻¹ as the weight,
-        # gives g_x = γσ⁻¹(g − mean g − x̂·mean(g·x̂)), Σg·x̂ and Σg in one pass over the maps
-        zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
-        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_output, normalised, gain, None, None, zeros, ones, True, 0.0, [ctx.training, True, True])
-        if not ctx.training:
-            grad_input = grad_output * _per_channel_view(gain, dims)
+        reduce = [d for d in range(dims) if d != 1]
+        count = grad_output.numel() // grad_output.shape[1]
+        grad_bias = grad_output.sum(reduce)
+        grad_weight = torch.zeros_like(grad_bias)  # Σ g·x̂ = scale·Σ g·code, a chunk at a time
+        for rows in _row_chunks(grad_output):
+            grad_weight += (grad_output[rows] * codes[rows]).sum(reduce)
+        grad_weight.mul_(scale)
+        gain_v = _per_channel_view(gain, dims)
+        grad_input = torch.empty_like(grad_output, memory_format=torch.contiguous_format)
+        if ctx.training:  # g_x = γσ⁻¹(g − Σg/M − x̂·Σg·x̂/M), a chunk at a time
+            shift = _per_channel_view(grad_bias / count, dims)
+            slope = _per_channel_view(grad_weight * scale / count, dims)
+            for rows in _row_chunks(grad_output):
+                grad_input[rows] = (grad_output[rows] - shift).sub_(codes[rows] * slope).mul_(gain_v)
+        else:
+            torch.mul(grad_output, gain_v, out=grad_input)
         return (grad_input, None, None, grad_weight if ctx.has_weight else None,
                 grad_bias if ctx.has_bias else None, None, None, None, None)
+
+
+def _row_chunks(tensor: torch.Tensor):
+    """Slices along dim 0 of about :data:`_CHUNK` entries each (at least one row)."""
+    step = max(1, _CHUNK // max(tensor[0].numel(), 1))
+    for start in range(0, tensor.shape[0], step):
+        yield slice(start, min(start + step, tensor.shape[0]))
 
 
 def _pair(value) -> tuple[int, int]:
@@ -142,12 +185,13 @@ class WindowIndexMaxPool2d(torch.autograd.Function):
         kernel, stride, padding, dilation = ctx.geometry
         height, width = ctx.input_shape[-2:]
         starts_h, starts_w = _window_starts(grad_output.shape, stride, padding)
-        local = local.long()
-        rows = starts_h + (local // kernel[1]) * dilation[0]
-        indices = (rows * width).add_(starts_w + (local % kernel[1]) * dilation[1])
-        del local, rows
         grad_input = grad_output.new_zeros(*ctx.input_shape[:-2], height * width)
-        grad_input.scatter_add_(-1, indices.flatten(-2), grad_output.flatten(-2))
+        for rows in _row_chunks(grad_output):  # int64 indices of a chunk at a time, not of the map
+            offsets = local[rows].long()
+            indices = (starts_h + (offsets // kernel[1]) * dilation[0]).mul_(width)
+            indices += starts_w + (offsets % kernel[1]) * dilation[1]
+            del offsets
+            grad_input[rows].scatter_add_(-1, indices.flatten(-2), grad_output[rows].flatten(-2))
         return grad_input.view(ctx.input_shape), None, None, None, None, None
 
 

@@ -23,6 +23,7 @@ gradient is float (Σ g).
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -40,6 +41,8 @@ from .hadamard import (
     quantize_stochastic,
     reconstruct_low_sequency,
     sawb_clip,
+    sawb_clip_from_moments,
+    uniform_dither,
 )
 
 
@@ -103,6 +106,35 @@ def _reconstruct_map(codes: torch.Tensor, scale: torch.Tensor, state: LayerState
     """Π·x as an N×C×H×W map from :func:`_project_map`'s (quantized) coefficients: Sᵀ·c / n."""
     coefficients = _dequantize(codes, scale).view(-1, state.rank)
     return (coefficients @ (state.basis / state.order)).view(shape)
+
+
+def _reconstructed_map_codes(codes: torch.Tensor, scale: torch.Tensor, state: LayerState, shape,
+                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q₈ˢᵃʷᵇ(Π·x) as an N×C×H×W map of codes in ``dtype``, a chunk of images at a time.
+
+    Same values as quantizing :func:`_reconstruct_map`'s whole map, without that float map: a
+    first pass over the chunks gathers the SAWB statistics (max|x|, Σ|x|, Σx²), a second
+    rebuilds each chunk again and rounds it into the codes.
+    """
+    basis = state.basis / state.order
+    count = math.prod(shape)
+
+    def rebuilt(rows):
+        return (_dequantize(codes[rows], scale).view(-1, state.rank) @ basis).view(-1, *shape[1:])
+
+    peak, total_abs, total_square = torch.zeros(()), torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for rows in _image_chunks(codes, math.prod(shape[1:])):
+        chunk = rebuilt(rows)
+        peak = torch.maximum(peak, torch.linalg.vector_norm(chunk, float("inf")))
+        total_abs += torch.linalg.vector_norm(chunk, 1).double()
+        total_square += torch.linalg.vector_norm(chunk).double().square()
+    clip = sawb_clip_from_moments(peak, (total_abs / count).float(), (total_square / count).sqrt().float())
+    levels = 2 ** (state.grad_weight_bits - 1) - 1
+    input_scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
+    out = torch.empty(shape, dtype=dtype)
+    for rows in _image_chunks(codes, math.prod(shape[1:])):
+        out[rows] = rebuilt(rows).div_(input_scale).round_().clamp_(-levels, levels)
+    return out, input_scale
 
 
 def _compress_input(inputs: torch.Tensor, state: LayerState, channel_dim: int,
@@ -275,53 +307,29 @@ class HOTConv2dFunction(torch.autograd.Function):
         # block Hadamard and LQS's per-pixel scales need no channels-last copy); every GEMM mode
         # then reads the same codes.
         grad_output = grad_output.contiguous()
-        if ctx.needs_input_grad[0]:
-            grad_h = block_hadamard_channels(grad_output.float(), state.hq_block)
-            weight_h = block_hadamard(weight.reshape(out_channels, -1).float(), state.hq_block, dim=0)
-            if not state.quantize:
-                (grad_codes, grad_scale), (weight_codes, weight_scale) = (grad_h, _UNIT), (weight_h, _UNIT)
-            else:
-                if state.per_token is None:
-                    _select_quantizer(grad_h, state)
-                per_tensor_dtype = torch.int8 if on_columns else kernel_dtype
-                grad_codes, grad_scale = quantize_stochastic(
-                    grad_h, state.grad_input_bits, per_row=bool(state.per_token), generator=state.generator,
-                    dtype=torch.float32 if state.per_token and not on_columns else per_tensor_dtype,
-                    overwrite=grad_h is not grad_output)  # a Hadamard block of 1 returns the gradient itself
-                weight_codes, weight_scale = quantize_nearest(weight_h, sawb_clip(weight_h), state.grad_input_bits)
-            del grad_h
-            if on_columns:
-                rows = grad_codes.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·Ho·Wo) × O
-                if grad_scale.numel() > 1:
-                    grad_scale = grad_scale.permute(0, 2, 3, 1).reshape(-1, 1)
-                columns = _matmul(rows, weight_codes, state) * (grad_scale * weight_scale / state.hq_block)
-                columns = columns.reshape(batch, -1, columns.shape[1]).transpose(1, 2)  # B × C·k² × Ho·Wo
-                grad_input = F.fold(columns, (height, width), kernel, geometry.dilation, geometry.padding, geometry.stride)
-            else:
-                if grad_scale.numel() > 1:  # per-token scales differ by pixel: dequantize first
-                    grad_codes, grad_scale = grad_codes.mul_(grad_scale).to(kernel_dtype), _UNIT
-                grad_input = conv2d_input(ctx.input_shape, weight_codes.to(kernel_dtype).reshape(weight.shape),
-                                          grad_codes, *conv_args)
-                grad_input = grad_input.to(torch.float32).mul_(grad_scale * weight_scale / state.hq_block)
-            del grad_codes
-            grad_input = grad_input.to(ctx.input_dtype)
+        # the weight gradient first: its temporaries are freed before the input gradient exists
         if ctx.needs_input_grad[1]:
             if kernel == (1, 1) and geometry.pointwise_identity:
                 grad_rows = grad_output.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·H·W) × O
                 matrix = hla_weight_gradient(grad_rows, codes, scale, state)
             else:
-                if ctx.as_map:
+                codes_dtype = torch.int8 if on_columns else kernel_dtype
+                if ctx.as_map and state.quantize:
+                    input_map, input_scale = _reconstructed_map_codes(codes, scale, state, ctx.input_shape, codes_dtype)
+                    projected = None
+                elif ctx.as_map:
                     projected = _reconstruct_map(codes, scale, state, ctx.input_shape)
                 else:
                     projected = reconstruct_low_sequency(_dequantize(codes, scale), state.basis, batch * height * width)
-                codes_dtype = torch.int8 if on_columns else kernel_dtype
-                input_codes, input_scale = _quantize_activation_int8(  # x̂ = Π·x, INT8 SAWB
-                    projected, state, codes_dtype, overwrite=True)
-                del projected
-                input_map = input_codes.to(kernel_dtype)
-                if not ctx.as_map:
-                    input_map = _rows_to_map(input_map, ctx.input_shape)
-                del input_codes
+                if projected is not None:
+                    input_codes, input_scale = _quantize_activation_int8(  # x̂ = Π·x, INT8 SAWB
+                        projected, state, codes_dtype, overwrite=True)
+                    del projected
+                    input_map = input_codes.to(kernel_dtype)
+                    if not ctx.as_map:
+                        input_map = _rows_to_map(input_map, ctx.input_shape)
+                    del input_codes
+                input_map = input_map.to(kernel_dtype)
                 grad_codes, grad_scale = _quantize_grad_int8(grad_output.float(), state, kernel_dtype)
                 if on_columns:
                     columns = F.unfold(input_map, kernel, geometry.dilation, geometry.padding, geometry.stride)
@@ -335,9 +343,96 @@ class HOTConv2dFunction(torch.autograd.Function):
                     matrix = matrix.to(torch.float32).mul_(grad_scale * input_scale)
                 del input_map, grad_codes
             grad_weight = matrix.reshape(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            weight_h = block_hadamard(weight.reshape(out_channels, -1).float(), state.hq_block, dim=0)
+            if not state.quantize:
+                (grad_codes, grad_scale), (weight_codes, weight_scale) = (
+                    (block_hadamard_channels(grad_output.float(), state.hq_block), _UNIT), (weight_h, _UNIT))
+            else:
+                grad_codes, grad_scale = hq_gradient_codes(
+                    grad_output, state, torch.int8 if on_columns else kernel_dtype, dequantize_per_token=not on_columns)
+                weight_codes, weight_scale = quantize_nearest(weight_h, sawb_clip(weight_h), state.grad_input_bits)
+            del weight_h
+            if on_columns:
+                rows = grad_codes.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (B·Ho·Wo) × O
+                if grad_scale.numel() > 1:
+                    grad_scale = grad_scale.permute(0, 2, 3, 1).reshape(-1, 1)
+                columns = _matmul(rows, weight_codes, state) * (grad_scale * weight_scale / state.hq_block)
+                columns = columns.reshape(batch, -1, columns.shape[1]).transpose(1, 2)  # B × C·k² × Ho·Wo
+                grad_input = F.fold(columns, (height, width), kernel, geometry.dilation, geometry.padding, geometry.stride)
+            else:
+                grad_input = conv2d_input(ctx.input_shape, weight_codes.to(kernel_dtype).reshape(weight.shape),
+                                          grad_codes, *conv_args)
+                grad_input = _scaled_float(grad_input, grad_scale * weight_scale / state.hq_block)
+            del grad_codes
+            grad_input = grad_input.to(ctx.input_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.sum((0, 2, 3)).to(weight.dtype)
         return grad_input, grad_weight, grad_bias, None, None
+
+
+def hq_gradient_codes(grad_output: torch.Tensor, state: LayerState, dtype: torch.dtype,
+                      dequantize_per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQ's gradient operand Q₄ˢ(g·H_b) of an N×O×H×W map, a chunk of images at a time.
+
+    The transform and the quantizer are fused per chunk, so neither g·H_b nor a float copy exists
+    at full size (they were the largest temporaries of the backward); per tensor, the max is taken
+    in a first pass over the chunks (the transform runs twice). LQS's calibration (the layer's
+    first backward) sees the whole g·H_b. Per token with ``dequantize_per_token`` the result is
+    codes·scale in ``dtype`` (unit scale): conv kernels take one scale per tensor.
+    """
+    levels = 2 ** (state.grad_input_bits - 1) - 1
+    block = state.hq_block
+    if state.per_token is None:
+        grad_h = block_hadamard_channels(grad_output.float(), block)
+        _select_quantizer(grad_h, state)
+        del grad_h
+    per_token = bool(state.per_token)
+    scale = None
+    if not per_token:
+        magnitude = torch.zeros(())
+        for rows in _image_chunks(grad_output):
+            low, high = torch.aminmax(block_hadamard_channels(grad_output[rows].float(), block))
+            magnitude = torch.maximum(magnitude, torch.maximum(-low, high))
+        scale = (magnitude / levels).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.empty(grad_output.shape, dtype=dtype)
+    row_scales = torch.empty(grad_output.shape[0], 1, *grad_output.shape[2:]) if per_token else None
+    for rows in _image_chunks(grad_output):
+        grad_h = block_hadamard_channels(grad_output[rows].float(), block)
+        if per_token:
+            chunk_scale = torch.maximum(grad_h.amax(1, keepdim=True), grad_h.amin(1, keepdim=True).neg_())
+            chunk_scale = chunk_scale.div_(levels).clamp_min_(torch.finfo(torch.float32).tiny)
+            row_scales[rows] = chunk_scale
+        else:
+            chunk_scale = scale
+        quantized = torch.div(grad_h, chunk_scale)  # never in place: a block of 1 returns g itself
+        del grad_h
+        quantized.add_(uniform_dither(quantized.shape, state.generator)).floor_().clamp_(-levels, levels)
+        codes[rows] = quantized.mul_(chunk_scale) if per_token and dequantize_per_token else quantized
+    if per_token:
+        return (codes, _UNIT) if dequantize_per_token else (codes, row_scales)
+    return codes, scale
+
+
+_CHUNK = 1 << 18  # entries: float32 temporaries of 1 MiB per chunk
+
+
+def _image_chunks(maps: torch.Tensor, image_size: int | None = None):
+    """Slices of images (dim 0) of about :data:`_CHUNK` entries each (at least one image);
+    ``image_size`` is the entries per image of the temporaries when they are not ``maps``'s."""
+    step = max(1, _CHUNK // max(image_size or maps[0].numel(), 1))
+    for start in range(0, maps.shape[0], step):
+        yield slice(start, min(start + step, maps.shape[0]))
+
+
+def _scaled_float(values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """values·factor as float32 (in place when ``values`` already is float32)."""
+    if values.dtype == torch.float32:
+        return values.mul_(factor)
+    result = torch.empty(values.shape, dtype=torch.float32)
+    for rows in _image_chunks(values):
+        result[rows] = values[rows].float().mul_(factor)
+    return result
 
 
 def _rows_to_map(rows: torch.Tensor, shape) -> torch.Tensor:

@@ -2,35 +2,31 @@
 
 What a user of HOT (docs/hot_method.md §6) wants to know is not the bytes autograd saves but the
 peak of a whole step — forward, saved tensors, backward temporaries, gradients — because that is
-what must fit the machine. It is measured, not modelled: the resident-set high-water mark of one
-forward + backward on a copy of the model (Linux: ``/proc/self/clear_refs`` resets the mark). While
-measuring, glibc is told to serve every block ≥ 64 KiB by ``mmap`` (``mallopt``), so a freed tensor
-leaves the resident set at once instead of staying cached in the heap: the peak is then the peak
-of live memory, the same for plain and HOT steps.
+what must fit the machine. It is measured, not modelled: torch's own profiler reports every
+allocation and free of torch's CPU allocator (``profile_memory=True``), and the peak is the
+highest running sum of those events over one forward + backward. That is the peak of live tensor
+bytes: it does not depend on the process heap (a resident-set high-water mark does: freed blocks
+the C library keeps, other threads, earlier steps), so the same step always measures the same.
+Memory outside torch's allocator (oneDNN's scratch pads, the interpreter) is not counted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import ctypes.util
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from ..errors import HDRQPluginError
 from .mode import HOTConfig, hot_mode
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
-_MMAP_THRESHOLD_BYTES = 64 * 1024
-
 
 class MemoryBudgetError(HDRQPluginError, ValueError):
-    """The budget is below the peak of one step at batch size 1, or peaks cannot be measured here."""
+    """The budget is below the peak of one step at batch size 1, or the inputs cannot be batched."""
 
 
 @dataclass(frozen=True)
@@ -44,51 +40,49 @@ class BatchFit:
     limited_by_data: bool  # every sample fits in one batch: the budget would allow more
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        match = re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE)
-    if match is None:
-        raise MemoryBudgetError(f"cannot read {field} from /proc/self/status: step peaks need Linux")
-    return int(match.group(1))
+def peak_of_events(byte_deltas) -> int:
+    """Highest running sum of allocation (+) and free (−) sizes, from 0 (never below 0)."""
+    running = peak = 0
+    for delta in byte_deltas:
+        running += delta
+        peak = max(peak, running)
+    return peak
 
 
-def _return_freed_blocks_to_the_os() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallopt") or libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) != 1:
-        raise MemoryBudgetError("cannot set glibc's mmap threshold: step peaks need glibc")
+@contextlib.contextmanager
+def live_tensor_peak():
+    """Measures the peak growth of live CPU tensor bytes inside the block: ``result["peak_bytes"]``.
+
+    Frees of tensors allocated before the block count too (a step frees its saved tensors), so
+    the figure is the peak above what was live when the block began.
+    """
+    result: dict[str, int] = {}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        yield result
+    events = [event for event in profiler.profiler.kineto_results.events()
+              if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda event: event.start_ns())  # stable: same-time events keep their order
+    result["peak_bytes"] = peak_of_events(event.nbytes() for event in events)
 
 
 def measure_step_peak(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                       hot: HOTConfig | None = None) -> int:
-    """Bytes the resident set grows by during one cross-entropy forward + backward of ``model``.
+    """Peak growth of live tensor bytes during one cross-entropy forward + backward of ``model``.
 
     The peak of a training step after the first (the step's gradients are freed before it, as
-    ``zero_grad(set_to_none=True)`` does). Runs on a deep copy in train mode: the caller's
-    parameters, gradients and BatchNorm statistics are untouched. ``hot`` back-propagates with
-    HOT, ``None`` plainly.
+    ``zero_grad(set_to_none=True)`` does; they count in the peak). Runs on a deep copy in train
+    mode: the caller's parameters, gradients and BatchNorm statistics are untouched. ``hot``
+    back-propagates with HOT, ``None`` plainly.
     """
-    _return_freed_blocks_to_the_os()
     trial = copy.deepcopy(model).train()
     with hot_mode(trial, hot) if hot is not None else contextlib.nullcontext():
-        # one step first: kernels compiled, per-layer choices (LQS) made and the gradients
-        # allocated, as in every step of a training loop after the first; then the measured one
-        for measured in (False, True):
-            for parameter in trial.parameters():
-                parameter.grad = None
-            if measured:
-                before = _status_kib("VmRSS")
-                _reset_peak()
+        # one step first: per-layer choices (LQS) made, as in every step of a loop after the first
+        F.cross_entropy(trial(inputs), labels).backward()
+        for parameter in trial.parameters():
+            parameter.grad = None
+        with live_tensor_peak() as measured:
             F.cross_entropy(trial(inputs), labels).backward()
-    return max(_status_kib("VmHWM") - before, 0) * 1024
-
-
-def _reset_peak() -> None:
-    """VmHWM := VmRSS (Linux ≥ 4.0, proc(5) "clear_refs")."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError as error:
-        raise MemoryBudgetError(f"cannot reset the peak resident set ({error})") from error
+    return measured["peak_bytes"]
 
 
 def fit_batch_to_budget(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, budget_bytes: int,

@@ -124,13 +124,18 @@ def sawb_clip(values: torch.Tensor) -> torch.Tensor:
     The formula is negative for flat magnitudes (√mean(x²) ≈ mean|x|) and can exceed max|x|;
     both cases fall back to max|x|, so the clip is always a usable positive range.
     """
-    c1, c2 = SAWB_COEFFICIENTS
     values = values.float()
     count = math.sqrt(max(values.numel(), 1))
     # norms instead of |x| then reductions: three passes over the input, no temporary
     peak = torch.linalg.vector_norm(values, float("inf"))
     mean_abs = torch.linalg.vector_norm(values, 1) / max(values.numel(), 1)
     rms = torch.linalg.vector_norm(values) / count
+    return sawb_clip_from_moments(peak, mean_abs, rms)
+
+
+def sawb_clip_from_moments(peak: torch.Tensor, mean_abs: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+    """:func:`sawb_clip` from max|x|, mean|x| and √mean(x²) (for callers that gather them by chunks)."""
+    c1, c2 = SAWB_COEFFICIENTS
     clip = c1 * rms - c2 * mean_abs
     return torch.where((clip > 0) & (clip < peak), clip, peak)
 
@@ -141,21 +146,34 @@ def _levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # symmetric, narrow range: INT4 → ±7, INT8 → ±127
 
 
+_CHUNK = 1 << 18  # entries: 1 MiB of float32 temporaries live at a time
+
+
+def _row_chunks(count: int, row_size: int):
+    """Slices of ``count`` rows holding about :data:`_CHUNK` entries each (at least one row)."""
+    step = max(1, _CHUNK // max(row_size, 1))
+    for start in range(0, count, step):
+        yield slice(start, min(start + step, count))
+
+
 def quantize_nearest(values: torch.Tensor, clip: torch.Tensor, bits: int,
                      dtype: torch.dtype = torch.int8, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip to ±clip and round to nearest: (codes, scale) with values ≈ codes·scale.
 
-    ``dtype`` holds the integer codes (int8, or bfloat16 / float32 for kernels taking those);
-    ``overwrite`` works in place on a float32 ``values`` the caller no longer needs.
+    ``dtype`` holds the integer codes (int8, or bfloat16 / float32 for kernels taking those).
+    Works a chunk of rows at a time into the codes, so no float copy of ``values`` is made (the
+    backward's largest temporaries were these copies); ``overwrite`` is accepted for callers that
+    no longer need ``values`` and has no other effect.
     """
+    del overwrite
     levels = _levels(bits)
-    scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    own = overwrite and values.dtype == torch.float32
-    codes = (values.div_(scale) if own else torch.div(values.float(), scale)).round_().clamp_(-levels, levels)
-    return codes.to(dtype), scale.float()
-
-
-_DITHER_CHUNK = 1 << 18  # entries: 1 MiB of float32 dither live at a time
+    scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny).float()
+    codes = torch.empty(values.shape, dtype=dtype)
+    if values.dim() == 0 or values.numel() == 0:
+        return codes.copy_(torch.div(values.float(), scale).round_().clamp_(-levels, levels)), scale
+    for rows in _row_chunks(values.shape[0], values[0].numel()):
+        codes[rows] = torch.div(values[rows].float(), scale).round_().clamp_(-levels, levels)
+    return codes, scale
 
 
 def uniform_dither_codes(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
@@ -185,23 +203,23 @@ def quantize_stochastic(
     ``per_row`` gives every row (a token of an L×O matrix, a pixel of an N×C×H×W map: everything
     but dim 1) its own scale; otherwise one scale per tensor. ``dtype`` holds the integer codes
     (int8, or bfloat16 / float32 for kernels that take those: |codes| ≤ 127 are exact in all
-    three). ``overwrite`` lets it work in place on a float32 ``values`` the caller no longer needs
-    (the backward's largest temporaries are these maps).
+    three). A chunk of rows at a time goes into the codes: no float copy of ``values`` and no
+    full-size dither is ever live; ``overwrite`` is accepted and has no other effect.
     """
+    del overwrite
     levels = _levels(bits)
-    if per_row:
-        magnitude = values.abs().amax(dim=1, keepdim=True)
+    if per_row:  # max(−min, max): no |x| temporary
+        magnitude = torch.maximum(values.amax(dim=1, keepdim=True), values.amin(dim=1, keepdim=True).neg_())
     else:
         low, high = torch.aminmax(values)  # one pass, no |x| temporary
         magnitude = torch.maximum(-low, high)
     scale = (magnitude.float() / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    own = overwrite and values.dtype == torch.float32
-    scaled = values.div_(scale) if own else torch.div(values.float(), scale)
-    flat = scaled.view(-1)
-    for start in range(0, flat.numel(), _DITHER_CHUNK):  # a chunk of dither at a time, not a full map
-        chunk = flat[start:start + _DITHER_CHUNK]
+    codes = torch.empty(values.shape, dtype=dtype)
+    for rows in _row_chunks(values.shape[0], values[0].numel()):
+        chunk = torch.div(values[rows].float(), scale[rows] if per_row else scale)
         chunk.add_(uniform_dither(chunk.shape, generator))
-    return scaled.floor_().clamp_(-levels, levels).to(dtype), scale
+        codes[rows] = chunk.floor_().clamp_(-levels, levels)
+    return codes, scale
 
 
 def block_hadamard_channels(maps: torch.Tensor, block: int) -> torch.Tensor:
