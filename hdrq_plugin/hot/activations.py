@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .ownership import release, take
+
 _CHUNK = 1 << 18  # entries (a multiple of 8): float32 temporaries of 1 MiB at a time
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
@@ -68,13 +70,13 @@ class MaskedReLU(torch.autograd.Function):
     def backward(ctx, grad_output):
         (packed,) = ctx.saved_tensors
         grad = grad_output.contiguous().view(-1)
-        grad_input = torch.empty_like(grad)
+        grad_input = grad if take(grad_output) else torch.empty_like(grad)
         # a chunk at a time: the unpacked bool mask never exists at full size
         for start in range(0, grad.numel(), _CHUNK):
             stop = min(start + _CHUNK, grad.numel())
             bits = unpack_mask(packed[start // 8:-(-stop // 8)], torch.Size([-(-stop // 8) * 8 - start // 8 * 8]))
             torch.mul(grad[start:stop], bits[:stop - start], out=grad_input[start:stop])
-        return grad_input.view(ctx.shape), None, None, None
+        return release(grad_input.view(ctx.shape)), None, None, None
 
 
 def _packed_passes(inputs: torch.Tensor, low: float, high: float | None) -> torch.Tensor:
@@ -140,7 +142,9 @@ class CompressedBatchNorm(torch.autograd.Function):
             grad_weight += (grad_output[rows] * codes[rows]).sum(reduce)
         grad_weight.mul_(scale)
         gain_v = _per_channel_view(gain, dims)
-        grad_input = torch.empty_like(grad_output, memory_format=torch.contiguous_format)
+        # in place when the gradient is one that a HOT backward just allocated (ownership.py)
+        grad_input = grad_output if take(grad_output) else torch.empty_like(
+            grad_output, memory_format=torch.contiguous_format)
         if ctx.training:  # g_x = γσ⁻¹(g − Σg/M − x̂·Σg·x̂/M), a chunk at a time
             shift = _per_channel_view(grad_bias / count, dims)
             slope = _per_channel_view(grad_weight * scale / count, dims)
@@ -148,7 +152,7 @@ class CompressedBatchNorm(torch.autograd.Function):
                 grad_input[rows] = (grad_output[rows] - shift).sub_(codes[rows] * slope).mul_(gain_v)
         else:
             torch.mul(grad_output, gain_v, out=grad_input)
-        return (grad_input, None, None, grad_weight if ctx.has_weight else None,
+        return (release(grad_input), None, None, grad_weight if ctx.has_weight else None,
                 grad_bias if ctx.has_bias else None, None, None, None, None)
 
 
@@ -192,7 +196,7 @@ class WindowIndexMaxPool2d(torch.autograd.Function):
             indices += starts_w + (offsets % kernel[1]) * dilation[1]
             del offsets
             grad_input[rows].scatter_add_(-1, indices.flatten(-2), grad_output[rows].flatten(-2))
-        return grad_input.view(ctx.input_shape), None, None, None, None, None
+        return release(grad_input.view(ctx.input_shape)), None, None, None, None, None
 
 
 def _window_starts(output_shape, stride, padding):

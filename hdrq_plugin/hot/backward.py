@@ -44,6 +44,7 @@ from .hadamard import (
     sawb_clip_from_moments,
     uniform_dither,
 )
+from .ownership import release
 
 
 @dataclass
@@ -365,7 +366,7 @@ class HOTConv2dFunction(torch.autograd.Function):
                                           grad_codes, *conv_args)
                 grad_input = _scaled_float(grad_input, grad_scale * weight_scale / state.hq_block)
             del grad_codes
-            grad_input = grad_input.to(ctx.input_dtype)
+            grad_input = release(grad_input.to(ctx.input_dtype))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.sum((0, 2, 3)).to(weight.dtype)
         return grad_input, grad_weight, grad_bias, None, None
