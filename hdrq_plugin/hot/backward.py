@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .hadamard import (
+    absolute_moments,
     block_hadamard,
     block_hadamard_channels,
     integer_matmul,
@@ -125,10 +126,10 @@ def _reconstructed_map_codes(codes: torch.Tensor, scale: torch.Tensor, state: La
 
     peak, total_abs, total_square = torch.zeros(()), torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for rows in _image_chunks(codes, math.prod(shape[1:])):
-        chunk = rebuilt(rows)
-        peak = torch.maximum(peak, torch.linalg.vector_norm(chunk, float("inf")))
-        total_abs += torch.linalg.vector_norm(chunk, 1).double()
-        total_square += torch.linalg.vector_norm(chunk).double().square()
+        chunk_peak, chunk_abs, chunk_square = absolute_moments(rebuilt(rows))
+        peak = torch.maximum(peak, chunk_peak)
+        total_abs += chunk_abs.double()
+        total_square += chunk_square.double()
     clip = sawb_clip_from_moments(peak, (total_abs / count).float(), (total_square / count).sqrt().float())
     levels = 2 ** (state.grad_weight_bits - 1) - 1
     input_scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)

@@ -124,13 +124,24 @@ def sawb_clip(values: torch.Tensor) -> torch.Tensor:
     The formula is negative for flat magnitudes (√mean(x²) ≈ mean|x|) and can exceed max|x|;
     both cases fall back to max|x|, so the clip is always a usable positive range.
     """
-    values = values.float()
-    count = math.sqrt(max(values.numel(), 1))
-    # norms instead of |x| then reductions: three passes over the input, no temporary
-    peak = torch.linalg.vector_norm(values, float("inf"))
-    mean_abs = torch.linalg.vector_norm(values, 1) / max(values.numel(), 1)
-    rms = torch.linalg.vector_norm(values) / count
-    return sawb_clip_from_moments(peak, mean_abs, rms)
+    peak, total_abs, total_square = absolute_moments(values)
+    count = max(values.numel(), 1)
+    return sawb_clip_from_moments(peak, total_abs / count, (total_square / count).sqrt())
+
+
+def absolute_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max|x|, Σ|x|, Σx²) as float32 scalars, without a full-size temporary.
+
+    torch's CPU ``vector_norm`` was the slowest step of the SAWB clip (∞-norm 10×, 1-norm 2×
+    slower than ``aminmax`` and ``abs().sum()`` on a chunk); Σx² is a BLAS dot product.
+    """
+    flat = values.float().reshape(-1)
+    if flat.numel() == 0:
+        zero = torch.zeros(())
+        return zero, zero, zero
+    low, high = torch.aminmax(flat)
+    total_abs = sum(flat[start:start + _CHUNK].abs().sum() for start in range(0, flat.numel(), _CHUNK))
+    return torch.maximum(-low, high), total_abs, torch.dot(flat, flat)
 
 
 def sawb_clip_from_moments(peak: torch.Tensor, mean_abs: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
