@@ -1,19 +1,21 @@
-"""HOT vs plain backprop: saved-activation bytes, peak memory, backward time, accuracy parity.
+"""HOT vs plain backprop: saved-activation bytes, peak of one step, backward time, batch fits, accuracy parity.
 
-    python -m benchmarks.hot.memory                  # memory + time on ResNet-8 (32×32) and a ResNet-18-like (224×224)
+    python -m benchmarks.hot.memory                  # the table: ResNet-8 (64×32²) and a ResNet-18-like (8×224²)
     python -m benchmarks.hot.memory --parity         # adapt θ0 to every target with HOT vs plain (seeds, float merge)
     python -m benchmarks.hot.memory --parity --hdrq-iterations 200   # + HDRQ W4A4 merge of HOT- vs plain-adapted θt
 
 Prints tables and updates ``benchmarks/results/hot.json`` (sections ``memory`` and ``parity``).
 
-Saved bytes are counted with ``torch.autograd.graph.saved_tensors_hooks`` over one training
-step: "conv/linear inputs" are what Conv2d/Linear keep for their weight gradient (plain: the
-float input; HOT: the projected int8 buffer); "all saved" counts every distinct storage the
-graph holds (BatchNorm inputs, ReLU outputs, … stay float under HOT). Peak memory is the peak
-RSS growth of one step in a fresh child process. Backward time is the median over steps of
-``loss.backward()``, HOT and plain alternating in one process; HOT's GEMM modes (auto:
-_int_mm for Linear/1×1, float conv kernels on the codes for k×k; all-int8 via im2col; all-float)
-are timed side by side.
+Every figure of every mode comes from its own fresh process, the modes side by side per model
+and figure, with the load average before and after each. Saved bytes are counted with
+``torch.autograd.graph.saved_tensors_hooks`` over one training step: "conv/linear inputs" are
+what Conv2d/Linear keep for their weight gradient (plain: the float input; HOT: the projected
+int8 buffer); "all saved" counts every distinct storage the graph holds. The peak of one step is
+the highest live tensor bytes of a forward + backward (gradients included) from torch's
+allocator events (``hdrq_plugin.hot.budget.measure_step_peak``; deterministic). Backward time is
+the median CPU time of ``loss.backward()`` over steps, in two rounds of fresh processes with the
+modes interleaved. "fit" is the largest batch whose step peak fits the plain step's peak at the
+benchmark batch (``fit_batch_to_budget``), on the 224² model and on the digits zoo's θ0.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -178,41 +179,54 @@ def gemm_times(repeats: int = 20) -> list[dict]:
     return rows
 
 
-def _current_rss_kb() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
 def _load() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
-def peak_child(name: str, mode: str) -> None:
-    """(Fresh process) the live peak of one training step (hdrq_plugin.hot.budget.measure_step_peak)."""
+def _child_figure(kind: str, name: str, mode: str, steps: int) -> dict:
+    """(Fresh process) one figure of one mode on one model."""
     from hdrq_plugin.hot.budget import measure_step_peak
 
     torch.manual_seed(0)
+    if kind == "fit":
+        return _fit(name, mode)
     factory, shape, batch = _models()[name]
     model = factory().train()
     inputs, labels = _batch(shape, batch)
-    print(json.dumps({"live_peak_bytes": measure_step_peak(model, inputs, labels, _config(mode))}))
+    if kind == "saved":
+        row = saved_bytes(model, mode, shape, batch)
+        row.pop("layers")
+        return row
+    if kind == "peak":
+        return {"live_peak_bytes": measure_step_peak(model, inputs, labels, _config(mode))}
+    if kind == "time":
+        return {"backward_s": backward_times(model, mode, shape, batch, steps)}
+    raise ValueError(kind)
 
 
-def figures_child(name: str, mode: str, steps: int) -> None:
-    """(Fresh process, default malloc) RSS growth of the first step, saved bytes, backward time."""
-    torch.manual_seed(0)
-    factory, shape, batch = _models()[name]
-    model = factory().train()
-    inputs, labels = _batch(shape, batch)
-    before_peak, before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _current_rss_kb()
-    with _context(model, mode):
-        F.cross_entropy(model(inputs), labels).backward()
-    after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    row = {"rss_growth_bytes": (after_peak - before) * 1024, "rss_masked": after_peak <= before_peak}
-    row.update(saved_bytes(model, mode, shape, batch))
-    row.pop("layers")
-    row["backward_s"] = backward_times(model, mode, shape, batch, steps)
-    print(json.dumps(row))
+FIT_DATA = 64  # images the fit may use: batches up to this
+
+
+def _fit(name: str, mode: str) -> dict:
+    """Largest batch whose HOT / plain step peak fits the plain peak at the benchmark batch."""
+    from hdrq_plugin.hot.budget import fit_batch_to_budget, measure_step_peak
+
+    if name == "digits-zoo":
+        from hdrq_examples.training import dataset_tensors
+        from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
+
+        bench = load_or_build_benchmark(BenchmarkRecipe())
+        model, batch = bench.source_model, bench.recipe.adaptation.batch_size
+        images, labels = dataset_tensors(bench.domains[bench.recipe.target_domains[0]].train)
+        images, labels = images[:8 * batch], labels[:8 * batch]
+    else:
+        factory, shape, batch = _models()[name]
+        model = factory()
+        images, labels = _batch(shape, FIT_DATA)
+    budget = measure_step_peak(model, images[:batch], labels[:batch])
+    fit = fit_batch_to_budget(model, images, labels, budget, _config(mode))
+    return {"budget_bytes": budget, "budget_batch": batch, "batch_size": fit.batch_size,
+            "peak_bytes": fit.peak_bytes, "limited_by_data": fit.limited_by_data, "data": len(images)}
 
 
 def _child(*args: str) -> dict:
@@ -225,50 +239,67 @@ def _child(*args: str) -> dict:
 
 
 MODES = ("plain", "hot", "hot-float-gemm")
+FIGURES = ("saved", "peak", "time", "time")  # two rounds of timing
 
 
 def run_memory(steps: int) -> dict:
-    """Every figure of every mode in its own fresh process, the modes side by side per model."""
+    """Every figure of every mode in its own fresh process, the modes side by side per figure."""
     results = {}
     for name, (_, shape, batch) in _models().items():
-        row = {"input": [batch, *shape]}
-        for mode in MODES:
-            row[mode] = _child("figures", name, mode, str(steps))
-            row[mode]["peak"] = _child("peak", name, mode, "0")
-            print(f"  {name} {mode}: {row[mode]}", flush=True)
+        row = {"input": [batch, *shape], **{mode: {"time_rounds": []} for mode in MODES}}
+        for kind in FIGURES:
+            for mode in MODES if kind == "time" else MODES[:2]:
+                figure = _child(kind, name, mode, str(steps))
+                print(f"  {name} {kind} {mode}: {figure}", flush=True)
+                if kind == "time":
+                    row[mode]["time_rounds"].append(figure)
+                else:
+                    row[mode][kind] = figure
         results[name] = row
+    results["fit"] = {name: {mode: _child("fit", name, mode, "0") for mode in MODES[:2]}
+                      for name in ("digits-zoo", "resnet18like-224px")}
+    print(f"  fit: {results['fit']}", flush=True)
     results["gemm_s"] = gemm_times()
     return results
 
 
 def _mb(value: float) -> str:
-    return f"{value / 2**20:8.2f}"
+    return f"{value / 2**20:.2f}"
+
+
+def _cpu_s(row: dict) -> float:
+    rounds = [figure["backward_s"]["cpu"] for figure in row["time_rounds"]]
+    return statistics.median(rounds)
 
 
 def print_memory(results: dict) -> None:
     print("| model | batch×input | conv/linear saved MB plain → HOT (ratio) | all saved MB plain → HOT (ratio) "
-          "| live peak of one step MB plain → HOT (ratio) | RSS growth MB plain → HOT (ratio) "
-          "| backward wall s plain / HOT (ratio) | backward CPU s plain / HOT / HOT float32 kernels (ratio) | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| peak of one step MB plain → HOT (ratio) | backward CPU s plain / HOT (ratio) "
+          "| HOT float32 kernels s (ratio) | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
-        if name == "gemm_s":
+        if name in ("gemm_s", "fit"):
             continue
         p, h, f = row["plain"], row["hot"], row["hot-float-gemm"]
 
         def cell(a, b):
             return f"{_mb(a)} → {_mb(b)} ({b / max(a, 1):.2f}×)"
-        loads = [load[0] for mode in MODES for key in ("figures", "peak")
-                 for load in (row[mode]["load"] if key == "figures" else row[mode]["peak"]["load"])]
+        figures = [figure for mode in MODES for figure in
+                   (*row[mode]["time_rounds"], *(row[mode][k] for k in ("saved", "peak") if k in row[mode]))]
+        loads = [one_minute for figure in figures for one_minute, *_ in figure["load"]]
         print(f"| {name} | {'×'.join(map(str, row['input']))} "
-              f"| {cell(p['conv_linear_saved_bytes'], h['conv_linear_saved_bytes'])} "
-              f"| {cell(p['all_saved_bytes'], h['all_saved_bytes'])} "
+              f"| {cell(p['saved']['conv_linear_saved_bytes'], h['saved']['conv_linear_saved_bytes'])} "
+              f"| {cell(p['saved']['all_saved_bytes'], h['saved']['all_saved_bytes'])} "
               f"| {cell(p['peak']['live_peak_bytes'], h['peak']['live_peak_bytes'])} "
-              f"| {cell(p['rss_growth_bytes'], h['rss_growth_bytes'])} "
-              f"| {p['backward_s']['wall']:.3f} / {h['backward_s']['wall']:.3f} "
-              f"({h['backward_s']['wall'] / p['backward_s']['wall']:.2f}×) "
-              f"| {p['backward_s']['cpu']:.3f} / {h['backward_s']['cpu']:.3f} / {f['backward_s']['cpu']:.3f} "
-              f"({h['backward_s']['cpu'] / p['backward_s']['cpu']:.2f}× / {f['backward_s']['cpu'] / p['backward_s']['cpu']:.2f}×) "
+              f"| {_cpu_s(p):.3f} / {_cpu_s(h):.3f} ({_cpu_s(h) / _cpu_s(p):.2f}×) "
+              f"| {_cpu_s(f):.3f} ({_cpu_s(f) / _cpu_s(p):.2f}×) "
               f"| {min(loads):.1f}–{max(loads):.1f} |")
+    print("\n| model | budget = plain peak at batch | largest batch in it: plain / HOT | HOT peak MB |\n|---|---|---|---|")
+    for name, fits in results.get("fit", {}).items():
+        p, h = fits["plain"], fits["hot"]
+        more = "+" if h["limited_by_data"] else ""
+        print(f"| {name} | {_mb(p['budget_bytes'])} MB (batch {p['budget_batch']}) | {p['batch_size']} / "
+              f"{h['batch_size']}{more} (of {h['data']}) | {_mb(h['peak_bytes'])} |")
     print("\n| GEMM on int8 codes | torch._int_mm ms | float32 matmul ms | float ÷ int |\n|---|---|---|---|")
     for row in results.get("gemm_s", []):
         print(f"| {row['gemm']} | {1e3 * row['int_mm']:.3f} | {1e3 * row['float']:.3f} | {row['float'] / row['int_mm']:.2f}× |")
@@ -283,7 +314,7 @@ def _merge_json(section: str, payload: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed backward steps per mode")
+    parser.add_argument("--steps", type=int, default=5, help="timed backward steps per mode")
     parser.add_argument("--parity", action="store_true", help="run the accuracy-parity benchmark instead")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--hdrq-iterations", type=int, default=0,
@@ -292,8 +323,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.child:
-        kind, name, mode, *rest = args.child
-        figures_child(name, mode, int(rest[0])) if kind == "figures" else peak_child(name, mode)
+        kind, name, mode, steps = args.child
+        print(json.dumps(_child_figure(kind, name, mode, int(steps))))
         return 0
     if args.parity:
         from .parity import print_parity, run_parity

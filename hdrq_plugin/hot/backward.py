@@ -33,6 +33,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .hadamard import (
     absolute_moments,
+    add_uniform_dither_,
     block_hadamard,
     block_hadamard_channels,
     integer_matmul,
@@ -43,7 +44,6 @@ from .hadamard import (
     reconstruct_low_sequency,
     sawb_clip,
     sawb_clip_from_moments,
-    uniform_dither,
 )
 from .ownership import release
 
@@ -409,14 +409,14 @@ def hq_gradient_codes(grad_output: torch.Tensor, state: LayerState, dtype: torch
             chunk_scale = scale
         quantized = torch.div(grad_h, chunk_scale)  # never in place: a block of 1 returns g itself
         del grad_h
-        quantized.add_(uniform_dither(quantized.shape, state.generator)).floor_().clamp_(-levels, levels)
+        add_uniform_dither_(quantized, state.generator).floor_().clamp_(-levels, levels)
         codes[rows] = quantized.mul_(chunk_scale) if per_token and dequantize_per_token else quantized
     if per_token:
         return (codes, _UNIT) if dequantize_per_token else (codes, row_scales)
     return codes, scale
 
 
-_CHUNK = 1 << 18  # entries: float32 temporaries of 1 MiB per chunk
+_CHUNK = 1 << 20  # entries: float32 temporaries of 4 MiB per chunk
 
 
 def _image_chunks(maps: torch.Tensor, image_size: int | None = None):

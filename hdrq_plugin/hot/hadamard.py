@@ -157,7 +157,7 @@ def _levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # symmetric, narrow range: INT4 → ±7, INT8 → ±127
 
 
-_CHUNK = 1 << 18  # entries: 1 MiB of float32 temporaries live at a time
+_CHUNK = 1 << 20  # entries: 4 MiB of float32 temporaries live at a time
 
 
 def _row_chunks(count: int, row_size: int):
@@ -205,6 +205,11 @@ def uniform_dither(shape: torch.Size, generator: torch.Generator | None) -> torc
     return uniform_dither_codes(shape, generator).float().add_(32768.5).mul_(2.0**-16)
 
 
+def add_uniform_dither_(values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """values += u (:func:`uniform_dither`) in place, without a float dither tensor."""
+    return values.add_(32768.5 * 2.0**-16).add_(uniform_dither_codes(values.shape, generator), alpha=2.0**-16)
+
+
 def quantize_stochastic(
     values: torch.Tensor, bits: int, *, per_row: bool, generator: torch.Generator | None,
     dtype: torch.dtype = torch.int8, overwrite: bool = False,
@@ -228,7 +233,7 @@ def quantize_stochastic(
     codes = torch.empty(values.shape, dtype=dtype)
     for rows in _row_chunks(values.shape[0], values[0].numel()):
         chunk = torch.div(values[rows].float(), scale[rows] if per_row else scale)
-        chunk.add_(uniform_dither(chunk.shape, generator))
+        add_uniform_dither_(chunk, generator)
         codes[rows] = chunk.floor_().clamp_(-levels, levels)
     return codes, scale
 
