@@ -14,12 +14,11 @@ first backward pass (one calibration batch). The forward pass is untouched (floa
 Depthwise / grouped convs, convs with non-zero padding modes or string padding, and subclasses
 that override ``forward`` (e.g. Brevitas Quant* layers) keep their float backward and are listed
 in ``session.skipped``. Biases keep a float gradient; no parameter is added or removed.
-GEMMs (``HOTConfig.gemm``): ``torch._int_mm`` on int8 codes was 3–21× faster than a float32
-matmul of the same codes at 1×1-conv shapes on an x86 CPU (on par for a 10-class
-head), so Linear and 1×1 convs use it; for k×k convs
-the im2col/col2im that an integer GEMM needs cost more than it saves (aten::copy_/im2col/col2im
-dominated the profile), so they multiply the same integer codes with torch's float conv kernels
-(exact: integer products summed in float32). ``benchmarks/hot_memory.py`` times all three modes.
+GEMMs (``HOTConfig.gemm``): ``torch._int_mm`` on int8 codes for Linear and 1×1 convs; k×k convs
+multiply the same integer codes with oneDNN's bfloat16 conv kernels where the CPU has them (output
+rounded once to bf16), else float32 ones (exact) — im2col/col2im for an integer GEMM cost more
+than it saves on CPU (docs/hot_method.md §5). ReLU, BatchNorm and pools save compressed tensors
+too (``HOTConfig.compress_activations``, §6); ``hdrq_plugin.hot.budget`` measures a step's peak.
 """
 
 from __future__ import annotations
