@@ -192,3 +192,56 @@ def test_a_shared_buffer_is_not_reused_for_a_tensor_changed_in_place():
         y.mul_(2)  # a new version: conv_b must compress it anew
         (first.sum() + conv_b(y).sum()).backward()
     assert session.states["b"].shares_buffer_of is None
+
+
+class _StemWithShortcut(nn.Module):
+    """conv → BN → ReLU → max-pool, and the BN output read twice (ReLU and a residual add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        stem = F.max_pool2d(F.relu(self.bn(self.conv(x))), 3, 2, 1)
+        normalised = self.bn2(self.conv2(stem))
+        return F.relu(normalised) + normalised
+
+
+def _step_gradients(model, inputs, config):
+    model.zero_grad(set_to_none=True)
+    x = inputs.clone().requires_grad_()
+    with contextlib.nullcontext() if config is None else hot_mode(model, config):
+        model(x).square().sum().backward()
+    return [x.grad] + [p.grad.clone() for p in model.parameters()]
+
+
+def test_in_place_gradients_match_autograd_and_a_shared_gradient_is_never_overwritten(monkeypatch):
+    torch.manual_seed(0)
+    model, inputs = _StemWithShortcut().train(), torch.randn(4, 3, 16, 16)
+    exact = HOTConfig(quantize=False, hla_rank=16)
+    reference = _step_gradients(model, inputs, None)
+    for got, want in zip(_step_gradients(model, inputs, exact), reference, strict=True):
+        assert _relative_error(got, want) < FLOAT32_SUM_RTOL
+    # broken: every received gradient treated as owned, also the one the residual add hands to
+    # both of its inputs — the shared gradient is overwritten and the step goes wrong
+    monkeypatch.setattr(activations, "take", lambda gradient: gradient.is_contiguous())
+    broken = _step_gradients(model, inputs, exact)
+    assert max(_relative_error(got, want) for got, want in zip(broken, reference, strict=True)) > 0.01
+
+
+def test_chunking_does_not_change_the_quantized_input_gradient(monkeypatch):
+    from hdrq_plugin.hot import activations as hot_activations
+    from hdrq_plugin.hot import backward as hot_backward
+    from hdrq_plugin.hot import hadamard as hot_hadamard
+
+    torch.manual_seed(0)
+    model, inputs = _StemWithShortcut().train(), torch.randn(8, 3, 16, 16)
+    whole = _step_gradients(model, inputs, HOTConfig(seed=3))
+    for module in (hot_backward, hot_hadamard, hot_activations):
+        monkeypatch.setattr(module, "_CHUNK", 64)  # a few images or rows per chunk
+    chunked = _step_gradients(model, inputs, HOTConfig(seed=3))
+    # HQ's per-tensor max, the dither stream and every code are the same chunk by chunk
+    assert torch.equal(chunked[0], whole[0])
+    for got, want in zip(chunked[1:], whole[1:], strict=True):  # SAWB moments summed in another order
+        assert _relative_error(got, want) < 0.05

@@ -273,8 +273,8 @@ def _cpu_s(row: dict) -> float:
 
 
 def print_memory(results: dict) -> None:
-    print("| model | batch×input | conv/linear saved MB plain → HOT (ratio) | all saved MB plain → HOT (ratio) "
-          "| peak of one step MB plain → HOT (ratio) | backward CPU s plain / HOT (ratio) "
+    print("| model | batch×input | conv/linear saved MiB plain → HOT (ratio) | all saved MiB plain → HOT (ratio) "
+          "| peak of one step MiB plain → HOT (ratio) | backward CPU s plain / HOT (ratio) "
           "| HOT float32 kernels s (ratio) | load avg |")
     print("|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
@@ -294,11 +294,11 @@ def print_memory(results: dict) -> None:
               f"| {_cpu_s(p):.3f} / {_cpu_s(h):.3f} ({_cpu_s(h) / _cpu_s(p):.2f}×) "
               f"| {_cpu_s(f):.3f} ({_cpu_s(f) / _cpu_s(p):.2f}×) "
               f"| {min(loads):.1f}–{max(loads):.1f} |")
-    print("\n| model | budget = plain peak at batch | largest batch in it: plain / HOT | HOT peak MB |\n|---|---|---|---|")
+    print("\n| model | budget = plain peak at batch | largest batch in it: plain / HOT | HOT peak MiB |\n|---|---|---|---|")
     for name, fits in results.get("fit", {}).items():
         p, h = fits["plain"], fits["hot"]
         more = "+" if h["limited_by_data"] else ""
-        print(f"| {name} | {_mb(p['budget_bytes'])} MB (batch {p['budget_batch']}) | {p['batch_size']} / "
+        print(f"| {name} | {_mb(p['budget_bytes'])} MiB (batch {p['budget_batch']}) | {p['batch_size']} / "
               f"{h['batch_size']}{more} (of {h['data']}) | {_mb(h['peak_bytes'])} |")
     print("\n| GEMM on int8 codes | torch._int_mm ms | float32 matmul ms | float ÷ int |\n|---|---|---|---|")
     for row in results.get("gemm_s", []):
