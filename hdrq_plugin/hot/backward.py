@@ -121,8 +121,14 @@ def _reconstructed_map_codes(codes: torch.Tensor, scale: torch.Tensor, state: La
     basis = state.basis / state.order
     count = math.prod(shape)
 
-    def rebuilt(rows):
+    def rebuild(rows):
         return (_dequantize(codes[rows], scale).view(-1, state.rank) @ basis).view(-1, *shape[1:])
+
+    # a map of at most two chunks is rebuilt once and kept (time); a larger one chunk by chunk
+    whole = rebuild(slice(None)) if count <= 2 * _CHUNK else None
+
+    def rebuilt(rows):
+        return whole[rows] if whole is not None else rebuild(rows)
 
     peak, total_abs, total_square = torch.zeros(()), torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for rows in _image_chunks(codes, math.prod(shape[1:])):
@@ -135,7 +141,7 @@ def _reconstructed_map_codes(codes: torch.Tensor, scale: torch.Tensor, state: La
     input_scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
     out = torch.empty(shape, dtype=dtype)
     for rows in _image_chunks(codes, math.prod(shape[1:])):
-        out[rows] = rebuilt(rows).div_(input_scale).round_().clamp_(-levels, levels)
+        out[rows] = torch.div(rebuilt(rows), input_scale).round_().clamp_(-levels, levels)
     return out, input_scale
 
 
@@ -390,17 +396,23 @@ def hq_gradient_codes(grad_output: torch.Tensor, state: LayerState, dtype: torch
         _select_quantizer(grad_h, state)
         del grad_h
     per_token = bool(state.per_token)
+    # a map of at most two chunks is transformed once and kept (time); a larger one chunk by chunk
+    whole = block_hadamard_channels(grad_output.float(), block) if grad_output.numel() <= 2 * _CHUNK else None
+
+    def transformed(rows):
+        return whole[rows] if whole is not None else block_hadamard_channels(grad_output[rows].float(), block)
+
     scale = None
     if not per_token:
         magnitude = torch.zeros(())
         for rows in _image_chunks(grad_output):
-            low, high = torch.aminmax(block_hadamard_channels(grad_output[rows].float(), block))
+            low, high = torch.aminmax(transformed(rows))
             magnitude = torch.maximum(magnitude, torch.maximum(-low, high))
         scale = (magnitude / levels).clamp_min(torch.finfo(torch.float32).tiny)
     codes = torch.empty(grad_output.shape, dtype=dtype)
     row_scales = torch.empty(grad_output.shape[0], 1, *grad_output.shape[2:]) if per_token else None
     for rows in _image_chunks(grad_output):
-        grad_h = block_hadamard_channels(grad_output[rows].float(), block)
+        grad_h = transformed(rows)
         if per_token:
             chunk_scale = torch.maximum(grad_h.amax(1, keepdim=True), grad_h.amin(1, keepdim=True).neg_())
             chunk_scale = chunk_scale.div_(levels).clamp_min_(torch.finfo(torch.float32).tiny)
