@@ -242,10 +242,12 @@ MODES = ("plain", "hot", "hot-float-gemm")
 FIGURES = ("saved", "peak", "time", "time")  # two rounds of timing
 
 
-def run_memory(steps: int) -> dict:
+def run_memory(steps: int, models: list[str] | None = None, fits: bool = True) -> dict:
     """Every figure of every mode in its own fresh process, the modes side by side per figure."""
     results = {}
     for name, (_, shape, batch) in _models().items():
+        if models and name not in models:
+            continue
         row = {"input": [batch, *shape], **{mode: {"time_rounds": []} for mode in MODES}}
         for kind in FIGURES:
             for mode in MODES if kind == "time" else MODES[:2]:
@@ -256,10 +258,11 @@ def run_memory(steps: int) -> dict:
                 else:
                     row[mode][kind] = figure
         results[name] = row
-    results["fit"] = {name: {mode: _child("fit", name, mode, "0") for mode in MODES[:2]}
-                      for name in ("digits-zoo", "resnet18like-224px")}
-    print(f"  fit: {results['fit']}", flush=True)
-    results["gemm_s"] = gemm_times()
+    if fits:
+        results["fit"] = {name: {mode: _child("fit", name, mode, "0") for mode in MODES[:2]}
+                          for name in ("digits-zoo", "resnet18like-224px")}
+        print(f"  fit: {results['fit']}", flush=True)
+        results["gemm_s"] = gemm_times()
     return results
 
 
@@ -278,7 +281,7 @@ def print_memory(results: dict) -> None:
           "| HOT float32 kernels s (ratio) | load avg |")
     print("|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
-        if name in ("gemm_s", "fit"):
+        if not isinstance(row, dict) or "plain" not in row:
             continue
         p, h, f = row["plain"], row["hot"], row["hot-float-gemm"]
 
@@ -319,6 +322,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--hdrq-iterations", type=int, default=0,
                         help="also quantize (HDRQ W4A4) and merge the seed-0 adapted models with this budget")
+    parser.add_argument("--models", nargs="+", help="re-measure only these models (no fits), keeping the others' rows")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -334,10 +338,12 @@ def main(argv=None) -> int:
         _merge_json("parity", results)
     else:
         print(f"load average before: {_load()}", flush=True)
-        results = run_memory(args.steps)
+        results = run_memory(args.steps, args.models, fits=not args.models)
+        previous = json.loads(RESULTS.read_text()).get("memory", {}) if args.models and RESULTS.is_file() else {}
+        results = {**previous, "torch": torch.__version__, "threads": 1, **results}  # --models: the others kept
         print_memory(results)
         print(f"load average after: {_load()}")
-        _merge_json("memory", {"torch": torch.__version__, "threads": 1, **results})
+        _merge_json("memory", results)
     print(f"wrote {RESULTS}")
     return 0
 
