@@ -68,7 +68,17 @@ def test_a_step_peak_covers_the_gradients_and_the_saved_maps():
     assert peak > grads + 16 * 16 * 32 * 32 * 4
 
 
-def test_hot_lowers_the_peak_and_the_caller_model_is_untouched():
+def _small_chunks(monkeypatch):
+    """HOT's chunks hold 4 MiB of float32, as much as this tiny net's largest map: scaled down to
+    the benchmark models' proportion (a chunk ≈ 1/8 of a map) so the comparison means the same."""
+    from hdrq_plugin.hot import activations, backward, hadamard
+
+    for module in (activations, backward, hadamard):
+        monkeypatch.setattr(module, "_CHUNK", 1 << 14)
+
+
+def test_hot_lowers_the_peak_and_the_caller_model_is_untouched(monkeypatch):
+    _small_chunks(monkeypatch)
     model, (images, labels) = _net(), _data(32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plain, hot = measure_step_peak(model, images, labels), measure_step_peak(model, images, labels, HOTConfig())
@@ -88,7 +98,8 @@ def test_peaks_grow_with_the_batch_and_the_fit_is_the_largest_that_fits():
     assert everything.batch_size == 40 and everything.limited_by_data
 
 
-def test_hot_fits_a_larger_batch_in_the_same_budget():
+def test_hot_fits_a_larger_batch_in_the_same_budget(monkeypatch):
+    _small_chunks(monkeypatch)
     model, (images, labels) = _net(), _data(64)
     budget = measure_step_peak(model, images[:16], labels[:16])
     assert fit_batch_to_budget(model, images, labels, budget, HOTConfig()).batch_size > 16

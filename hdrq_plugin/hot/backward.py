@@ -124,8 +124,8 @@ def _reconstructed_map_codes(codes: torch.Tensor, scale: torch.Tensor, state: La
     def rebuild(rows):
         return (_dequantize(codes[rows], scale).view(-1, state.rank) @ basis).view(-1, *shape[1:])
 
-    # a map of at most two chunks is rebuilt once and kept (time); a larger one chunk by chunk
-    whole = rebuild(slice(None)) if count <= 2 * _CHUNK else None
+    # a map of one chunk is rebuilt once and kept (time, no extra memory); a larger one by chunks
+    whole = rebuild(slice(None)) if count <= _CHUNK else None
 
     def rebuilt(rows):
         return whole[rows] if whole is not None else rebuild(rows)
@@ -396,8 +396,8 @@ def hq_gradient_codes(grad_output: torch.Tensor, state: LayerState, dtype: torch
         _select_quantizer(grad_h, state)
         del grad_h
     per_token = bool(state.per_token)
-    # a map of at most two chunks is transformed once and kept (time); a larger one chunk by chunk
-    whole = block_hadamard_channels(grad_output.float(), block) if grad_output.numel() <= 2 * _CHUNK else None
+    # a map of one chunk is transformed once and kept (time, no extra memory); a larger one by chunks
+    whole = block_hadamard_channels(grad_output.float(), block) if grad_output.numel() <= _CHUNK else None
 
     def transformed(rows):
         return whole[rows] if whole is not None else block_hadamard_channels(grad_output[rows].float(), block)
