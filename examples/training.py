@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
+from hdrq_plugin.hot.budget import BatchFit, fit_batch_to_budget
 from hdrq_plugin.hot.mode import HOTConfig, hot_mode
 from hdrq_plugin.progress import progress_bar
 
@@ -147,14 +148,35 @@ def train_source(data: Dataset, architecture: ResNetConfig, config: TrainConfig,
 
 def adapt_to_target(
     source: nn.Module, data: Dataset, config: TrainConfig, *, seed: int, desc: str = "adapt",
-    hot: bool | HOTConfig | None = None,
+    hot: bool | HOTConfig | None = None, memory_budget: int | None = None,
 ) -> nn.Module:
     """A copy of ``source`` fine-tuned on one target's labelled ``data``: θt (``source`` is untouched).
 
     ``hot=True`` (or a :class:`HOTConfig`) back-propagates with HOT; ``None`` keeps ``config.hot``.
+    ``memory_budget`` (bytes) replaces ``config.batch_size`` by the largest batch whose measured
+    training-step peak fits it (:func:`fit_adaptation_batch`); the model records the fit as
+    ``model.batch_fit``.
     """
     if hot is not None:
         config = dataclasses.replace(config, hot=hot)
+    fit = None
+    if memory_budget is not None:
+        config, fit = fit_adaptation_batch(source, data, config, memory_budget)
     model = copy.deepcopy(source)
     train_classifier(model, data, config, seed=seed, desc=desc)
+    if fit is not None:
+        model.batch_fit = fit
     return model
+
+
+def fit_adaptation_batch(source: nn.Module, data: Dataset, config: TrainConfig,
+                         memory_budget: int) -> tuple[TrainConfig, BatchFit]:
+    """``config`` with the largest batch (≤ the data) whose one-step peak fits ``memory_budget`` bytes.
+
+    The peak is measured on ``source`` with ``config.hot`` (hdrq_plugin.hot.budget): live tensor
+    bytes of a forward + backward, gradients included, optimizer state not (plain SGD keeps a
+    momentum buffer the size of the parameters; Adam two).
+    """
+    images, labels = dataset_tensors(data)
+    fit = fit_batch_to_budget(source, images, labels, memory_budget, config.hot)
+    return dataclasses.replace(config, batch_size=fit.batch_size), fit

@@ -1,19 +1,21 @@
-"""HOT vs plain backprop: saved-activation bytes, peak memory, backward time, accuracy parity.
+"""HOT vs plain backprop: saved-activation bytes, peak of one step, backward time, batch fits, accuracy parity.
 
-    python -m benchmarks.hot.memory                  # memory + time on ResNet-8 (32×32) and a ResNet-18-like (224×224)
+    python -m benchmarks.hot.memory                  # the table: ResNet-8 (64×32²) and a ResNet-18-like (8×224²)
     python -m benchmarks.hot.memory --parity         # adapt θ0 to every target with HOT vs plain (seeds, float merge)
     python -m benchmarks.hot.memory --parity --hdrq-iterations 200   # + HDRQ W4A4 merge of HOT- vs plain-adapted θt
 
 Prints tables and updates ``benchmarks/results/hot.json`` (sections ``memory`` and ``parity``).
 
-Saved bytes are counted with ``torch.autograd.graph.saved_tensors_hooks`` over one training
-step: "conv/linear inputs" are what Conv2d/Linear keep for their weight gradient (plain: the
-float input; HOT: the projected int8 buffer); "all saved" counts every distinct storage the
-graph holds (BatchNorm inputs, ReLU outputs, … stay float under HOT). Peak memory is the peak
-RSS growth of one step in a fresh child process. Backward time is the median over steps of
-``loss.backward()``, HOT and plain alternating in one process; HOT's GEMM modes (auto:
-_int_mm for Linear/1×1, float conv kernels on the codes for k×k; all-int8 via im2col; all-float)
-are timed side by side.
+Every figure of every mode comes from its own fresh process, the modes side by side per model
+and figure, with the load average before and after each. Saved bytes are counted with
+``torch.autograd.graph.saved_tensors_hooks`` over one training step: "conv/linear inputs" are
+what Conv2d/Linear keep for their weight gradient (plain: the float input; HOT: the projected
+int8 buffer); "all saved" counts every distinct storage the graph holds. The peak of one step is
+the highest live tensor bytes of a forward + backward (gradients included) from torch's
+allocator events (``hdrq_plugin.hot.budget.measure_step_peak``; deterministic). Backward time is
+the median CPU time of ``loss.backward()`` over steps, in two rounds of fresh processes with the
+modes interleaved. "fit" is the largest batch whose step peak fits the plain step's peak at the
+benchmark batch (``fit_batch_to_budget``), on the 224² model and on the digits zoo's θ0.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,12 +90,17 @@ def _batch(shape, batch: int, seed: int = 0):
     return torch.rand(batch, *shape, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
 
 
+def _config(mode: str) -> HOTConfig | None:
+    if mode == "plain":
+        return None
+    return HOTConfig(gemm={"hot": "auto", "hot-int-gemm": "int", "hot-float-gemm": "float"}[mode])
+
+
 def _context(model, mode: str):
     import contextlib
 
-    if mode == "plain":
-        return contextlib.nullcontext(None)
-    return hot_mode(model, HOTConfig(gemm={"hot": "auto", "hot-int-gemm": "int", "hot-float-gemm": "float"}[mode]))
+    config = _config(mode)
+    return contextlib.nullcontext(None) if config is None else hot_mode(model, config)
 
 
 def saved_bytes(model: nn.Module, mode: str, shape, batch: int) -> dict:
@@ -130,21 +136,21 @@ def saved_bytes(model: nn.Module, mode: str, shape, batch: int) -> dict:
     return {"conv_linear_saved_bytes": conv_linear, "all_saved_bytes": all_saved, "layers": report}
 
 
-def backward_times(model: nn.Module, shape, batch: int, steps: int) -> dict[str, float]:
-    """Median seconds of loss.backward() per mode, modes interleaved step by step."""
+def backward_times(model: nn.Module, mode: str, shape, batch: int, steps: int) -> dict[str, float]:
+    """Median wall and CPU seconds of loss.backward() over ``steps`` steps (after one warm-up)."""
     inputs, labels = _batch(shape, batch)
-    times: dict[str, list[float]] = {"plain": [], "hot": [], "hot-int-gemm": [], "hot-float-gemm": []}
+    wall, cpu = [], []
     model.train()
     for step in range(steps + 1):
-        for mode in times:
-            with _context(model, mode):
-                loss = F.cross_entropy(model(inputs), labels)
-                model.zero_grad(set_to_none=True)
-                start = time.perf_counter()
-                loss.backward()
-                if step > 0:  # the first step warms up allocators and kernels
-                    times[mode].append(time.perf_counter() - start)
-    return {mode: statistics.median(values) for mode, values in times.items()}
+        with _context(model, mode):
+            loss = F.cross_entropy(model(inputs), labels)
+            model.zero_grad(set_to_none=True)
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            loss.backward()
+            if step > 0:  # the first step warms up allocators and kernels
+                wall.append(time.perf_counter() - start_wall)
+                cpu.append(time.process_time() - start_cpu)
+    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
 
 
 def gemm_times(repeats: int = 20) -> list[dict]:
@@ -173,68 +179,130 @@ def gemm_times(repeats: int = 20) -> list[dict]:
     return rows
 
 
-def _current_rss_kb() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def _load() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
 
 
-def peak_child(name: str, mode: str) -> None:
-    """(Child process) one training step; prints the peak RSS growth in bytes as JSON."""
+def _child_figure(kind: str, name: str, mode: str, steps: int) -> dict:
+    """(Fresh process) one figure of one mode on one model."""
+    from hdrq_plugin.hot.budget import measure_step_peak
+
     torch.manual_seed(0)
+    if kind == "fit":
+        return _fit(name, mode)
     factory, shape, batch = _models()[name]
     model = factory().train()
     inputs, labels = _batch(shape, batch)
-    before_peak, before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _current_rss_kb()
-    with _context(model, mode):
-        F.cross_entropy(model(inputs), labels).backward()
-    after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_growth_bytes": (after_peak - before) * 1024, "masked": after_peak <= before_peak}))
+    if kind == "saved":
+        row = saved_bytes(model, mode, shape, batch)
+        row.pop("layers")
+        return row
+    if kind == "peak":
+        return {"live_peak_bytes": measure_step_peak(model, inputs, labels, _config(mode))}
+    if kind == "time":
+        return {"backward_s": backward_times(model, mode, shape, batch, steps)}
+    raise ValueError(kind)
 
 
-def _peak(name: str, mode: str) -> dict:
-    # the same module, from the repository root (where `benchmarks` imports), in a fresh process
-    out = subprocess.run([sys.executable, "-m", __spec__.name, "--peak-child", name, mode], check=True,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=_BENCHMARKS.parent)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+FIT_DATA = 64  # images the fit may use: batches up to this
 
 
-def run_memory(steps: int) -> dict:
-    results = {}
-    for name, (factory, shape, batch) in _models().items():
-        torch.manual_seed(0)
+def _fit(name: str, mode: str) -> dict:
+    """Largest batch whose HOT / plain step peak fits the plain peak at the benchmark batch."""
+    from hdrq_plugin.hot.budget import fit_batch_to_budget, measure_step_peak
+
+    if name == "digits-zoo":
+        from hdrq_examples.training import dataset_tensors
+        from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
+
+        bench = load_or_build_benchmark(BenchmarkRecipe())
+        model, batch = bench.source_model, bench.recipe.adaptation.batch_size
+        images, labels = dataset_tensors(bench.domains[bench.recipe.target_domains[0]].train)
+        images, labels = images[:8 * batch], labels[:8 * batch]
+    else:
+        factory, shape, batch = _models()[name]
         model = factory()
-        row = {"input": [batch, *shape]}
-        for mode in ("plain", "hot"):
-            row[mode] = saved_bytes(model, mode, shape, batch)
-            row[mode]["peak"] = _peak(name, mode)
-        row["backward_s"] = backward_times(model, shape, batch, steps)
+        images, labels = _batch(shape, FIT_DATA)
+    budget = measure_step_peak(model, images[:batch], labels[:batch])
+    fit = fit_batch_to_budget(model, images, labels, budget, _config(mode))
+    return {"budget_bytes": budget, "budget_batch": batch, "batch_size": fit.batch_size,
+            "peak_bytes": fit.peak_bytes, "limited_by_data": fit.limited_by_data, "data": len(images)}
+
+
+def _child(*args: str) -> dict:
+    # the same module, from the repository root (where `benchmarks` imports), in a fresh process
+    load_before = _load()
+    out = subprocess.run([sys.executable, "-m", __spec__.name, "--child", *args], check=True,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         cwd=_BENCHMARKS.parent)
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "load": [load_before, _load()]}
+
+
+MODES = ("plain", "hot", "hot-float-gemm")
+FIGURES = ("saved", "peak", "time", "time")  # two rounds of timing
+
+
+def run_memory(steps: int, models: list[str] | None = None, fits: bool = True) -> dict:
+    """Every figure of every mode in its own fresh process, the modes side by side per figure."""
+    results = {}
+    for name, (_, shape, batch) in _models().items():
+        if models and name not in models:
+            continue
+        row = {"input": [batch, *shape], **{mode: {"time_rounds": []} for mode in MODES}}
+        for kind in FIGURES:
+            for mode in MODES if kind == "time" else MODES[:2]:
+                figure = _child(kind, name, mode, str(steps))
+                print(f"  {name} {kind} {mode}: {figure}", flush=True)
+                if kind == "time":
+                    row[mode]["time_rounds"].append(figure)
+                else:
+                    row[mode][kind] = figure
         results[name] = row
-    results["gemm_s"] = gemm_times()
+    if fits:
+        results["fit"] = {name: {mode: _child("fit", name, mode, "0") for mode in MODES[:2]}
+                          for name in ("digits-zoo", "resnet18like-224px")}
+        print(f"  fit: {results['fit']}", flush=True)
+        results["gemm_s"] = gemm_times()
     return results
 
 
 def _mb(value: float) -> str:
-    return f"{value / 2**20:8.2f}"
+    return f"{value / 2**20:.2f}"
+
+
+def _cpu_s(row: dict) -> float:
+    rounds = [figure["backward_s"]["cpu"] for figure in row["time_rounds"]]
+    return statistics.median(rounds)
 
 
 def print_memory(results: dict) -> None:
-    print("| model | batch×input | conv/linear saved MB plain → HOT (ratio) | all saved MB plain → HOT (ratio) "
-          "| peak step MB plain → HOT (ratio) | backward s plain / HOT auto / all-int8 / all-float GEMM (HOT÷plain) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch×input | conv/linear saved MiB plain → HOT (ratio) | all saved MiB plain → HOT (ratio) "
+          "| peak of one step MiB plain → HOT (ratio) | backward CPU s plain / HOT (ratio) "
+          "| HOT float32 kernels s (ratio) | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
-        if name == "gemm_s":
+        if not isinstance(row, dict) or "plain" not in row:
             continue
-        p, h = row["plain"], row["hot"]
-        def ratio(key, p=p, h=h):
-            return p[key] / h[key]
-        peak_p, peak_h = p["peak"]["peak_growth_bytes"], h["peak"]["peak_growth_bytes"]
-        t = row["backward_s"]
+        p, h, f = row["plain"], row["hot"], row["hot-float-gemm"]
+
+        def cell(a, b):
+            return f"{_mb(a)} → {_mb(b)} ({b / max(a, 1):.2f}×)"
+        figures = [figure for mode in MODES for figure in
+                   (*row[mode]["time_rounds"], *(row[mode][k] for k in ("saved", "peak") if k in row[mode]))]
+        loads = [one_minute for figure in figures for one_minute, *_ in figure["load"]]
         print(f"| {name} | {'×'.join(map(str, row['input']))} "
-              f"| {_mb(p['conv_linear_saved_bytes'])} → {_mb(h['conv_linear_saved_bytes'])} ({ratio('conv_linear_saved_bytes'):.2f}×) "
-              f"| {_mb(p['all_saved_bytes'])} → {_mb(h['all_saved_bytes'])} ({ratio('all_saved_bytes'):.2f}×) "
-              f"| {_mb(peak_p)} → {_mb(peak_h)} ({peak_p / max(peak_h, 1):.2f}×) "
-              f"| {t['plain']:.3f} / {t['hot']:.3f} / {t['hot-int-gemm']:.3f} / {t['hot-float-gemm']:.3f} "
-              f"({t['hot'] / t['plain']:.2f}×) |")
+              f"| {cell(p['saved']['conv_linear_saved_bytes'], h['saved']['conv_linear_saved_bytes'])} "
+              f"| {cell(p['saved']['all_saved_bytes'], h['saved']['all_saved_bytes'])} "
+              f"| {cell(p['peak']['live_peak_bytes'], h['peak']['live_peak_bytes'])} "
+              f"| {_cpu_s(p):.3f} / {_cpu_s(h):.3f} ({_cpu_s(h) / _cpu_s(p):.2f}×) "
+              f"| {_cpu_s(f):.3f} ({_cpu_s(f) / _cpu_s(p):.2f}×) "
+              f"| {min(loads):.1f}–{max(loads):.1f} |")
+    print("\n| model | budget = plain peak at batch | largest batch in it: plain / HOT | HOT peak MiB |\n|---|---|---|---|")
+    for name, fits in results.get("fit", {}).items():
+        p, h = fits["plain"], fits["hot"]
+        more = "+" if h["limited_by_data"] else ""
+        print(f"| {name} | {_mb(p['budget_bytes'])} MiB (batch {p['budget_batch']}) | {p['batch_size']} / "
+              f"{h['batch_size']}{more} (of {h['data']}) | {_mb(h['peak_bytes'])} |")
     print("\n| GEMM on int8 codes | torch._int_mm ms | float32 matmul ms | float ÷ int |\n|---|---|---|---|")
     for row in results.get("gemm_s", []):
         print(f"| {row['gemm']} | {1e3 * row['int_mm']:.3f} | {1e3 * row['float']:.3f} | {row['float'] / row['int_mm']:.2f}× |")
@@ -249,16 +317,18 @@ def _merge_json(section: str, payload: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed backward steps per mode")
+    parser.add_argument("--steps", type=int, default=5, help="timed backward steps per mode")
     parser.add_argument("--parity", action="store_true", help="run the accuracy-parity benchmark instead")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--hdrq-iterations", type=int, default=0,
                         help="also quantize (HDRQ W4A4) and merge the seed-0 adapted models with this budget")
-    parser.add_argument("--peak-child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", help="re-measure only these models (no fits), keeping the others' rows")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    if args.peak_child:
-        peak_child(*args.peak_child)
+    if args.child:
+        kind, name, mode, steps = args.child
+        print(json.dumps(_child_figure(kind, name, mode, int(steps))))
         return 0
     if args.parity:
         from .parity import print_parity, run_parity
@@ -267,9 +337,13 @@ def main(argv=None) -> int:
         print_parity(results)
         _merge_json("parity", results)
     else:
-        results = run_memory(args.steps)
+        print(f"load average before: {_load()}", flush=True)
+        results = run_memory(args.steps, args.models, fits=not args.models)
+        previous = json.loads(RESULTS.read_text()).get("memory", {}) if args.models and RESULTS.is_file() else {}
+        results = {**previous, "torch": torch.__version__, "threads": 1, **results}  # --models: the others kept
         print_memory(results)
-        _merge_json("memory", {"torch": torch.__version__, "threads": 1, **results})
+        print(f"load average after: {_load()}")
+        _merge_json("memory", results)
     print(f"wrote {RESULTS}")
     return 0
 

@@ -67,16 +67,25 @@ def largest_power_of_two_block(length: int, max_block: int) -> int:
 
 
 def block_hadamard(matrix: torch.Tensor, block: int, dim: int) -> torch.Tensor:
-    """``matrix`` times the block-diagonal Hadamard matrix along ``dim`` (no normalisation)."""
+    """``matrix`` times the block-diagonal Hadamard matrix along ``dim`` (no normalisation).
+
+    Laid out so that torch runs one GEMM (last axis: rows·H) or one batched GEMM over large
+    slabs (other axes: H·slab, as it stands in memory); moving the axis last first made torch
+    loop over thousands of 16×16 products with a copy each (the largest cost of HOT's backward).
+    """
+    dim = dim % matrix.dim()
     size = matrix.shape[dim]
     if size % block:
         raise ValueError(f"Hadamard block {block} does not divide axis {dim} of length {size}")
     if block == 1:
         return matrix
-    moved = matrix.movedim(dim, -1)
-    grouped = moved.reshape(*moved.shape[:-1], size // block, block)
-    transformed = grouped @ _hadamard_cached(block).to(matrix.dtype)  # H symmetric: x·H = (H·x)ᵀ
-    return transformed.reshape(moved.shape).movedim(-1, dim)
+    hadamard = _hadamard_cached(block).to(matrix.dtype)
+    if dim == matrix.dim() - 1:
+        grouped = matrix.contiguous().view(-1, block)
+        return (grouped @ hadamard).view(matrix.shape)  # H symmetric: x·H = (H·x)ᵀ
+    prefix = math.prod(matrix.shape[:dim])
+    grouped = matrix.contiguous().view(prefix * (size // block), block, -1)
+    return (hadamard @ grouped).view(matrix.shape)
 
 
 def padded_length(length: int, block: int) -> int:
@@ -115,11 +124,29 @@ def sawb_clip(values: torch.Tensor) -> torch.Tensor:
     The formula is negative for flat magnitudes (√mean(x²) ≈ mean|x|) and can exceed max|x|;
     both cases fall back to max|x|, so the clip is always a usable positive range.
     """
+    peak, total_abs, total_square = absolute_moments(values)
+    count = max(values.numel(), 1)
+    return sawb_clip_from_moments(peak, total_abs / count, (total_square / count).sqrt())
+
+
+def absolute_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max|x|, Σ|x|, Σx²) as float32 scalars, without a full-size temporary.
+
+    torch's CPU ``vector_norm`` was the slowest step of the SAWB clip (∞-norm 10×, 1-norm 2×
+    slower than ``aminmax`` and ``abs().sum()`` on a chunk); Σx² is a BLAS dot product.
+    """
+    flat = values.float().reshape(-1)
+    if flat.numel() == 0:
+        zero = torch.zeros(())
+        return zero, zero, zero
+    low, high = torch.aminmax(flat)
+    total_abs = sum(flat[start:start + _CHUNK].abs().sum() for start in range(0, flat.numel(), _CHUNK))
+    return torch.maximum(-low, high), total_abs, torch.dot(flat, flat)
+
+
+def sawb_clip_from_moments(peak: torch.Tensor, mean_abs: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+    """:func:`sawb_clip` from max|x|, mean|x| and √mean(x²) (for callers that gather them by chunks)."""
     c1, c2 = SAWB_COEFFICIENTS
-    magnitudes = values.float().abs()  # the one temporary: activations can be large
-    peak, mean_abs = magnitudes.max(), magnitudes.mean()
-    rms = torch.linalg.vector_norm(magnitudes) / math.sqrt(max(magnitudes.numel(), 1))
-    del magnitudes
     clip = c1 * rms - c2 * mean_abs
     return torch.where((clip > 0) & (clip < peak), clip, peak)
 
@@ -130,27 +157,90 @@ def _levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # symmetric, narrow range: INT4 → ±7, INT8 → ±127
 
 
-def quantize_nearest(values: torch.Tensor, clip: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip to ±clip and round to nearest: (int8 codes, scale) with values ≈ codes·scale."""
+_CHUNK = 1 << 20  # entries: 4 MiB of float32 temporaries live at a time
+
+
+def _row_chunks(count: int, row_size: int):
+    """Slices of ``count`` rows holding about :data:`_CHUNK` entries each (at least one row)."""
+    step = max(1, _CHUNK // max(row_size, 1))
+    for start in range(0, count, step):
+        yield slice(start, min(start + step, count))
+
+
+def quantize_nearest(values: torch.Tensor, clip: torch.Tensor, bits: int,
+                     dtype: torch.dtype = torch.int8, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip to ±clip and round to nearest: (codes, scale) with values ≈ codes·scale.
+
+    ``dtype`` holds the integer codes (int8, or bfloat16 / float32 for kernels taking those).
+    Works a chunk of rows at a time into the codes, so no float copy of ``values`` is made (the
+    backward's largest temporaries were these copies); ``overwrite`` is accepted for callers that
+    no longer need ``values`` and has no other effect.
+    """
+    del overwrite
     levels = _levels(bits)
-    scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = torch.div(values.float(), scale).round_().clamp_(-levels, levels)
-    return codes.to(torch.int8), scale.float()
+    scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny).float()
+    codes = torch.empty(values.shape, dtype=dtype)
+    if values.dim() == 0 or values.numel() == 0:
+        return codes.copy_(torch.div(values.float(), scale).round_().clamp_(-levels, levels)), scale
+    for rows in _row_chunks(values.shape[0], values[0].numel()):
+        codes[rows] = torch.div(values[rows].float(), scale).round_().clamp_(-levels, levels)
+    return codes, scale
+
+
+def uniform_dither_codes(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """k ~ U{−2¹⁵ … 2¹⁵−1} as int16: u = (k + 2¹⁵ + ½)·2⁻¹⁶ is the dither of stochastic rounding.
+
+    torch's CPU generator is a Mersenne twister; ``torch.rand`` draws one 32-bit number per
+    entry and was the largest single cost of HOT's backward (3.7× slower than drawing 64-bit
+    words and splitting each into four 16-bit values, as here). The midpoint grid keeps
+    E[u] = ½ exactly; rounding u to 2⁻¹⁶ changes the rounding probabilities by at most 2⁻¹⁷.
+    """
+    count = math.prod(shape)
+    words = torch.randint(-2**63, 2**63 - 1, (math.ceil(count / 4),), generator=generator, dtype=torch.int64)
+    return words.view(torch.int16)[:count].reshape(shape)
+
+
+def uniform_dither(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """u of :func:`uniform_dither_codes` as float32 in [0, 1)."""
+    return uniform_dither_codes(shape, generator).float().add_(32768.5).mul_(2.0**-16)
+
+
+def add_uniform_dither_(values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """values += u (:func:`uniform_dither`) in place, without a float dither tensor."""
+    return values.add_(32768.5 * 2.0**-16).add_(uniform_dither_codes(values.shape, generator), alpha=2.0**-16)
 
 
 def quantize_stochastic(
-    values: torch.Tensor, bits: int, *, per_row: bool, generator: torch.Generator | None
+    values: torch.Tensor, bits: int, *, per_row: bool, generator: torch.Generator | None,
+    dtype: torch.dtype = torch.int8, overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Max-scaled stochastic rounding (floor(x/s + u), u ~ U[0, 1)): unbiased, |error| < s.
 
-    ``per_row`` gives every row its own scale (per-token); otherwise one scale per tensor.
+    ``per_row`` gives every row (a token of an L×O matrix, a pixel of an N×C×H×W map: everything
+    but dim 1) its own scale; otherwise one scale per tensor. ``dtype`` holds the integer codes
+    (int8, or bfloat16 / float32 for kernels that take those: |codes| ≤ 127 are exact in all
+    three). A chunk of rows at a time goes into the codes: no float copy of ``values`` and no
+    full-size dither is ever live; ``overwrite`` is accepted and has no other effect.
     """
+    del overwrite
     levels = _levels(bits)
-    magnitude = values.abs().amax(dim=1, keepdim=True) if per_row else values.abs().max()
+    if per_row:  # max(−min, max): no |x| temporary
+        magnitude = torch.maximum(values.amax(dim=1, keepdim=True), values.amin(dim=1, keepdim=True).neg_())
+    else:
+        low, high = torch.aminmax(values)  # one pass, no |x| temporary
+        magnitude = torch.maximum(-low, high)
     scale = (magnitude.float() / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = torch.rand(values.shape, generator=generator, dtype=torch.float32)  # u, then in place
-    codes.addcdiv_(values.float(), scale.expand_as(values) if scale.dim() else scale.expand(values.shape))
-    return codes.floor_().clamp_(-levels, levels).to(torch.int8), scale
+    codes = torch.empty(values.shape, dtype=dtype)
+    for rows in _row_chunks(values.shape[0], values[0].numel()):
+        chunk = torch.div(values[rows].float(), scale[rows] if per_row else scale)
+        add_uniform_dither_(chunk, generator)
+        codes[rows] = chunk.floor_().clamp_(-levels, levels)
+    return codes, scale
+
+
+def block_hadamard_channels(maps: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`block_hadamard` along dim 1 of an N×C×… map (channels stay where they are)."""
+    return block_hadamard(maps, block, dim=1)
 
 
 def integer_matmul(left: torch.Tensor, right: torch.Tensor, *, use_int_mm: bool) -> torch.Tensor:

@@ -14,12 +14,11 @@ first backward pass (one calibration batch). The forward pass is untouched (floa
 Depthwise / grouped convs, convs with non-zero padding modes or string padding, and subclasses
 that override ``forward`` (e.g. Brevitas Quant* layers) keep their float backward and are listed
 in ``session.skipped``. Biases keep a float gradient; no parameter is added or removed.
-GEMMs (``HOTConfig.gemm``): ``torch._int_mm`` on int8 codes was 3–21× faster than a float32
-matmul of the same codes at 1×1-conv shapes on an x86 CPU (on par for a 10-class
-head), so Linear and 1×1 convs use it; for k×k convs
-the im2col/col2im that an integer GEMM needs cost more than it saves (aten::copy_/im2col/col2im
-dominated the profile), so they multiply the same integer codes with torch's float conv kernels
-(exact: integer products summed in float32). ``benchmarks/hot_memory.py`` times all three modes.
+GEMMs (``HOTConfig.gemm``): ``torch._int_mm`` on int8 codes for Linear and 1×1 convs; k×k convs
+multiply the same integer codes with oneDNN's bfloat16 conv kernels where the CPU has them (output
+rounded once to bf16), else float32 ones (exact) — im2col/col2im for an integer GEMM cost more
+than it saves on CPU (docs/hot_method.md §5). ReLU, BatchNorm and pools save compressed tensors
+too (``HOTConfig.compress_activations``, §6); ``hdrq_plugin.hot.budget`` measures a step's peak.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .activations import CompressedActivations
 from .backward import ConvGeometry, HOTConv2dFunction, HOTLinearFunction, LayerState
 from .hadamard import largest_power_of_two_block, low_sequency_basis
 
@@ -46,11 +46,15 @@ class HOTConfig:
     grad_weight_bits: int = 8  # HLA operands and the saved activation INT8 (paper §3.2)
     per_token_gain: float = 0.5  # LQS: per-token when it more than halves the 4-bit error (§3.3)
     quantize: bool = True  # False keeps only the transforms (exact at hla_rank == hla_order)
-    # "auto": Linear / 1×1 GEMMs via torch._int_mm, k×k convs via float conv kernels on the
-    # integer codes (im2col + col2im cost more than the GEMM saves on CPU; benchmarks/hot_memory.py);
-    # "int": every GEMM via torch._int_mm (convs through im2col); "float": float kernels everywhere.
+    # "auto": Linear / 1×1 GEMMs via torch._int_mm, k×k convs via bfloat16 conv kernels on the
+    # integer codes where the CPU has them, else float32 ones (im2col + col2im cost more than the
+    # GEMM saves on CPU; benchmarks/hot/memory.py); "bf16": that, always; "int": every GEMM via
+    # torch._int_mm (convs through im2col); "float": float32 kernels everywhere (exact products).
     gemm: str = "auto"
     seed: int = 0  # stochastic rounding stream
+    # ours (docs/hot_method.md §5): ReLU/BatchNorm/pools save masks / int8 / indices too, and
+    # layers reading one input share its compressed buffer; False: only Conv2d/Linear as in the paper
+    compress_activations: bool = True
 
     def __post_init__(self) -> None:
         for name in ("hq_max_block", "hla_order"):
@@ -62,8 +66,8 @@ class HOTConfig:
         for name in ("grad_input_bits", "grad_weight_bits"):
             if not 2 <= getattr(self, name) <= 8:
                 raise ValueError(f"HOTConfig.{name} must be in 2..8 (int8 codes), got {getattr(self, name)}")
-        if self.gemm not in ("auto", "int", "float"):
-            raise ValueError(f"HOTConfig.gemm must be 'auto', 'int' or 'float', got {self.gemm!r}")
+        if self.gemm not in ("auto", "int", "float", "bf16"):
+            raise ValueError(f"HOTConfig.gemm must be 'auto', 'int', 'float' or 'bf16', got {self.gemm!r}")
         if not 0.0 < self.per_token_gain <= 1.0:
             raise ValueError(f"HOTConfig.per_token_gain must be in (0, 1], got {self.per_token_gain}")
 
@@ -83,6 +87,13 @@ def _skip_reason(module: nn.Module) -> str | None:
     return "not a Conv2d/Linear"
 
 
+def _resolved_gemm(gemm: str) -> str:
+    """"auto" → "bf16" where oneDNN has bfloat16 kernels for this CPU, else "float"."""
+    if gemm != "auto":
+        return gemm
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float"
+
+
 class HOTSession:
     """The layers under HOT, their settings and what they did (``report()``)."""
 
@@ -93,6 +104,7 @@ class HOTSession:
         self.skipped: dict[str, str] = {}
         self.modules: dict[str, nn.Module] = {}
         basis = low_sequency_basis(config.hla_order, config.hla_rank)
+        shared_buffers: dict = {}  # one compressed buffer per layer input, shared by its readers
         for name, module in model.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
@@ -108,8 +120,9 @@ class HOTSession:
                 name=name or "<root>", kind=kind,
                 hq_block=largest_power_of_two_block(out_features, config.hq_max_block), basis=basis,
                 grad_input_bits=config.grad_input_bits, grad_weight_bits=config.grad_weight_bits,
-                quantize=config.quantize, gemm=config.gemm,
+                quantize=config.quantize, gemm=_resolved_gemm(config.gemm),
                 per_token_gain=config.per_token_gain, generator=self.generator,
+                shared_buffers=shared_buffers if config.compress_activations else None,
             )
             self.modules[name or "<root>"] = module
 
@@ -125,6 +138,7 @@ class HOTSession:
                 "padded_rows": state.stored_rows // state.rank * state.order if state.rows else 0,
                 "kept_fraction": effective_rank,  # stored rows / L: rank/n, or more when L was padded
                 "per_token": state.per_token, "saved_activation_bytes": state.saved_activation_bytes,
+                "shares_buffer_of": state.shares_buffer_of,
             })
         return rows
 
@@ -164,11 +178,14 @@ def hot_mode(model: nn.Module, config: HOTConfig | None = None) -> Iterator[HOTS
     """
     session = HOTSession(model, config or HOTConfig())
     previous = {}
+    activations = (CompressedActivations(session.config.quantize) if session.config.compress_activations
+                   else contextlib.nullcontext())
     try:
         for name, module in session.modules.items():
             previous[name] = module.__dict__.get("forward")
             module.forward = _hot_forward(module, session.states[name])
-        yield session
+        with activations:
+            yield session
     finally:
         for name, module in session.modules.items():
             if name not in previous:
