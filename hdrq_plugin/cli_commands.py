@@ -141,6 +141,8 @@ def cmd_demo(args) -> int:
         return _segmentation_demo(args)
     from hdrq_examples.demo import run_demo
 
+    if args.size == "small":
+        raise InputError("--size small is the segmentation demo's setting (use it with --task segmentation)")
     args.out = args.out or "runs/demo"
     kwargs = {} if args.iterations is None else {"iterations": args.iterations}
     if args.hot:
@@ -160,6 +162,10 @@ def _segmentation_demo(args) -> int:
         raise InputError("--hot and --nipq-epochs apply to the classification demo only")
     args.out = args.out or "runs/demo-segmentation"
     kwargs = {} if args.iterations is None else {"iterations": args.iterations}
+    if args.size == "small" and args.iterations is None:
+        from hdrq_examples.segmentation_demo import SMALL_ITERATIONS
+
+        kwargs["iterations"] = SMALL_ITERATIONS
     report = run_segmentation_demo(bits=args.bits, out=args.out, seed=args.seed, size=args.size, **kwargs)
     print(f"wrote {Path(args.out) / 'report.json'}, report.md ({len(report.rows)} rows) and "
           f"{len(report.extra['pictures'])} mask pictures")
