@@ -139,10 +139,10 @@ def _finished_before(out: str, run: dict) -> bool:
 def cmd_demo(args) -> int:
     if args.task == "segmentation":
         return _segmentation_demo(args)
+    if args.size == "small":  # before any heavy import: an argument error stays fast
+        raise InputError("--size small is the segmentation demo's setting (use it with --task segmentation)")
     from hdrq_examples.demo import run_demo
 
-    if args.size == "small":
-        raise InputError("--size small is the segmentation demo's setting (use it with --task segmentation)")
     args.out = args.out or "runs/demo"
     kwargs = {} if args.iterations is None else {"iterations": args.iterations}
     if args.hot:
