@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", nargs="+", default=["w4a4", "w3a3"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--zoo-seed", type=int, default=None,
+                        help="one zoo for every seed (then seeds vary calibration, reconstruction and merge "
+                             "noise only: the paired design when a zoo per seed does not fit the time)")
     parser.add_argument("--iterations", type=int, default=200, help="reconstruction iterations per unit")
     parser.add_argument("--out", default="runs/segmentation")
     args = parser.parse_args(argv)
@@ -138,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     results_path = out / "results.json"
     # our own earlier output (resume); only numbers are read from it
     cells = json.loads(results_path.read_text())["cells"] if results_path.is_file() else {}
-    settings = {"size": args.size, "iterations": args.iterations, "merge_rule": MERGE_RULE,
+    settings = {"size": args.size, "iterations": args.iterations, "zoo_seed": args.zoo_seed, "merge_rule": MERGE_RULE,
                 "default_merge_rule": "half-to-even"}
     for seed in args.seeds:
-        bench = load_or_build_segmentation_zoo(SIZES[args.size](seed=seed))
+        bench = load_or_build_segmentation_zoo(SIZES[args.size](seed=seed if args.zoo_seed is None else args.zoo_seed))
         settings[f"zoo_timings_seed{seed}"] = bench.timings
         for bits in args.bits:
             jobs = [("references", run_references)] + [(m, None) for m in args.methods]
