@@ -25,10 +25,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[examples,dev,distributed]"
 	touch $(STAMP)
 
+# classification, then the small segmentation case (half-width U-Net on digit scenes: train,
+# adapt, RTN and HDRQ, merge, export, validate, one mask PNG per target) under $(OUT)/segmentation
 demo: $(STAMP)
 	$(VENV)/bin/hdrq demo --bits $(BITS) --out $(OUT)
+	$(VENV)/bin/hdrq demo --task segmentation --size small --bits $(BITS) --out $(OUT)/segmentation
 
-# the segmentation pipeline (U-Net on digit scenes, mIoU, mask PNGs); not part of `make demo`
+# the full segmentation setting (the trained U-Net zoo, 200 iterations per unit); not in `make demo`
 demo-segmentation: $(STAMP)
 	$(VENV)/bin/hdrq demo --task segmentation --bits $(BITS) --out runs/demo-segmentation
 

@@ -32,7 +32,11 @@ from .segmentation_zoo import SegmentationRecipe, load_or_build_segmentation_zoo
 #: reconstruction iterations per unit in the segmentation demo (the classification demo uses 500;
 #: the U-Net has 10 units, so this keeps HDRQ near a minute per target on two cores)
 DEMO_ITERATIONS = 200
-SIZES = {"demo": SegmentationRecipe.small, "tiny": SegmentationRecipe.tiny, "full": SegmentationRecipe}
+#: ``demo``: the trained zoo (``hdrq demo --task segmentation``); ``small``: the case ``make demo``
+#: runs after the classification demo; ``tiny``: tests
+SIZES = {"demo": SegmentationRecipe, "small": SegmentationRecipe.small, "tiny": SegmentationRecipe.tiny}
+#: reconstruction iterations per unit of ``make demo``'s small case (Makefile passes it)
+SMALL_ITERATIONS = 40
 PICTURE_SCENES = 3  # test scenes shown per target
 
 

@@ -119,10 +119,17 @@ def _init(model: nn.Module) -> nn.Module:
 SEGMENTATION_MODELS = ("unet", "deeplab")
 
 
-def build_segmentation_model(name: str = "unet", num_classes: int = 11, in_channels: int = 3) -> nn.Module:
-    """A fresh U-Net or DeepLab (``name`` in :data:`SEGMENTATION_MODELS`); a checkpoint can name this."""
+def build_segmentation_model(name: str = "unet", num_classes: int = 11, in_channels: int = 3,
+                             width: int = 16) -> nn.Module:
+    """A fresh U-Net or DeepLab (``name`` in :data:`SEGMENTATION_MODELS`); a checkpoint can name this.
+
+    ``width`` is the first stage's channel count (16: the models above; 8: the quarter-cost
+    U-Net of ``make demo``'s small segmentation case); deeper stages scale with it.
+    """
+    if width < 1:
+        raise ValueError(f"width must be positive, got {width}")
     if name == "unet":
-        return _init(UNet(num_classes, in_channels))
+        return _init(UNet(num_classes, in_channels, widths=(width, 2 * width, 4 * width)))
     if name == "deeplab":
-        return _init(DeepLab(num_classes, in_channels))
+        return _init(DeepLab(num_classes, in_channels, widths=(width, 2 * width, 3 * width)))
     raise ValueError(f"unknown segmentation model {name!r}; choose from {SEGMENTATION_MODELS}")

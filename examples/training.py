@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -90,8 +91,15 @@ def _train_mode(model: nn.Module, freeze_batchnorm_stats: bool) -> None:
                 module.eval()
 
 
-def train_classifier(model: nn.Module, data: Dataset, config: TrainConfig, *, seed: int, desc: str = "train") -> float:
-    """Train ``model`` in place on ``data``; returns the mean loss of the last epoch's batches."""
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, labels) -> scalar
+
+
+def train_classifier(model: nn.Module, data: Dataset, config: TrainConfig, *, seed: int, desc: str = "train",
+                     loss: LossFunction = F.cross_entropy) -> float:
+    """Train ``model`` in place on ``data``; returns the mean loss of the last epoch's batches.
+
+    ``loss`` replaces plain cross-entropy (the segmentation zoo weighs its classes, :mod:`.segmentation_loss`).
+    """
     images, labels = dataset_tensors(data)
     if len(images) == 0:
         raise ValueError(f"{desc}: no training data")
@@ -105,12 +113,12 @@ def train_classifier(model: nn.Module, data: Dataset, config: TrainConfig, *, se
     # HOT's stochastic-rounding stream follows the run's seed, so seeds differ in rounding too.
     hot = dataclasses.replace(config.hot, seed=config.hot.seed + seed) if config.hot is not None else None
     with hot_mode(model, hot) if hot is not None else contextlib.nullcontext():
-        recent_losses = _run_steps(model, images, labels, config, optimizer, schedule, generator, desc)
+        recent_losses = _run_steps(model, images, labels, config, optimizer, schedule, generator, desc, loss)
     model.eval()
     return sum(recent_losses) / len(recent_losses)
 
 
-def _run_steps(model, images, labels, config, optimizer, schedule, generator, desc) -> list[float]:
+def _run_steps(model, images, labels, config, optimizer, schedule, generator, desc, loss_fn) -> list[float]:
     """The SGD loop of :func:`train_classifier`; returns the losses of the last epoch's batches."""
     batches_per_epoch = math.ceil(len(images) / config.batch_size)
     total_steps = max(1, round(config.epochs * batches_per_epoch))
@@ -126,7 +134,7 @@ def _run_steps(model, images, labels, config, optimizer, schedule, generator, de
             x, y = images[batch], labels[batch]
             if config.augment is not None:
                 x = augment_batch(x, config.augment, generator)
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -149,6 +157,7 @@ def train_source(data: Dataset, architecture: ResNetConfig, config: TrainConfig,
 def adapt_to_target(
     source: nn.Module, data: Dataset, config: TrainConfig, *, seed: int, desc: str = "adapt",
     hot: bool | HOTConfig | None = None, memory_budget: int | None = None,
+    loss: LossFunction = F.cross_entropy,
 ) -> nn.Module:
     """A copy of ``source`` fine-tuned on one target's labelled ``data``: θt (``source`` is untouched).
 
@@ -163,7 +172,7 @@ def adapt_to_target(
     if memory_budget is not None:
         config, fit = fit_adaptation_batch(source, data, config, memory_budget)
     model = copy.deepcopy(source)
-    train_classifier(model, data, config, seed=seed, desc=desc)
+    train_classifier(model, data, config, seed=seed, desc=desc, loss=loss)
     if fit is not None:
         model.batch_fit = fit
     return model

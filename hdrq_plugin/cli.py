@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder for report.json/report.md (default runs/demo, runs/demo-segmentation)")
     demo.add_argument("--task", choices=("classification", "segmentation"), default="classification",
                       help="classification (digits, ResNet) or segmentation (digit scenes, U-Net; mIoU and mask PNGs)")
-    demo.add_argument("--size", choices=("demo", "tiny"), default="demo",
-                      help="benchmark size: 'demo' (default) or 'tiny' (seconds; for smoke tests)")
+    demo.add_argument("--size", choices=("demo", "small", "tiny"), default="demo",
+                      help="benchmark size: 'demo' (default), 'small' (segmentation only: make demo's "
+                           "two-minute case) or 'tiny' (seconds; for smoke tests)")
     demo.add_argument("--iterations", type=int, default=None,
                       help="reconstruction iterations per unit (default 500, a quarter of the CPU preset)")
     demo.add_argument("--hot", action="store_true",

@@ -139,6 +139,8 @@ def _finished_before(out: str, run: dict) -> bool:
 def cmd_demo(args) -> int:
     if args.task == "segmentation":
         return _segmentation_demo(args)
+    if args.size == "small":  # before any heavy import: an argument error stays fast
+        raise InputError("--size small is the segmentation demo's setting (use it with --task segmentation)")
     from hdrq_examples.demo import run_demo
 
     args.out = args.out or "runs/demo"
@@ -164,6 +166,10 @@ def _segmentation_demo(args) -> int:
         raise InputError("--hot and --nipq-epochs apply to the classification demo only")
     args.out = args.out or "runs/demo-segmentation"
     kwargs = {} if args.iterations is None else {"iterations": args.iterations}
+    if args.size == "small" and args.iterations is None:
+        from hdrq_examples.segmentation_demo import SMALL_ITERATIONS
+
+        kwargs["iterations"] = SMALL_ITERATIONS
     report = run_segmentation_demo(bits=args.bits, out=args.out, seed=args.seed, size=args.size, **kwargs)
     print(f"wrote {Path(args.out) / 'report.json'}, report.md ({len(report.rows)} rows) and "
           f"{len(report.extra['pictures'])} mask pictures")

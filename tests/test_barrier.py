@@ -116,3 +116,16 @@ def test_one_shot_iterators_are_rejected(float_pair, data):
 def test_fewer_than_two_steps_are_rejected(float_pair, data, steps):
     with pytest.raises(ValueError, match="steps"):
         error_barrier(*float_pair, data, steps=steps)
+
+
+def test_dense_outputs_give_the_per_pixel_loss_and_the_pixel_accuracy():
+    """Segmentation (issue 23): [N, C, H, W] logits against [N, H, W] masks."""
+    gen = torch.Generator().manual_seed(1)
+    head = torch.nn.Conv2d(3, 4, 1)
+    images, masks = torch.randn(6, 3, 5, 5, generator=gen), torch.randint(0, 4, (6, 5, 5), generator=gen)
+    loss, accuracy = evaluate_loss_and_accuracy(head, [(images[:4], masks[:4]), (images[4:], masks[4:])])
+    with torch.no_grad():
+        logits = head(images)
+    assert loss == pytest.approx(float(F.cross_entropy(logits, masks)), rel=1e-5)
+    assert accuracy == pytest.approx(float((logits.argmax(1) == masks).float().mean()))
+    assert 0.0 <= accuracy <= 1.0

@@ -123,3 +123,14 @@ def test_segmentation_recipe_refuses_the_source_as_a_target():
 
     with pytest.raises(ValueError, match="exclude"):
         SegmentationRecipe(target_domains=(SOURCE_DOMAIN,))
+
+
+def test_segmentation_cache_key_follows_the_loss_and_the_width():
+    from hdrq_examples.segmentation_loss import SegmentationLoss
+    from hdrq_examples.segmentation_zoo import SegmentationRecipe
+
+    base = SegmentationRecipe.tiny()
+    assert SegmentationRecipe.tiny().cache_key() == base.cache_key()
+    assert SegmentationRecipe.tiny(width=8).cache_key() != base.cache_key()
+    plain = SegmentationLoss(NUM_CLASSES, BACKGROUND, background_weight=1.0, dice_weight=0.0)
+    assert SegmentationRecipe.tiny(loss=plain).cache_key() != base.cache_key()

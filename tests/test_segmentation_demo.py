@@ -1,11 +1,14 @@
 """``hdrq demo --task segmentation`` end to end on the tiny recipe: report, ONNX file, mask pictures."""
 
 import json
+import shlex
+from pathlib import Path
 
 import matplotlib.image
 import pytest
 
-from hdrq_examples.segmentation_scenes import TARGET_DOMAINS
+from hdrq_examples.segmentation_scenes import BACKGROUND, TARGET_DOMAINS
+from hdrq_examples.segmentation_zoo import SegmentationRecipe, load_or_build_segmentation_zoo
 from hdrq_plugin.cli import main
 
 
@@ -42,3 +45,39 @@ def test_segmentation_demo_draws_one_mask_picture_per_target(segmentation_run):
 
 def test_segmentation_demo_refuses_classification_only_options(tmp_path):
     assert main(["demo", "--task", "segmentation", "--hot", "--out", str(tmp_path)]) == 2
+
+
+def test_classification_demo_refuses_the_segmentation_small_size(tmp_path, capsys):
+    assert main(["demo", "--size", "small", "--out", str(tmp_path)]) == 2
+    assert "--task segmentation" in capsys.readouterr().err
+
+
+def _makefile_small_case() -> list[str]:
+    """The segmentation command of the Makefile's ``demo`` target, as ``hdrq`` arguments."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    commands = [line.strip() for line in recipe.splitlines()[1:] if line.startswith("\t")]
+    assert len(commands) == 2 and "--task segmentation" in commands[1], commands  # classification, then this
+    return shlex.split(commands[1].replace("$(VENV)/bin/hdrq", "").replace("$(BITS)", "w4a4"))
+
+
+@pytest.mark.slow  # the small case of `make demo`: about 75 s of CPU (12 min of wall time under a load of 15-20)
+def test_make_demo_runs_the_small_segmentation_case_end_to_end(tmp_path, monkeypatch):
+    args = _makefile_small_case()
+    assert args[args.index("--size") + 1] == "small" and args[args.index("--out") + 1] == "$(OUT)/segmentation"
+    out = tmp_path / "demo" / "segmentation"
+    monkeypatch.setenv("HDRQ_CACHE_DIR", str(tmp_path / "cache"))  # an empty cache: the zoo is built
+    assert main([str(out) if a == "$(OUT)/segmentation" else a for a in args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert not report["zoo_from_cache"]
+    rows = report["rows"]
+    assert {(r["method"], r["stage"]) for r in rows} >= {("rtn", "single"), ("hdrq", "single"),
+                                                         ("hdrq+noise-sampling[int4-in-int8]", "merged_ort")}
+    assert all(r["validation_ok"] for r in rows if r["stage"] == "merged_ort")
+    bench = load_or_build_segmentation_zoo(SegmentationRecipe.small())  # from the cache just written
+    for target in TARGET_DOMAINS:
+        masks = bench.domains[target].test.tensors[1]
+        chance = (masks == BACKGROUND).float().mean().item() / (1 + len(set(masks.unique().tolist()) - {BACKGROUND}))
+        adapted = next(r["accuracy"] for r in rows if r["stage"] == "float_adapted" and r["target"] == target)
+        assert adapted > chance, (target, adapted, chance)  # above painting everything background
+        assert matplotlib.image.imread(out / f"masks-{target}.png").ndim == 3

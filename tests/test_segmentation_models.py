@@ -124,3 +124,14 @@ def test_only_conv_transpose_may_stay_float_in_an_integer_file():
     assert "ConvTranspose" in FLOAT_COMPUTE_OPS
     assert _kernel_failures("int8", {"QLinearConv": 3, "ConvTranspose": 1}) == []
     assert _kernel_failures("int8", {"QLinearConv": 3, "Conv": 1})  # a float Conv still fails
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_MODELS)
+def test_segmentation_model_width_scales_every_stage(name):
+    def parameters(width):
+        return sum(p.numel() for p in build_segmentation_model(name, width=width).parameters())
+
+    assert parameters(8) < parameters(16) / 3  # convs scale with width², the head with width
+    assert build_segmentation_model(name, width=8)(torch.zeros(1, 3, 32, 32)).shape == (1, 11, 32, 32)
+    with pytest.raises(ValueError, match="width"):
+        build_segmentation_model(name, width=0)

@@ -38,7 +38,8 @@ def _scenes_at(data: TensorDataset, resolution: int, count: int) -> TensorDatase
     return TensorDataset(images, masks)
 
 
-def figures(model_name: str, size: str, resolution: int, scenes: int, seed: int, folder: Path) -> dict:
+def figures(model_name: str, size: str, resolution: int, scenes: int, seed: int, folder: Path,
+            repeats: int = 10) -> dict:
     bench = load_or_build_segmentation_zoo(SIZES[size](model=model_name, seed=seed))
     targets = list(bench.recipe.target_domains)
     data = {t: [(x[None], y[None]) for x, y in _scenes_at(bench.domains[t].test, resolution, scenes)]
@@ -52,7 +53,8 @@ def figures(model_name: str, size: str, resolution: int, scenes: int, seed: int,
         for weights in storages:
             path = export_qdq(merged, folder / f"{model_name}-{bits}-{weights}.onnx", example, weights=weights,
                               overwrite=True)
-            report = validate(path, merged, data, batch_sizes=(1,), repeats=10)
+            # every one of the repeats, interleaved with the FP32 twin (no time budget: 2-6 runs under load were inconclusive)
+            report = validate(path, merged, data, batch_sizes=(1,), repeats=repeats, latency_budget_s=None)
             found[f"{bits}/{weights}"] = {
                 "ok": report.ok, "failures": report.failures,
                 "integer_kernels": report.integer_kernels, "float_compute_ops": report.float_compute_ops,
@@ -72,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--scenes", type=int, default=4, help="test scenes per target")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=10, help="timed batch-1 runs per file, interleaved with FP32")
     parser.add_argument("--out", default="benchmarks/results/segmentation_export.json")
     args = parser.parse_args(argv)
     results = {"settings": vars(args), "threads": 2, "models": {}}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
-            results["models"][name] = figures(name, args.size, args.resolution, args.scenes, args.seed, Path(folder))
+            results["models"][name] = figures(name, args.size, args.resolution, args.scenes, args.seed, Path(folder),
+                                               args.repeats)
             write_text_atomic(args.out, json.dumps(results, indent=2, default=str))
     return 0
 

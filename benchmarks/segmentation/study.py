@@ -7,7 +7,9 @@ For every seed (zoo, splits and calibration) each adapted U-Net θt is quantized
 target's calibration scenes by every method at every bit width; the quantized models of every two
 targets and of all targets are merged (HDRQ with noise sampling, its own rule, docs/hdrq_method.md
 §5; the baselines with unbiased half-to-even ties); references are the float merge and
-merge-then-quantize (the float merge quantized by HDRQ on the pooled calibration scenes).
+merge-then-quantize (the float merge quantized by HDRQ on the pooled calibration scenes). Every
+cell also holds the error barrier of the merged path between the first two targets' models
+(per-pixel cross-entropy and pixel accuracy at λ = 0, ¼, ½, ¾, 1; the references: the float path).
 Each finished (seed, bits, method) cell is written to ``--out/results.json`` at once, and a
 rerun skips the cells already there, so a killed run resumes. The table: HDRQ's all-target
 harmonic-mean mIoU minus each method's, per seed, its mean and the seeds HDRQ won.
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import ConcatDataset, TensorDataset
 
 from hdrq_examples.segmentation_demo import SIZES
 from hdrq_examples.segmentation_metrics import mean_iou
@@ -32,11 +34,13 @@ from hdrq_examples.zoo import merge_subsets
 from hdrq_plugin._io import write_text_atomic
 from hdrq_plugin.convert.to_brevitas import fold_batchnorm
 from hdrq_plugin.evaluation import harmonic_mean
+from hdrq_plugin.merge.barrier import error_barrier
 from hdrq_plugin.merge.float_merge import average_float_models
 from hdrq_plugin.merge.models import merge_models
 from hdrq_plugin.quantize import quantize_model
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop", "hdrq")
+BARRIER_STEPS = 5  # λ = 0, ¼, ½, ¾, 1 between the first two targets' models
 MERGE_RULE = {"hdrq": "noise-sampling"}  # every other method: half-to-even
 ALL = "all"
 
@@ -71,7 +75,16 @@ def run_cell(bench, method: str, bits: str, seed: int, iterations: int | None) -
     for subset in merge_subsets(targets):
         merged = merge_models([quantized[t] for t in subset], rounding=rule, seed=seed)
         rows += _subset_rows(merged, bench, subset, stage="merged", method=method, rounding=rule)
-    return {"rows": rows, "seconds": time.perf_counter() - start}
+    barrier = _pair_barrier(quantized[targets[0]], quantized[targets[1]], bench, targets, rounding=rule, seed=seed)
+    return {"rows": rows, "barrier": barrier, "seconds": time.perf_counter() - start}
+
+
+def _pair_barrier(model_a, model_b, bench, targets, **merge) -> dict:
+    """Error barrier (per-pixel cross-entropy, pixel accuracy) of the merged path between the first
+    two targets' models, on both targets' test scenes (hdrq_plugin.merge.barrier)."""
+    data = ConcatDataset([bench.domains[t].test for t in targets[:2]])
+    label = f"{targets[0]} -> {targets[1]}"
+    return error_barrier(model_a, model_b, data, steps=BARRIER_STEPS, label=label, **merge).to_dict()
 
 
 def run_references(bench, bits: str, seed: int, iterations: int | None) -> dict:
@@ -85,7 +98,8 @@ def run_references(bench, bits: str, seed: int, iterations: int | None) -> dict:
     quantized = quantize_model(merged, _pooled(bench, targets), bits=bits, method="hdrq", source=bench.source_model,
                                seed=seed, iterations=iterations).model
     rows += _subset_rows(quantized, bench, targets, stage="merge-then-quantize", method="hdrq")
-    return {"rows": rows, "seconds": time.perf_counter() - start}
+    folded = [fold_batchnorm(bench.adapted[t]) for t in targets[:2]]
+    return {"rows": rows, "barrier": _pair_barrier(*folded, bench, targets), "seconds": time.perf_counter() - start}
 
 
 def paired_table(cells: dict) -> list[dict]:
@@ -116,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", nargs="+", default=["w4a4", "w3a3"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--zoo-seed", type=int, default=None,
+                        help="one zoo for every seed (then seeds vary calibration, reconstruction and merge "
+                             "noise only: the paired design when a zoo per seed does not fit the time)")
     parser.add_argument("--iterations", type=int, default=200, help="reconstruction iterations per unit")
     parser.add_argument("--out", default="runs/segmentation")
     args = parser.parse_args(argv)
@@ -124,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     results_path = out / "results.json"
     # our own earlier output (resume); only numbers are read from it
     cells = json.loads(results_path.read_text())["cells"] if results_path.is_file() else {}
-    settings = {"size": args.size, "iterations": args.iterations, "merge_rule": MERGE_RULE,
+    settings = {"size": args.size, "iterations": args.iterations, "zoo_seed": args.zoo_seed, "merge_rule": MERGE_RULE,
                 "default_merge_rule": "half-to-even"}
     for seed in args.seeds:
-        bench = load_or_build_segmentation_zoo(SIZES[args.size](seed=seed))
+        bench = load_or_build_segmentation_zoo(SIZES[args.size](seed=seed if args.zoo_seed is None else args.zoo_seed))
         settings[f"zoo_timings_seed{seed}"] = bench.timings
         for bits in args.bits:
             jobs = [("references", run_references)] + [(m, None) for m in args.methods]

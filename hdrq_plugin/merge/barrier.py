@@ -92,10 +92,14 @@ def _batches(data):
 
 @torch.no_grad()
 def evaluate_loss_and_accuracy(model: nn.Module, data, loss: Callable = F.cross_entropy) -> tuple[float, float]:
-    """Mean per-sample loss (``loss(logits, labels)`` is a batch mean) and accuracy in [0, 1]."""
+    """Mean per-sample loss (``loss(logits, labels)`` is a batch mean) and accuracy in [0, 1].
+
+    Dense outputs (``[N, C, H, W]`` logits, ``[N, H, W]`` labels: segmentation) give the mean
+    per-pixel loss and the pixel accuracy: every sample has the same number of pixels.
+    """
     was_training = model.training
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count, labelled = 0.0, 0, 0, 0
     try:
         for index, batch in enumerate(_batches(data)):
             inputs, labels = labelled_batch(batch, f"batch {index}")
@@ -103,11 +107,12 @@ def evaluate_loss_and_accuracy(model: nn.Module, data, loss: Callable = F.cross_
             total_loss += float(loss(logits, labels)) * labels.shape[0]
             correct += int((logits.argmax(dim=1) == labels).sum())
             count += int(labels.shape[0])
+            labelled += int(labels.numel())  # = count for one label per sample
     finally:
         model.train(was_training)
     if count == 0:
         raise ValueError("the evaluation data is empty")
-    return total_loss / count, correct / count
+    return total_loss / count, correct / labelled
 
 
 def error_barrier(model_a: nn.Module, model_b: nn.Module, data: Dataset | Iterable, *,
