@@ -514,3 +514,20 @@ def test_nipq_train_fits_weight_truncations_at_the_pinned_width():
         nipq_train(model, [(X, Y)], target=3.0, epochs=1, config=config, progress=False)
         runs[fit] = _weight_rounding_error(model.eval())
     assert runs[True] < 0.9 * runs[False]
+
+
+@pytest.mark.parametrize("ste_after_freeze", [True, False])
+def test_training_after_the_freeze_rounds_with_ste(ste_after_freeze):
+    """Once the widths are frozen the weights train on the deployed grid (docs/nipq_method.md §6)."""
+    from hdrq_plugin.quant.quantizers import PseudoQuantIntQuant, QuantMode
+
+    torch.manual_seed(0)
+    model = nipq_model()
+    quantizer = next(m for m in model.modules() if isinstance(m, PseudoQuantIntQuant))
+    modes = []
+    quantizer.register_forward_pre_hook(lambda m, _args: modes.append(m.quant_mode) if m.training else None)
+    config = NIPQConfig(hard_epochs=0, freeze_fraction=0.5, warmup_epochs=0, ste_after_freeze=ste_after_freeze)
+    nipq_train(model, [(X, Y)], target=4.0, epochs=2, config=config, progress=False)
+    training = modes[-1:]  # the one step of epoch 2, after the freeze at epoch 1
+    assert modes[0] is QuantMode.NOISE
+    assert training == [QuantMode.STE if ste_after_freeze else QuantMode.NOISE]
