@@ -467,3 +467,69 @@ def test_frozen_widths_leave_the_optimizer_even_when_groups_have_equal_sizes():
         theta.requires_grad_(False)
     _drop_frozen_bits(opt)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == weights
+
+
+def _pinned_model(bits: int):
+    model = nipq_model()
+    for m in bit_modules(model).values():
+        if not m.pinned:
+            m.freeze(bits)
+    return model.eval()
+
+
+def _weight_rounding_error(model) -> float:
+    """Σ over layers of the relative error of the deployed (hard-rounded) weights."""
+    errors = []
+    for m in model.modules():
+        if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear)) and "LearnedTruncation" in repr(m.weight_quant):
+            errors.append(float((m.quant_weight().value - m.weight).norm() / m.weight.norm()))
+    return sum(errors)
+
+
+def test_weight_truncations_are_fitted_at_the_deployed_width_not_at_max():
+    """At 3 bits α = max|W| leaves most weights in the rounding dead zone (the optdigits collapse of
+    the pinned 3-bit rows, docs/nipq_method.md §6); fit_truncations puts α at the L_p clipping."""
+    from hdrq_plugin.nipq.passes import fit_truncations
+    from hdrq_plugin.nipq.quantizers import LearnedTruncation
+
+    model = _pinned_model(3)
+    model(X)  # weights' α from max|W| at the first forward
+    at_max = _weight_rounding_error(model)
+    acts_before = {n: float(m.truncation()) for n, m in model.named_modules()
+                   if isinstance(m, LearnedTruncation) and ".weight_quant." not in f".{n}."}
+    assert fit_truncations(model, [X], activations=False) > 0
+    fitted = _weight_rounding_error(model)
+    assert fitted < 0.9 * at_max
+    assert acts_before == {n: float(m.truncation()) for n, m in model.named_modules()
+                           if isinstance(m, LearnedTruncation) and ".weight_quant." not in f".{n}."}
+    assert fit_truncations(model, [X], activations=False) > 0  # idempotent: the search sees the same weights
+    assert _weight_rounding_error(model) == pytest.approx(fitted, rel=1e-6)
+
+
+def test_nipq_train_fits_weight_truncations_at_the_pinned_width():
+    torch.manual_seed(0)
+    runs = {}
+    for fit in (True, False):
+        model = nipq_model()
+        config = NIPQConfig(learn_bits=False, hard_epochs=0, lr=1e-9, quant_lr=1e-9, bits_lr=1e-9,
+                            fit_weight_truncations=fit, warmup_epochs=0)
+        nipq_train(model, [(X, Y)], target=3.0, epochs=1, config=config, progress=False)
+        runs[fit] = _weight_rounding_error(model.eval())
+    assert runs[True] < 0.9 * runs[False]
+
+
+@pytest.mark.parametrize("ste_after_freeze", [True, False])
+def test_training_after_the_freeze_rounds_with_ste(ste_after_freeze):
+    """Once the widths are frozen the weights train on the deployed grid (docs/nipq_method.md §6)."""
+    from hdrq_plugin.quant.quantizers import PseudoQuantIntQuant, QuantMode
+
+    torch.manual_seed(0)
+    model = nipq_model()
+    quantizer = next(m for m in model.modules() if isinstance(m, PseudoQuantIntQuant))
+    modes = []
+    quantizer.register_forward_pre_hook(lambda m, _args: modes.append(m.quant_mode) if m.training else None)
+    config = NIPQConfig(hard_epochs=0, freeze_fraction=0.5, warmup_epochs=0, ste_after_freeze=ste_after_freeze)
+    nipq_train(model, [(X, Y)], target=4.0, epochs=2, config=config, progress=False)
+    training = modes[-1:]  # the one step of epoch 2, after the freeze at epoch 1
+    assert modes[0] is QuantMode.NOISE
+    assert training == [QuantMode.STE if ste_after_freeze else QuantMode.NOISE]

@@ -9,6 +9,8 @@ batch order, steps and distillation from θt (rows are the issue-21 ablation):
 - ``nipq``: learned widths at an average of ``--bits`` (weights and activations, over the learned
   tensors), the cost on the deployed widths, widths frozen at ``freeze_fraction`` of the noise
   epochs; the accuracy just before and after freezing is recorded;
+- ``nipq-bops``: learned widths under a BOPs budget equal to the uniform ``w{bits}a{bits}`` model's
+  BOPs (so its uniform rows are the equal-BOPs comparison);
 - ``nipq-pinned``: the same noise training with every learned width pinned at ``--bits``;
 - ``lsq``: uniform-width LSQ/STE QAT (``NIPQConfig.uniform_ste``) at the same total steps;
 - ``hdrq``: HDRQ post-training quantization at ``w{bits}a{bits}`` (``--hdrq-iterations``; 0 skips).
@@ -36,12 +38,24 @@ from hdrq_plugin.nipq.cost import describe_costs
 from hdrq_plugin.nipq.train import NIPQConfig, quantize_nipq
 
 BATCH = 128
-METHODS = ("nipq", "nipq-pinned", "lsq", "hdrq")
+METHODS = ("nipq", "nipq-bops", "nipq-pinned", "lsq", "hdrq")
 
 
 def learned_average(model, example, kind: str) -> float:
     """Deployed average bits over the learned (unpinned) tensors of ``kind``."""
     return float(describe_costs(model, example).average_bits(kind, learned_only=True, deployed=True))
+
+
+def uniform_gbops(theta, example, bits: int) -> float:
+    """GBOPs per sample of the converted model with every learned width at ``bits`` (the BOPs budget)."""
+    from hdrq_plugin.convert.to_brevitas import convert_to_brevitas
+
+    model = convert_to_brevitas(theta, f"nipq-w{bits}a{bits}")
+    cost = describe_costs(model, example)
+    for t in cost.weights + cost.activations:
+        if not t.bits.pinned:
+            t.bits.freeze(bits)
+    return cost.report().gbops
 
 
 def run_one(bench, target: str, seed: int, method: str, args) -> dict:
@@ -62,8 +76,11 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
         changes["learn_bits"] = False
     if method == "lsq":
         changes.update(noise=False, learn_bits=False)
+    if args.no_fit_truncations:
+        changes["fit_weight_truncations"] = False
     config = NIPQConfig.cpu_preset(**changes)
-    model, result = quantize_nipq(theta, domain.train, f"w{bits}a{bits}", target=float(bits), epochs=args.epochs,
+    budget = {"gbops": uniform_gbops(theta, example, bits)} if method == "nipq-bops" else float(bits)
+    model, result = quantize_nipq(theta, domain.train, f"w{bits}a{bits}", target=budget, epochs=args.epochs,
                                   seed=seed, config=config, batch_size=BATCH, progress=False, eval_data=domain.test)
     row = {"method": method, "target": target, "seed": seed, "accuracy": accuracy(model, domain.test),
            "learned_weight_bits": learned_average(model, example, "weights"),
@@ -72,7 +89,7 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
            "average_act_bits_all": result.report.average_act_bits, "gbops": result.report.gbops,
            "freeze_epoch": result.freeze_epoch, "accuracy_before_freeze": result.accuracy_before_freeze,
            "accuracy_after_freeze": result.accuracy_after_freeze, "seconds": time.perf_counter() - tic,
-           "bits_lr": config.bits_lr, "widths": {"weights": result.report.weight_bits,
+           "budget": budget, "bits_lr": config.bits_lr, "widths": {"weights": result.report.weight_bits,
                                                   "activations": result.report.act_bits}}
     if result.report_at_freeze is not None:
         row["at_freeze_all"] = {"average_weight_bits": result.report_at_freeze.average_weight_bits,
@@ -81,8 +98,8 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
 
 
 def summary(rows: list[dict]) -> str:
-    lines = ["| method | target | deployed w / a bits (learned tensors) | accuracy % (mean ± std) | drop at freezing |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | target | deployed w / a bits (learned tensors) | GBOPs | accuracy % (mean ± std) "
+             "| drop at freezing (points, per seed) |", "|---|---|---|---|---|---|"]
     for method in METHODS:
         for target in sorted({r["target"] for r in rows}):
             mine = [r for r in rows if r["method"] == method and r["target"] == target]
@@ -90,12 +107,36 @@ def summary(rows: list[dict]) -> str:
                 continue
             acc = [100 * r["accuracy"] for r in mine]
             drops = [100 * (r["accuracy_before_freeze"] - r["accuracy_after_freeze"]) for r in mine
-                     if r.get("accuracy_before_freeze") is not None and method == "nipq"]
+                     if r.get("accuracy_before_freeze") is not None and method.startswith("nipq")
+                     and method != "nipq-pinned"]
             lines.append(f"| {method} | {target} | {statistics.mean(r['learned_weight_bits'] for r in mine):.3f} / "
-                         f"{statistics.mean(r['learned_act_bits'] for r in mine):.3f} | {statistics.mean(acc):.2f} ± "
+                         f"{statistics.mean(r['learned_act_bits'] for r in mine):.3f} | "
+                         f"{statistics.mean(r.get('gbops', float('nan')) for r in mine):.4f} | "
+                         f"{statistics.mean(acc):.2f} ± "
                          f"{statistics.stdev(acc) if len(acc) > 1 else 0:.2f} | "
                          + (", ".join(f"{d:+.2f}" for d in drops) if drops else "–") + " |")
+    lines.append("")
+    lines.extend(paired(rows))
     return "\n".join(lines)
+
+
+def paired(rows: list[dict]) -> list[str]:
+    """Paired differences (points) per target and merged over targets: mean ± std over seeds, seeds won."""
+    acc = {(r["method"], r["target"], r["seed"]): 100 * r["accuracy"] for r in rows}
+    targets = sorted({r["target"] for r in rows})
+    lines = []
+    for a, b in (("nipq", "lsq"), ("nipq", "nipq-pinned"), ("nipq-pinned", "lsq"), ("nipq-bops", "lsq"),
+                 ("nipq", "hdrq"), ("lsq", "hdrq")):
+        for target in targets + ["mean over targets"]:
+            names = targets if target == "mean over targets" else [target]
+            seeds = sorted({s for (m, t, s) in acc if m == a and t in names})
+            diffs = [statistics.mean(acc[(a, t, s)] - acc[(b, t, s)] for t in names) for s in seeds
+                     if all((a, t, s) in acc and (b, t, s) in acc for t in names)]
+            if diffs and (target != "mean over targets" or len(targets) > 1):
+                lines.append(f"- {a} − {b}, {target}: {statistics.mean(diffs):+.2f} ± "
+                             f"{statistics.stdev(diffs) if len(diffs) > 1 else 0:.2f} points "
+                             f"({a} ahead in {sum(d > 0 for d in diffs)}/{len(diffs)} seeds)")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -109,6 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", default="uniform", choices=("uniform", "histogram"))
     parser.add_argument("--bits-lr", type=float, default=None)
     parser.add_argument("--hdrq-iterations", type=int, default=0)
+    parser.add_argument("--no-fit-truncations", action="store_true",
+                        help="weight α from max|W| only (the method before issue 21's second round)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -57,6 +57,7 @@ NIPQ_BIT_RANGE = (2.0, 12.0)  # b_c = 2 + 12·σ(θ_b) (docs/nipq_method.md, ref
 REFERENCE_INITIAL_BITS = 8  # θ_b = 0 at start (docs/nipq_method.md)
 UNSIGNED_ACT_TRUNCATION = 6.0  # θ_α init 6 for unsigned activations (docs/nipq_method.md, reference code)
 SIGNED_ACT_TRUNCATION = 3.0  # θ_α init 3 for signed activations (docs/nipq_method.md, reference code)
+SAMPLE_ELEMENTS = 1 << 15  # elements per batch kept for the Lp clipping search (fit_truncations)
 
 
 def continuous_bits(theta: Tensor) -> Tensor:
@@ -186,6 +187,8 @@ class LearnedTruncation(nn.Module):
         self.init_done = truncation_init is not None
         self.observing = False  # set by hdrq_plugin.nipq.train.observe_activation_ranges
         self.observed: list[float] = []
+        self.sampling = False  # set by hdrq_plugin.nipq.passes.fit_truncations
+        self.samples: list[Tensor] = []
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *rest) -> None:
         present = prefix + "theta" in state_dict
@@ -207,6 +210,10 @@ class LearnedTruncation(nn.Module):
             self.init_done = True
         if self.observing:
             self.observed.append(float(x.detach().abs().max()))
+        if self.sampling:  # the largest element and an even stride: what the Lp search reads
+            flat = x.detach().reshape(-1)
+            stride = max(1, flat.numel() // SAMPLE_ELEMENTS)
+            self.samples.append(torch.cat([flat[flat.abs().argmax()].reshape(1), flat[::stride]]))
         alpha = F.softplus(self.theta)
         return alpha if threshold is None else alpha / threshold
 

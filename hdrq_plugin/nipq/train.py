@@ -37,7 +37,7 @@ from ..quant.control import set_quant_mode
 from ..quant.quantizers import PseudoQuantIntQuant, QuantMode
 from .budget import NIPQTarget, check_reachable, freeze_bits, parse_target
 from .cost import CostModel, CostReport, average_bits_loss, bops_loss, describe_costs
-from .passes import inputs_of, labels_of, observe_activation_ranges, reestimate_batchnorm
+from .passes import fit_truncations, inputs_of, labels_of, observe_activation_ranges, reestimate_batchnorm
 from .quantizers import LearnedBitWidth, LearnedTruncation
 
 __all__ = ["NIPQConfig", "NIPQTarget", "NIPQResult", "NIPQTrainingError", "nipq_train", "freeze_bits",
@@ -84,6 +84,11 @@ class NIPQConfig:
     fit_budget: bool = True  # after freezing, close any gap to the budget by measured loss per bit (freeze_bits)
     freeze_fraction: float = 0.6  # ours: widths freeze after this fraction of the noise epochs, so the
     # weights train on at their final widths (docs/nipq_method.md §6; the reference freezes at the end)
+    fit_weight_truncations: bool = True  # ours: weight α by L_p clipping at the deployed width, at the start
+    # (pinned widths) and when the widths freeze (passes.fit_truncations; docs/nipq_method.md §6)
+    ste_after_freeze: bool = True  # ours: once the widths are frozen the weights train with STE rounding
+    # (as phase 2), not noise: at 3 bits the noise proxy does not see the rounding dead zone
+    # (docs/nipq_method.md §6; optdigits uniform 3 bits: noise to the end 10.8 %)
     budget_batches: int = 2  # fixed training batches that measure the loss of each projection move
     seed: int = 0
     # how quantize_model / quantize_nipq run it (nipq_train takes these as arguments)
@@ -243,6 +248,8 @@ def _freeze_widths(model, teacher, cost: CostModel, target: NIPQTarget, config: 
     def measure_loss() -> float:
         return _task_loss_eval(model, teacher, budget_batches, config, soft)
     freeze_bits(cost, target, fit_budget=config.fit_budget and config.learn_bits, measure_loss=measure_loss)
+    if config.learn_bits and config.fit_weight_truncations:  # the widths moved since α was set
+        fit_truncations(model, budget_batches[:1], batches=1, activations=False)
     deployed = cost.report()
     after = _accuracy(model, eval_batches)
     print(f"nipq: widths frozen after noise epoch {epoch}/{epochs}: learned w {learned.average_weight_bits:.3f} "
@@ -368,13 +375,16 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                                       "use another checkpoint_dir or the same settings")
         start_epoch = int(saved["epoch"])
         frozen = saved.get("frozen")
-    elif config.activation_init == "data":
-        torch.manual_seed(config.seed)
-        observe_activation_ranges(model, train_loader, batches=config.init_batches)
+    else:
+        if config.activation_init == "data":
+            torch.manual_seed(config.seed)
+            observe_activation_ranges(model, train_loader, batches=config.init_batches)
+        if config.fit_weight_truncations:
+            fit_truncations(model, budget_batches[:1], batches=1, activations=False)
 
     total_epochs = epochs + hard_epochs
     hard = start_epoch >= epochs
-    _set_phase(model, noise=config.noise and not hard)
+    _set_phase(model, noise=config.noise and not hard and not (frozen and config.ste_after_freeze))
     lr = config.hard_lr if hard else config.lr
     lr = (config.lr / 10 if lr is None else lr)
     quant_lr = lr if hard or config.quant_lr is None else config.quant_lr
@@ -421,6 +431,8 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                 frozen = _freeze_widths(model, teacher, cost, target, config, budget_batches, eval_batches,
                                         epoch + 1, epochs)
                 _drop_frozen_bits(optimizer)
+                if config.ste_after_freeze and config.noise:
+                    _set_phase(model, noise=False)
             if epoch + 1 == epochs:  # end of phase 1: hard quantization from here on
                 bn_layers = _enter_hard_phase(model, train_loader)
                 hard_lr = config.lr / 10 if config.hard_lr is None else config.hard_lr
