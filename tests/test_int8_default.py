@@ -132,6 +132,29 @@ def test_weight_clips_are_dropped_only_where_they_change_nothing(low, high, code
     assert _run_graph(original).tobytes() == _run_graph(rewritten).tobytes()
 
 
+def test_a_clip_bound_read_by_one_clip_is_not_taken_for_a_weight():
+    """A full-grid Clip whose bounds no other Clip shares (its neighbours' Clips were dropped):
+    the bound 127 is an int8 constant beyond +-64 read by one Clip, but only the weight it clips
+    is stored as uint8, else the Clip mixes an int8 input with uint8 bounds (an invalid file)."""
+    import copy
+
+    import numpy as np
+
+    from hdrq_plugin.export.rewrites.unsigned_grids import store_wide_weights_as_uint8
+
+    codes = np.random.default_rng(1).integers(-20, 21, size=(6, 5))  # codes within +-64
+    original = _weight_graph(codes, -127, 127)
+    rewritten = copy.deepcopy(original)
+    assert store_wide_weights_as_uint8(rewritten) == []
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert _run_graph(original).tobytes() == _run_graph(rewritten).tobytes()
+    codes.flat[0] = 100  # a weight beyond +-64: stored as uint8, bounds with it
+    wide = _weight_graph(codes, -127, 127)
+    assert store_wide_weights_as_uint8(wide) == ["w"]
+    onnx.checker.check_model(wide, full_check=True)
+    assert _run_graph(_weight_graph(codes, -127, 127)).tobytes() == _run_graph(wide).tobytes()
+
+
 def test_nipq_edges_are_pinned_on_the_saturation_free_grid_and_export_as_fast_int8(tmp_path):
     from hdrq_plugin.nipq.quantizers import LearnedBitWidth
 

@@ -51,7 +51,13 @@ def test_segmentation_model_exports_as_integer_qdq_and_agrees_per_pixel(name, bi
     report = validate(path, qmodel, {"random": [(x, None) for x in _batches(2, seed=3)]}, **FAST)
     assert report.ok, report.failures
     assert report.parity["random"].predictions == 2 * 8 * SIZE * SIZE  # one prediction per pixel
-    assert report.top1_agreement["random"] >= 0.999
+    # every pixel whose prediction changed is a certified tie (the classification rule, per pixel):
+    # a random untrained net has near-equal logits on some pixels, so the raw rate is not 100 %
+    parity = report.parity["random"]
+    changed = parity.predictions - parity.top1_agreeing
+    assert parity.top1_changed_uncertified == 0
+    assert changed == parity.tie_flip_predictions + parity.logit_tie_predictions
+    assert report.top1_agreement["random"] >= 0.99  # ties are rare: a broken file changes far more
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in _model(name).modules())
     assert report.integer_kernels == {"QLinearConv": convs}  # every conv, the logits head included
     # onnxruntime has no integer ConvTranspose: the U-Net's one up-convolution stays float

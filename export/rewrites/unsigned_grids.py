@@ -91,8 +91,10 @@ def shift_clipped_signed_activations(model: onnx.ModelProto) -> int:
 def _weight_codes(name: str, inits: dict, users: dict) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
     """``(clip or None, dequantizers)`` when ``name`` is an int8 weight read only through them."""
     readers = users.get(name, [])
+    # ``name`` must be the Clip's data input: a Clip's bound constant (e.g. 127 of a full 8-bit
+    # grid) is an int8 initializer read only by that Clip too, and is not a weight
     if len(readers) == 1 and readers[0].op_type == "Clip" and len(readers[0].input) == 3 \
-            and all(bound in inits for bound in readers[0].input[1:]):
+            and readers[0].input[0] == name and all(bound in inits for bound in readers[0].input[1:]):
         clip = readers[0]
         return clip, users.get(clip.output[0], [])
     return None, readers
