@@ -194,6 +194,15 @@ def load_domains(recipe: BenchmarkRecipe, n_calib: int = 32) -> dict[str, Domain
     }
 
 
+def load_keyed_cache(path: Path, cache_format: str, key: str) -> dict:
+    """A cache file's content: tensors and plain containers only (``weights_only``: a file never
+    chooses code to run), refused with ValueError unless it carries ``cache_format`` and ``key``."""
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(content, dict) or content.get("format") != cache_format or content.get("key") != key:
+        raise ValueError("format or recipe key does not match")
+    return content
+
+
 def read_zoo_cache(path: Path, cache_format: str, key: str, targets: Sequence[str],
                    build: Callable[[], nn.Module], what: str = "model cache"):
     """``(source, {target: adapted}, timings)`` from a zoo cache file, or None (after a warning)
@@ -209,9 +218,7 @@ def read_zoo_cache(path: Path, cache_format: str, key: str, targets: Sequence[st
         return model.eval()
 
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-        if content.get("format") != cache_format or content.get("key") != key:
-            raise ValueError("format or recipe key does not match")
+        content = load_keyed_cache(path, cache_format, key)
         if set(content["adapted"]) != set(targets):
             raise ValueError(f"targets {sorted(content['adapted'])} do not match the recipe")
         adapted = {t: from_state(content["adapted"][t]) for t in targets}
@@ -282,9 +289,7 @@ def load_or_make_domains(recipe: BenchmarkRecipe, n_calib: int = 32,
     names = recipe.source_domains + recipe.target_domains
     if path.is_file():
         try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-            if content.get("format") != DOMAINS_CACHE_FORMAT or content.get("key") != key:
-                raise ValueError("format or key does not match")
+            content = load_keyed_cache(path, DOMAINS_CACHE_FORMAT, key)
             domains = {}
             for name in names:
                 parts = content["domains"][name]
