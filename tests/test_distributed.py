@@ -267,3 +267,59 @@ def test_the_cluster_estimate_gives_each_task_to_the_first_free_worker():
     assert list_schedule([], workers=64) == 0.0
     wave = wave_summary([240.0] + [1.0] * 100, workers=64)
     assert wave["lower_bound_s"] == 240.0 and wave["simulated_s"] == 240.0  # one long task bounds the wave
+
+
+ORPHAN_DRIVER = '''
+import os, sys, time
+from hdrq_plugin.run.distributed import ProcessRunner, Task
+
+def sleep_long(folder, name):
+    path = os.path.join(folder, name + ".pid")
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(300)
+
+if __name__ == "__main__":
+    tasks = [Task(n, sleep_long, (sys.argv[1], n)) for n in ("a", "b")]
+    for _ in ProcessRunner(2).as_completed(tasks):
+        pass
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has finished; only its exit status is left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_killing_the_driver_kills_its_worker_processes(tmp_path, sig):
+    import subprocess
+
+    script = tmp_path / "driver.py"
+    script.write_text(ORPHAN_DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+                              env={**os.environ, "HDRQ_PROGRESS": "off", "OMP_NUM_THREADS": "1"})
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline and driver.poll() is None:
+            pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+            time.sleep(0.2)
+        assert len(pids) == 2, "the workers never started their tasks"
+        driver.send_signal(sig)
+        driver.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in pids), "a worker outlived its driver"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid in pids:  # the workers this test started, if the check above failed
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -116,10 +116,26 @@ class SequentialRunner:
         pass
 
 
-def _init_worker(progress: str) -> None:
+def _init_worker(progress: str, parent: int) -> None:
     """A worker's progress: plain log lines, or none where the driver draws bars on a terminal
-    (two processes writing bars to one terminal garble both)."""
+    (two processes writing bars to one terminal garble both). It dies with its parent."""
     os.environ["HDRQ_PROGRESS"] = progress
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux send this process SIGTERM when the driver dies (``prctl(PR_SET_PDEATHSIG)``), so
+    a killed ``hdrq demo`` leaves no worker training on for minutes; the pool's own shutdown only
+    covers a driver that exits normally. Elsewhere, the pool's broken-pipe detection remains."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the driver died before the request took effect
+        os._exit(1)
 
 
 def _run_staged(name: str, function: Callable[..., Any], num_threads: int, seed: int | None, /,
@@ -151,32 +167,65 @@ class ProcessRunner:
         return value  # pickled into each task that takes it
 
     def as_completed(self, tasks: Iterable[Task], *, desc: str = "tasks") -> Iterator[tuple[Task, Any]]:
+        """Submit every task now (the workers start before the first result is asked for, so the
+        caller may do other work meanwhile) and yield ``(task, outcome)`` as they finish."""
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import ProcessPoolExecutor
 
         tasks = list(tasks)
         if not tasks:
-            return
+            return iter(())
         mode = progress_mode()
         worker_progress = "off" if mode in ("bars", "off") else "log"
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)), mp_context=context,
-                                 initializer=_init_worker, initargs=(worker_progress,)) as pool, \
-                _progress(len(tasks), desc) as bar:
+        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)), mp_context=context,
+                                   initializer=_init_worker, initargs=(worker_progress, os.getpid()))
+        try:
             futures = {pool.submit(_run_staged, task.name, task.function, task.num_cpus, task.seed,
                                    *task.args, **task.kwargs): task for task in tasks}
-            for future in as_completed(futures):
-                task = futures[future]
-                try:
-                    outcome = future.result()
-                except Exception as err:  # noqa: BLE001 - a task's error (or a dead worker) is a failure
-                    outcome = TaskFailure(task.name, f"{type(err).__name__}: {err}", traceback.format_exc())
-                bar.set_postfix_str(task.name)
-                bar.update()
-                yield task, outcome
+        except BaseException:
+            _stop_pool(pool)
+            raise
+        return self._collect(pool, futures, desc)
+
+    @staticmethod
+    def _collect(pool, futures: dict, desc: str) -> Iterator[tuple[Task, Any]]:
+        from concurrent.futures import as_completed
+
+        finished = False
+        try:
+            with _progress(len(futures), desc) as bar:
+                for future in as_completed(futures):
+                    task = futures[future]
+                    try:
+                        outcome = future.result()
+                    except Exception as err:  # noqa: BLE001 - a task's error (or a dead worker) is a failure
+                        outcome = TaskFailure(task.name, f"{type(err).__name__}: {err}", traceback.format_exc())
+                    bar.set_postfix_str(task.name)
+                    bar.update()
+                    yield task, outcome
+            finished = True
+        finally:
+            if finished:
+                pool.shutdown(wait=True)
+            else:  # interrupted (Ctrl-C, an error in the caller's loop): stop the tasks in flight too
+                _stop_pool(pool)
 
     def shutdown(self) -> None:
         pass
+
+
+def _stop_pool(pool) -> None:
+    """Cancel the queued tasks and terminate the workers now; ``shutdown(wait=True)`` would wait
+    for the running tasks (minutes of NIPQ training). Python 3.14's ``terminate_workers`` does
+    this; before it, the pool's process table is the only handle on its workers."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
 
 
 class RayRunner:
