@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -122,42 +123,65 @@ def _cached(path: Path, key: str) -> tuple[nn.Module, str, dict] | None:
     return (model, info["family"], info) if info.get("task_key") == key else None
 
 
+Hook = tuple[Sequence[QuantizeJob], Callable[[dict[QuantizeJob, tuple[nn.Module, str, dict]]], None]]
+
+
 def run_jobs(jobs: list[QuantizeJob], bench, recipe: ModelRecipe, cache_dir: Path, workers: int,
-             timings: dict[str, float]) -> dict[QuantizeJob, tuple[nn.Module, str, dict]]:
+             timings: dict[str, float], hooks: Sequence[Hook] = ()) -> dict[QuantizeJob, tuple[nn.Module, str, dict]]:
     """Every job's ``(model, family, metadata)``: from the cache where its key matches, else
-    quantized now on ``workers`` processes (one after another in this process for 1)."""
+    quantized now on ``workers`` processes (one after another in this process for 1).
+
+    ``hooks``: ``(jobs, callback)`` pairs, in order. Each callback runs in this process as soon as
+    its jobs' models are ready (at once for none), with those models, while the workers go on
+    with the other jobs: work that does not need the slow jobs (NIPQ) overlaps them. The jobs of
+    the hooks are queued first; a callback runs after the ones before it, so its output keeps
+    the serial order.
+    """
     folder = Path(cache_dir) / QUANTIZED_CACHE
     folder.mkdir(parents=True, exist_ok=True)
     zoo_key = bench.recipe.cache_key()
     keys = {job: job_key(job, zoo_key) for job in jobs}
     paths = {job: folder / f"{keys[job][:24]}.pt" for job in jobs}
-    cached = {job: _cached(paths[job], keys[job]) for job in jobs}  # loaded once, kept
-    todo = [job for job in jobs if cached[job] is None]
-    todo.sort(key=lambda job: _COST_RANK.get(job.method, 2))  # stable: targets keep their order
+    models = {job: found for job in jobs if (found := _cached(paths[job], keys[job])) is not None}  # loaded once
+    todo = [job for job in jobs if job not in models]
+    needed_early = {job for hook_jobs, _ in hooks for job in hook_jobs}
+    # hooks' jobs first, then longest first (stable: targets keep their order)
+    todo.sort(key=lambda job: (job not in needed_early, _COST_RANK.get(job.method, 2)))
     runner = make_runner(workers=min(workers, len(todo))) if todo else SequentialRunner()
     tasks = [Task(job.label, run_job,
                   (job, bench.adapted[job.target], bench.source_model, bench.domains[job.target].calib,
                    bench.domains[job.target].train, bench.domains[job.target].test, recipe,
                    str(paths[job]), keys[job]), seed=job.seed, num_cpus=1) for job in todo]
     failures = []
+    pending_hooks = list(hooks)
+
+    def run_ready_hooks() -> None:
+        while pending_hooks and all(job in models for job in pending_hooks[0][0]):
+            hook_jobs, callback = pending_hooks.pop(0)
+            callback({job: models[job] for job in hook_jobs})
+
     with timed_stage(timings, "quantize_s", f"{len(todo)} of {len(jobs)} models on {getattr(runner, 'workers', 1)} "
                                             f"worker(s), {len(jobs) - len(todo)} cached"):
-        for task, outcome in runner.as_completed(tasks, desc="quantizing"):
+        outcomes = runner.as_completed(tasks, desc="quantizing")  # worker processes start here
+        run_ready_hooks()
+        for task, outcome in outcomes:
+            job = task.args[0]
             if isinstance(outcome, TaskFailure):
                 failures.append(str(outcome))
                 continue
-            method = task.args[0].method
-            timings[f"quantize_{method}_task_s"] = timings.get(f"quantize_{method}_task_s", 0.0) + outcome["seconds"]
+            timings[f"quantize_{job.method}_task_s"] = timings.get(f"quantize_{job.method}_task_s", 0.0) + outcome["seconds"]
+            loading = time.perf_counter()
+            models[job] = _cached(paths[job], keys[job])
+            timings["load_quantized_s"] = timings.get("load_quantized_s", 0.0) + time.perf_counter() - loading
+            if models[job] is None:  # replaced or damaged between the write and now
+                failures.append(f"{paths[job]} does not hold {job.label}")
+                del models[job]
+                continue
+            run_ready_hooks()
     if failures:
         raise TargetsFailedError("quantizing failed for " + "; ".join(failures))
-    models = {}
-    with timed_stage(timings, "load_quantized_s"):
-        for job in jobs:
-            models[job] = cached[job] or _cached(paths[job], keys[job])
-            if models[job] is None:  # replaced or damaged between the write and now
-                raise TargetsFailedError(f"{paths[job]} does not hold {job.label}")
     timings["quantize_cached_models"] = float(len(jobs) - len(todo))
-    return models
+    return {job: models[job] for job in jobs}
 
 
 __all__ = ["QuantizeJob", "job_key", "run_job", "run_jobs", "source_digest"]

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nipq-epochs", type=int, default=None,
                       help="NIPQ noise epochs per target (default 10; 0 leaves the NIPQ rows out)")
     demo.add_argument("--workers", type=int, default=None,
-                      help="processes for the per-target quantizations (default: the usable cores; 1: in this "
+                      help="processes for the per-target quantizations (default: the usable cores plus one, as the "
+                           "driver merges and exports meanwhile; 1: all in this "
                            "process); the models do not depend on it")
     _add_common(demo)
 

@@ -138,3 +138,45 @@ def test_a_refused_export_keeps_the_report_and_exits_3_with_one_line(demo_run, d
     assert refused["ok"] is False and "activation codes of" in refused["refused"]
     # the true INT4 file goes through the same broken step: refused and recorded as well
     assert not report["validation"]["int4"]["ok"] and not (out / "merged-hdrq-int4.onnx").exists()
+
+
+def test_overlapping_the_merges_with_the_quantizations_changes_no_figure(demo_run, tmp_path, monkeypatch):
+    """``--workers 1`` computes everything in one process, one step after another; the default
+    overlaps the merges, barrier and exports with NIPQ on the workers: the same rows and curves."""
+    _, overlapped = demo_run
+    monkeypatch.setenv("HDRQ_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: every step runs
+    assert main([*DEMO_ARGS, "--workers", "1", "--out", str(tmp_path / "serial")]) == 0
+    serial = json.loads((tmp_path / "serial" / "report.json").read_text())
+    parallel = json.loads((overlapped / "report.json").read_text())
+    assert serial["rows"] == parallel["rows"]  # same figures, same order
+    assert serial["barrier"] == parallel["barrier"]
+    assert serial["quantized_from_cache"] == parallel["quantized_from_cache"] == 0
+
+
+def test_a_cached_rerun_reuses_every_figure_and_reports_the_same_rows(demo_run, demo_cache, tmp_path, monkeypatch):
+    """The second run with the same cache quantizes, merges, evaluates and validates nothing again
+    (its exported files are byte-identical, so their validations are reused) and reports the very
+    same rows; the files it writes are its own."""
+    from hdrq_examples import demo_results
+
+    calls = []
+    compute = demo_results.ResultCache.get_or_compute
+
+    def spy(self, step, inputs, function):
+        value, hit = compute(self, step, inputs, function)
+        calls.append((step, hit))
+        return value, hit
+
+    monkeypatch.setenv("HDRQ_CACHE_DIR", str(demo_cache))
+    monkeypatch.setattr(demo_results.ResultCache, "get_or_compute", spy)
+    out = tmp_path / "rerun"
+    assert main([*DEMO_ARGS, "--out", str(out)]) == 0
+    assert calls and all(hit for _, hit in calls), calls
+    assert {step for step, _ in calls} == {"float-references", "merges", "barrier", "nipq-merge",
+                                           "validate-int4-in-int8", "validate-int4"}
+    report = json.loads((out / "report.json").read_text())
+    first = json.loads((demo_run[1] / "report.json").read_text())
+    assert report["rows"] == first["rows"] and report["barrier"] == first["barrier"]
+    assert report["quantized_from_cache"] == 9
+    assert all(v["from_cache"] and v["onnx_path"].startswith(str(out)) for v in report["validation"].values())
+    assert (out / "barrier.png").is_file() and (out / "merged-hdrq.pt").is_file()
