@@ -163,21 +163,26 @@ def run_jobs(jobs: list[QuantizeJob], bench, recipe: ModelRecipe, cache_dir: Pat
     with timed_stage(timings, "quantize_s", f"{len(todo)} of {len(jobs)} models on {getattr(runner, 'workers', 1)} "
                                             f"worker(s), {len(jobs) - len(todo)} cached"):
         outcomes = runner.as_completed(tasks, desc="quantizing")  # worker processes start here
-        run_ready_hooks()
-        for task, outcome in outcomes:
-            job = task.args[0]
-            if isinstance(outcome, TaskFailure):
-                failures.append(str(outcome))
-                continue
-            timings[f"quantize_{job.method}_task_s"] = timings.get(f"quantize_{job.method}_task_s", 0.0) + outcome["seconds"]
-            loading = time.perf_counter()
-            models[job] = _cached(paths[job], keys[job])
-            timings["load_quantized_s"] = timings.get("load_quantized_s", 0.0) + time.perf_counter() - loading
-            if models[job] is None:  # replaced or damaged between the write and now
-                failures.append(f"{paths[job]} does not hold {job.label}")
-                del models[job]
-                continue
+        try:
             run_ready_hooks()
+            for task, outcome in outcomes:
+                job = task.args[0]
+                if isinstance(outcome, TaskFailure):
+                    failures.append(str(outcome))
+                    continue
+                seconds = timings.get(f"quantize_{job.method}_task_s", 0.0) + outcome["seconds"]
+                timings[f"quantize_{job.method}_task_s"] = seconds
+                loading = time.perf_counter()
+                models[job] = _cached(paths[job], keys[job])
+                timings["load_quantized_s"] = timings.get("load_quantized_s", 0.0) + time.perf_counter() - loading
+                if models[job] is None:  # replaced or damaged between the write and now
+                    failures.append(f"{paths[job]} does not hold {job.label}")
+                    del models[job]
+                    continue
+                run_ready_hooks()
+        finally:  # a hook that raised (or Ctrl-C) stops the workers at once, not after their tasks
+            if hasattr(outcomes, "close"):
+                outcomes.close()
     if failures:
         raise TargetsFailedError("quantizing failed for " + "; ".join(failures))
     timings["quantize_cached_models"] = float(len(jobs) - len(todo))

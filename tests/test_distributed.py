@@ -323,3 +323,32 @@ def test_killing_the_driver_kills_its_worker_processes(tmp_path, sig):
         for pid in pids:  # the workers this test started, if the check above failed
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def write_pid_and_sleep(folder: str, name: str) -> None:
+    path = Path(folder) / f"{name}.pid"
+    path.with_suffix(".tmp").write_text(str(os.getpid()))
+    os.replace(path.with_suffix(".tmp"), path)
+    time.sleep(300)
+
+
+def test_closing_the_outcomes_before_asking_for_one_stops_the_workers(tmp_path):
+    """The demo's driver may fail in its own work before it asks for any result: closing the
+    iterator must still stop the tasks (else the interpreter's exit waits for all of them)."""
+    outcomes = ProcessRunner(2).as_completed([Task(n, write_pid_and_sleep, (str(tmp_path), n)) for n in "ab"])
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+            time.sleep(0.2)
+        assert len(pids) == 2, "the workers never started their tasks"
+        outcomes.close()
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in pids), "a worker kept running after close()"
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -186,7 +186,31 @@ class ProcessRunner:
         except BaseException:
             _stop_pool(pool)
             raise
-        return self._collect(pool, futures, desc)
+        return _PoolOutcomes(pool, futures, desc)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _PoolOutcomes:
+    """What :meth:`ProcessRunner.as_completed` returns: ``(task, outcome)`` as tasks finish.
+    ``close()``, or a loop left early, stops the pool even before the first item was asked for
+    (a generator that never started would not run its clean-up, and the interpreter's exit would
+    then wait for every queued task)."""
+
+    def __init__(self, pool, futures: dict, desc: str) -> None:
+        self._pool = pool
+        self._items = self._collect(pool, futures, desc)
+
+    def __iter__(self) -> _PoolOutcomes:
+        return self
+
+    def __next__(self) -> tuple[Task, Any]:
+        return next(self._items)
+
+    def close(self) -> None:
+        self._items.close()
+        _stop_pool(self._pool)
 
     @staticmethod
     def _collect(pool, futures: dict, desc: str) -> Iterator[tuple[Task, Any]]:
@@ -210,9 +234,6 @@ class ProcessRunner:
                 pool.shutdown(wait=True)
             else:  # interrupted (Ctrl-C, an error in the caller's loop): stop the tasks in flight too
                 _stop_pool(pool)
-
-    def shutdown(self) -> None:
-        pass
 
 
 def _stop_pool(pool) -> None:
