@@ -19,27 +19,31 @@ from hdrq_plugin import register_architecture
 # the tests' own model, allowed the way a user allows theirs: checkpoints may only name registered builders
 register_architecture(tiny_resnet)
 
-#: The costliest files, most CPU seconds first (measured with ``--cpu-durations``, BENCHMARKS.md).
+#: The costliest files, most CPU seconds first (``--cpu-durations``, children included; BENCHMARKS.md).
 #: With ``make test``'s ``--dist loadfile --no-loadscope-reorder`` xdist hands files out in
 #: collection order, so these start first and no long file is left for one core at the end (the
 #: default order, by test count, ran the heaviest few-test files last). A scheduling hint only: a
 #: file not listed runs after these, in its usual order.
 COSTLIEST_FIRST = (
     "test_demo.py",
-    "test_segmentation_demo.py",
-    "test_mtda_benchmark.py",
-    "test_conformance.py",
     "test_demo_tasks.py",
+    "test_conformance.py",
+    "test_mtda_benchmark.py",
+    "test_segmentation_demo.py",
+    "test_nipq_resume.py",
     "test_adopt_brevitas.py",
     "test_nipq.py",
-    "test_segmentation_models.py",
+    "test_distributed.py",
     "test_block_models.py",
+    "test_segmentation_models.py",
+    "test_saturation.py",
     "test_block_models_se.py",
     "test_cli_fuzz.py",
-    "test_nipq_resume.py",
-    "test_one_grid.py",
-    "test_distributed.py",
     "test_tensor_methods.py",
+    "test_one_grid.py",
+    "test_zoo.py",
+    "test_export.py",
+    "test_cli.py",
 )
 
 _CPU_KEY = "cpu_s"
