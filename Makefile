@@ -8,7 +8,9 @@ OUT ?= runs/demo
 BITS ?= w4a4
 BENCH_ARGS ?= --quick
 # pytest-xdist workers for `make test` (auto: one per CPU). --dist loadfile keeps each test file in
-# one worker, so a module's fixtures (a demo run, a local Ray) are built once, not once per worker.
+# one worker, so a module's fixtures (a demo run, a local Ray) are built once, not once per worker;
+# --no-loadscope-reorder hands files out in collection order, which tests/conftest.py sorts costliest
+# first (xdist's default order, most tests first, left the longest files for the end).
 TEST_WORKERS ?= auto
 
 # OpenMP threads that busy-wait make torch several times slower when anything else shares the
@@ -39,7 +41,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.mtda $(BENCH_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,14 @@
-"""Shared test set-up."""
+"""Shared test set-up, and ``--cpu-durations``: CPU seconds per test and per file.
+
+Wall-clock ``--durations`` mislead on a shared machine (a test waits for the CPU); the CPU time of
+the worker process and of the children it waited for (setup + call + teardown, every thread) is
+what a test costs. Under pytest-xdist
+each worker measures its own tests and the controller adds them up.
+"""
+
+import resource
+import time
+from collections import defaultdict
 
 import pytest
 import torch
@@ -9,6 +19,37 @@ from hdrq_plugin import register_architecture
 # the tests' own model, allowed the way a user allows theirs: checkpoints may only name registered builders
 register_architecture(tiny_resnet)
 
+#: The costliest files, most CPU seconds first (``--cpu-durations``, children included; BENCHMARKS.md).
+#: With ``make test``'s ``--dist loadfile --no-loadscope-reorder`` xdist hands files out in
+#: collection order, so these start first and no long file is left for one core at the end (the
+#: default order, by test count, ran the heaviest few-test files last). A scheduling hint only: a
+#: file not listed runs after these, in its usual order.
+COSTLIEST_FIRST = (
+    "test_demo.py",
+    "test_demo_tasks.py",
+    "test_conformance.py",
+    "test_mtda_benchmark.py",
+    "test_segmentation_demo.py",
+    "test_nipq_resume.py",
+    "test_adopt_brevitas.py",
+    "test_nipq.py",
+    "test_distributed.py",
+    "test_block_models.py",
+    "test_segmentation_models.py",
+    "test_saturation.py",
+    "test_block_models_se.py",
+    "test_cli_fuzz.py",
+    "test_tensor_methods.py",
+    "test_one_grid.py",
+    "test_zoo.py",
+    "test_export.py",
+    "test_cli.py",
+)
+
+_CPU_KEY = "cpu_s"
+_PHASE_START = pytest.StashKey[float]()
+_cpu_per_test: dict[str, float] = defaultdict(float)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
@@ -17,3 +58,62 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
+                     help="after the run, list the N tests and every file by CPU seconds (setup + call + teardown)")
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time plus that of its finished children (spawned workers, qemu)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _start_phase(item):
+    item.stash[_PHASE_START] = _cpu_seconds()
+
+
+# tryfirst: the clock starts before any other plugin's setup/teardown work in the phase
+pytest_runtest_setup = pytest.hookimpl(tryfirst=True)(_start_phase)
+pytest_runtest_call = pytest.hookimpl(tryfirst=True)(_start_phase)
+pytest_runtest_teardown = pytest.hookimpl(tryfirst=True)(_start_phase)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the phase's CPU seconds to its report (user_properties travel from xdist workers)."""
+    outcome = yield
+    start = item.stash.get(_PHASE_START, None)
+    if start is not None:
+        outcome.get_result().user_properties.append((_CPU_KEY, _cpu_seconds() - start))
+
+
+def pytest_runtest_logreport(report):
+    for key, value in report.user_properties:
+        if key == _CPU_KEY:
+            _cpu_per_test[report.nodeid] += value
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    count = config.getoption("--cpu-durations")
+    if count is None or not _cpu_per_test:
+        return
+    per_file: dict[str, float] = defaultdict(float)
+    for nodeid, seconds in _cpu_per_test.items():
+        per_file[nodeid.split("::")[0]] += seconds
+    write = terminalreporter.write_line
+    terminalreporter.section(f"CPU seconds: {count or 'all'} slowest tests")
+    ranked = sorted(_cpu_per_test.items(), key=lambda kv: -kv[1])
+    for nodeid, seconds in ranked[:count or None]:
+        write(f"{seconds:9.2f}s  {nodeid}")
+    terminalreporter.section("CPU seconds per file")
+    for path, seconds in sorted(per_file.items(), key=lambda kv: -kv[1]):
+        write(f"{seconds:9.2f}s  {path}")
+    write(f"{sum(per_file.values()):9.2f}s  total")

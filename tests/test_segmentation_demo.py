@@ -1,4 +1,6 @@
-"""``hdrq demo --task segmentation`` end to end on the tiny recipe: report, ONNX file, mask pictures."""
+"""``hdrq demo --task segmentation`` end to end, run once as `make demo` runs its small case (from
+an empty cache): report, ONNX file, mask pictures. One run serves every test (a second, tiny-recipe
+run cost 46 CPU seconds and checked the same report, file and pictures)."""
 
 import json
 import shlex
@@ -12,17 +14,30 @@ from hdrq_examples.segmentation_zoo import SegmentationRecipe, load_or_build_seg
 from hdrq_plugin.cli import main
 
 
+def _makefile_small_case() -> list[str]:
+    """The segmentation command of the Makefile's ``demo`` target, as ``hdrq`` arguments."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    commands = [line.strip() for line in recipe.splitlines()[1:] if line.startswith("\t")]
+    assert len(commands) == 2 and "--task segmentation" in commands[1], commands  # classification, then this
+    return shlex.split(commands[1].replace("$(VENV)/bin/hdrq", "").replace("$(BITS)", "w4a4"))
+
+
 @pytest.fixture(scope="module")
 def segmentation_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("segdemo")
+    """The small case of `make demo`, run once from an empty cache (the zoo is built): about 75 s of
+    CPU, 12 min of wall time under a load of 15-20. Every test below reads its outputs."""
+    args = _makefile_small_case()
+    out, cache = tmp_path_factory.mktemp("demo") / "segmentation", tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HDRQ_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        code = main(["demo", "--task", "segmentation", "--size", "tiny", "--iterations", "2", "--out", str(out)])
-    return code, out
+        patch.setenv("HDRQ_CACHE_DIR", str(cache))
+        code = main([str(out) if a == "$(OUT)/segmentation" else a for a in args])
+    return code, out, cache, args
 
 
+@pytest.mark.slow
 def test_segmentation_demo_reports_miou_at_every_stage(segmentation_run):
-    code, out = segmentation_run
+    code, out, _, _ = segmentation_run
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["metric"] == "mIoU"
@@ -35,8 +50,9 @@ def test_segmentation_demo_reports_miou_at_every_stage(segmentation_run):
     assert all(row["pixel_agreement"] >= 0.999 for row in ort_rows if "pixel_agreement" in row)
 
 
+@pytest.mark.slow
 def test_segmentation_demo_draws_one_mask_picture_per_target(segmentation_run):
-    _, out = segmentation_run
+    _, out, _, _ = segmentation_run
     for target in TARGET_DOMAINS:
         picture = matplotlib.image.imread(out / f"masks-{target}.png")
         assert picture.ndim == 3 and picture.shape[0] > 100 and picture.shape[1] > 300  # 4 columns of panels
@@ -52,22 +68,12 @@ def test_classification_demo_refuses_the_segmentation_small_size(tmp_path, capsy
     assert "--task segmentation" in capsys.readouterr().err
 
 
-def _makefile_small_case() -> list[str]:
-    """The segmentation command of the Makefile's ``demo`` target, as ``hdrq`` arguments."""
-    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
-    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
-    commands = [line.strip() for line in recipe.splitlines()[1:] if line.startswith("\t")]
-    assert len(commands) == 2 and "--task segmentation" in commands[1], commands  # classification, then this
-    return shlex.split(commands[1].replace("$(VENV)/bin/hdrq", "").replace("$(BITS)", "w4a4"))
-
-
-@pytest.mark.slow  # the small case of `make demo`: about 75 s of CPU (12 min of wall time under a load of 15-20)
-def test_make_demo_runs_the_small_segmentation_case_end_to_end(tmp_path, monkeypatch):
-    args = _makefile_small_case()
+@pytest.mark.slow
+def test_make_demo_runs_the_small_segmentation_case_end_to_end(segmentation_run, monkeypatch):
+    code, out, cache, args = segmentation_run
     assert args[args.index("--size") + 1] == "small" and args[args.index("--out") + 1] == "$(OUT)/segmentation"
-    out = tmp_path / "demo" / "segmentation"
-    monkeypatch.setenv("HDRQ_CACHE_DIR", str(tmp_path / "cache"))  # an empty cache: the zoo is built
-    assert main([str(out) if a == "$(OUT)/segmentation" else a for a in args]) == 0
+    assert code == 0
+    monkeypatch.setenv("HDRQ_CACHE_DIR", str(cache))
     report = json.loads((out / "report.json").read_text())
     assert not report["zoo_from_cache"]
     rows = report["rows"]
