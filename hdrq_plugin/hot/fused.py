@@ -114,11 +114,26 @@ def _scaled_float(values, factor):
     return values.float() * factor
 
 
+def _bn_sums(grad, codes):
+    """BatchNorm backward's Σg and Σg·code per channel of N×C×M maps, one pass."""
+    return grad.sum((0, 2)), (grad * codes.float()).sum((0, 2))
+
+
+def _bn_grad_in_place(grad, codes, shift, slope, gain):
+    """g ← (g − shift − code·slope)·gain in g's own memory (torch.compile writes mutated inputs in place)."""
+    return grad.copy_((grad - shift - codes.float() * slope) * gain)
+
+
+def _bn_grad_into(out, grad, codes, shift, slope, gain):
+    return out.copy_((grad - shift - codes.float() * slope) * gain)
+
+
 @functools.cache
 def _compiled(name: str):
     function = {"hq_peak": _hq_peak, "hq_codes": _hq_codes, "stochastic_codes": _stochastic_codes,
                 "abs_peak": _abs_peak, "rebuild_moments": _rebuild_moments,
-                "rebuild_codes": _rebuild_codes, "scaled_float": _scaled_float}[name]
+                "rebuild_codes": _rebuild_codes, "scaled_float": _scaled_float,
+                "bn_sums": _bn_sums, "bn_grad_in_place": _bn_grad_in_place, "bn_grad_into": _bn_grad_into}[name]
     return torch.compile(function, dynamic=True, fullgraph=True, options=_OPTIONS)
 
 

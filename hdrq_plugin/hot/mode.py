@@ -182,7 +182,9 @@ def hot_mode(model: nn.Module, config: HOTConfig | None = None) -> Iterator[HOTS
     """
     session = HOTSession(model, config or HOTConfig())
     previous = {}
-    activations = (CompressedActivations(session.config.quantize) if session.config.compress_activations
+    config = session.config
+    activations = (CompressedActivations(config.quantize, config.fused_kernels and config.quantize)
+                   if config.compress_activations
                    else contextlib.nullcontext())
     try:
         for name, module in session.modules.items():
