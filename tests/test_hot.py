@@ -131,11 +131,18 @@ def test_gradients_equal_autograd_when_quantization_is_off(batch, gemm):
 
 
 def test_integer_and_float_gemm_paths_give_the_same_quantized_gradients():
-    """Same codes (same seed), multiplied by torch._int_mm (im2col) or float conv kernels."""
+    """Same codes (same seed), multiplied by torch._int_mm (im2col) or float conv kernels.
+
+    Eager quantizers: the two paths' input gradients differ in the last float32 bit (summation
+    order), and a layer's gradient is a lattice of quantized products, so with the fused kernels'
+    dither a 1-ulp change upstream flipped one stochastic code of the stem here. The fused
+    kernels get the same check per layer, on one given gradient (tests/test_hot_fused.py).
+    """
     torch.manual_seed(0)
     model = _Mixed()
     inputs, labels = torch.randn(4, 3, 16, 16, requires_grad=True), torch.randint(0, 10, (4,))
-    by_mode = {gemm: _gradients(model, inputs, labels, HOTConfig(gemm=gemm)) for gemm in ("int", "float")}
+    by_mode = {gemm: _gradients(model, inputs, labels, HOTConfig(gemm=gemm, fused_kernels=False))
+               for gemm in ("int", "float")}
     for name, expected in by_mode["int"].items():
         assert _relative_error(by_mode["float"][name], expected) < FLOAT32_SUM_RTOL, name
 

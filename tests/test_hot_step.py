@@ -116,7 +116,7 @@ def test_batchnorm_gradients_equal_autograd_when_quantization_is_off(training):
         assert _relative_error(got, expected) < FLOAT32_SUM_RTOL
 
 
-def _batchnorm_weight_gradient_error(forget_scale: bool = False):
+def _batchnorm_weight_gradient_error(forget_scale: bool = False, use_fused: bool = False):
     """|Δg_γ| per channel and its bound ½s·Σ|g| (round to nearest: |x̂ − q·s| ≤ s/2)."""
     torch.manual_seed(1)
     bn = nn.BatchNorm2d(5)
@@ -133,7 +133,7 @@ def _batchnorm_weight_gradient_error(forget_scale: bool = False):
         if forget_scale:  # the broken variant: takes the int8 codes for x̂
             patch.setattr(activations.CompressedBatchNorm, "backward", staticmethod(
                 lambda ctx, g: original(_UnscaledContext(ctx), g)))
-        _forward_backward(bn, inputs, grad, CompressedActivations())
+        _forward_backward(bn, inputs, grad, CompressedActivations(use_fused=use_fused))
     return (bn.weight.grad - exact).abs(), scale / 2 * grad.abs().sum((0, 2, 3))
 
 
@@ -142,16 +142,19 @@ class _UnscaledContext:
         codes, scale, invstd, weight = ctx.saved_tensors
         self.saved_tensors = (codes, torch.ones_like(scale), invstd, weight)
         self.training, self.has_weight, self.has_bias = ctx.training, ctx.has_weight, ctx.has_bias
+        self.fused = ctx.fused
 
 
-def test_batchnorm_int8_weight_gradient_error_is_within_half_a_step_per_entry():
-    error, bound = _batchnorm_weight_gradient_error()
+@pytest.mark.parametrize("use_fused", [False, True])  # eager chunks / the compiled kernels (fused.py)
+def test_batchnorm_int8_weight_gradient_error_is_within_half_a_step_per_entry(use_fused):
+    error, bound = _batchnorm_weight_gradient_error(use_fused=use_fused)
     assert bool((error <= bound * (1 + 1e-4) + 1e-6).all())
     assert bool((error > 0).any())
 
 
-def test_a_batchnorm_that_forgets_the_scale_fails_the_bound():
-    error, bound = _batchnorm_weight_gradient_error(forget_scale=True)
+@pytest.mark.parametrize("use_fused", [False, True])
+def test_a_batchnorm_that_forgets_the_scale_fails_the_bound(use_fused):
+    error, bound = _batchnorm_weight_gradient_error(forget_scale=True, use_fused=use_fused)
     assert not bool((error <= bound * (1 + 1e-4) + 1e-6).all())
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import fused
 from .ownership import release, take
 
 _CHUNK = 1 << 18  # entries (a multiple of 8): float32 temporaries of 1 MiB at a time
@@ -106,7 +107,8 @@ class CompressedBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, inputs, running_mean, running_var, weight, bias, training, momentum, eps, quantize):
+    def forward(ctx, inputs, running_mean, running_var, weight, bias, training, momentum, eps, quantize,
+                use_fused=False):
         output, mean, invstd = torch.native_batch_norm(
             inputs, weight, bias, running_mean, running_var, training, momentum, eps)
         if not training:  # native_batch_norm returns empty statistics in eval mode
@@ -126,6 +128,7 @@ class CompressedBatchNorm(torch.autograd.Function):
             codes = (inputs.detach()[rows] - mean_v).mul_(gain)
             normalised[rows] = codes.round_().clamp_(-127, 127) if quantize else codes
         ctx.training, ctx.has_weight, ctx.has_bias = training, weight is not None, bias is not None
+        ctx.fused = use_fused and quantize
         ctx.save_for_backward(normalised, scale, invstd, weight)
         return output
 
@@ -136,24 +139,37 @@ class CompressedBatchNorm(torch.autograd.Function):
         gain = invstd if weight is None else invstd * weight
         reduce = [d for d in range(dims) if d != 1]
         count = grad_output.numel() // grad_output.shape[1]
-        grad_bias = grad_output.sum(reduce)
-        grad_weight = torch.zeros_like(grad_bias)  # Σ g·x̂ = scale·Σ g·code, a chunk at a time
-        for rows in _row_chunks(grad_output):
-            grad_weight += (grad_output[rows] * codes[rows]).sum(reduce)
-        grad_weight.mul_(scale)
+        # fused (fused.py): Σg and Σg·code in one compiled pass, g_x in another, no chunk loop
+        use_fused = ctx.fused and grad_output.is_contiguous() and fused.available()
+        sums = fused.call("bn_sums", grad_output.view(grad_output.shape[0], grad_output.shape[1], -1),
+                          codes.view(grad_output.shape[0], grad_output.shape[1], -1)) if use_fused else None
+        if sums is not None:
+            grad_bias, grad_weight = sums
+        else:
+            grad_bias = grad_output.sum(reduce)
+            grad_weight = torch.zeros_like(grad_bias)  # Σ g·x̂ = scale·Σ g·code, a chunk at a time
+            for rows in _row_chunks(grad_output):
+                grad_weight += (grad_output[rows] * codes[rows]).sum(reduce)
+        grad_weight = grad_weight * scale
         gain_v = _per_channel_view(gain, dims)
         # in place when the gradient is one that a HOT backward just allocated (ownership.py)
-        grad_input = grad_output if take(grad_output) else torch.empty_like(
+        owned = take(grad_output)
+        grad_input = grad_output if owned else torch.empty_like(
             grad_output, memory_format=torch.contiguous_format)
         if ctx.training:  # g_x = γσ⁻¹(g − Σg/M − x̂·Σg·x̂/M), a chunk at a time
             shift = _per_channel_view(grad_bias / count, dims)
             slope = _per_channel_view(grad_weight * scale / count, dims)
-            for rows in _row_chunks(grad_output):
-                grad_input[rows] = (grad_output[rows] - shift).sub_(codes[rows] * slope).mul_(gain_v)
+            done = None
+            if use_fused and sums is not None:  # written into grad_input: in place when owned
+                done = (fused.call("bn_grad_in_place", grad_input, codes, shift, slope, gain_v) if owned
+                        else fused.call("bn_grad_into", grad_input, grad_output, codes, shift, slope, gain_v))
+            if done is None:
+                for rows in _row_chunks(grad_output):
+                    grad_input[rows] = (grad_output[rows] - shift).sub_(codes[rows] * slope).mul_(gain_v)
         else:
             torch.mul(grad_output, gain_v, out=grad_input)
         return (release(grad_input), None, None, grad_weight if ctx.has_weight else None,
-                grad_bias if ctx.has_bias else None, None, None, None, None)
+                grad_bias if ctx.has_bias else None, None, None, None, None, None)
 
 
 def _row_chunks(tensor: torch.Tensor):
@@ -228,9 +244,9 @@ def _records(*tensors) -> bool:
 class CompressedActivations(TorchFunctionMode):
     """While active, the ops above save compressed tensors for backward (module docstring)."""
 
-    def __init__(self, quantize: bool = True) -> None:
+    def __init__(self, quantize: bool = True, use_fused: bool = False) -> None:
         super().__init__()
-        self.quantize = quantize
+        self.quantize, self.use_fused = quantize, use_fused
         self.handlers = {
             F.relu: self._relu, torch.relu: self._relu, torch.Tensor.relu: self._relu,
             torch.relu_: self._relu_inplace, torch.Tensor.relu_: self._relu_inplace,
@@ -275,7 +291,7 @@ class CompressedActivations(TorchFunctionMode):
         if training and running_mean is not None and momentum is None:
             return NotImplemented  # cumulative averaging needs num_batches_tracked: leave it to torch
         return CompressedBatchNorm.apply(inputs, running_mean, running_var, weight, bias, training,
-                                         momentum, eps, self.quantize)
+                                         momentum, eps, self.quantize, self.use_fused)
 
     @staticmethod
     def _max_pool2d(inputs, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from . import fused
 from .hadamard import (
     absolute_moments,
     add_uniform_dither_,
@@ -44,6 +45,7 @@ from .hadamard import (
     reconstruct_low_sequency,
     sawb_clip,
     sawb_clip_from_moments,
+    sylvester_hadamard,
 )
 from .ownership import release
 
@@ -62,6 +64,7 @@ class LayerState:
     gemm: str  # "int": every GEMM via torch._int_mm; "float" / "bf16": those conv kernels on the codes (HOTConfig)
     per_token_gain: float
     generator: torch.Generator
+    fused: bool = False  # one torch.compile kernel per chain where inductor works (fused.py)
     per_token: bool | None = None  # layer-wise quantizer selection; None until the first backward
     selection_errors: tuple[float, float] | None = None  # (per-tensor, per-token) 4-bit MSE of g·H
     rows: int = 0  # L = batch×spatial of the last forward
@@ -120,6 +123,17 @@ def _reconstructed_map_codes(codes: torch.Tensor, scale: torch.Tensor, state: La
     """
     basis = state.basis / state.order
     count = math.prod(shape)
+    levels = 2 ** (state.grad_weight_bits - 1) - 1
+    if state.fused and fused.available():  # one kernel per pass, no float map (fused.py)
+        factor = scale / state.order
+        moments = fused.call("rebuild_moments", codes, factor, state.basis)
+        if moments is not None:
+            peak, total_abs, total_square = moments
+            clip = sawb_clip_from_moments(peak, total_abs / count, (total_square / count).sqrt())
+            input_scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
+            out = fused.call("rebuild_codes", codes, factor, state.basis, input_scale, levels, dtype)
+            if out is not None:
+                return out.view(shape), input_scale
 
     def rebuild(rows):
         return (_dequantize(codes[rows], scale).view(-1, state.rank) @ basis).view(-1, *shape[1:])
@@ -137,7 +151,6 @@ def _reconstructed_map_codes(codes: torch.Tensor, scale: torch.Tensor, state: La
         total_abs += chunk_abs.double()
         total_square += chunk_square.double()
     clip = sawb_clip_from_moments(peak, (total_abs / count).float(), (total_square / count).sqrt().float())
-    levels = 2 ** (state.grad_weight_bits - 1) - 1
     input_scale = (clip / levels).clamp_min(torch.finfo(torch.float32).tiny)
     out = torch.empty(shape, dtype=dtype)
     for rows in _image_chunks(codes, math.prod(shape[1:])):
@@ -236,7 +249,8 @@ def hla_weight_gradient(grad_rows: torch.Tensor, codes: torch.Tensor, scale: tor
 def _quantize_grad_int8(rows: torch.Tensor, state: LayerState, dtype: torch.dtype = torch.int8):
     if not state.quantize:
         return rows, _UNIT
-    return quantize_stochastic(rows, state.grad_weight_bits, per_row=False, generator=state.generator, dtype=dtype)
+    return quantize_stochastic(rows, state.grad_weight_bits, per_row=False, generator=state.generator, dtype=dtype,
+                               fused=state.fused)
 
 
 def _quantize_activation_int8(values: torch.Tensor, state: LayerState, dtype: torch.dtype = torch.int8,
@@ -371,7 +385,7 @@ class HOTConv2dFunction(torch.autograd.Function):
             else:
                 grad_input = conv2d_input(ctx.input_shape, weight_codes.to(kernel_dtype).reshape(weight.shape),
                                           grad_codes, *conv_args)
-                grad_input = _scaled_float(grad_input, grad_scale * weight_scale / state.hq_block)
+                grad_input = _scaled_float(grad_input, grad_scale * weight_scale / state.hq_block, state.fused)
             del grad_codes
             grad_input = release(grad_input.to(ctx.input_dtype))
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -396,6 +410,10 @@ def hq_gradient_codes(grad_output: torch.Tensor, state: LayerState, dtype: torch
         _select_quantizer(grad_h, state)
         del grad_h
     per_token = bool(state.per_token)
+    if state.fused and fused.available():
+        result = _fused_hq_gradient_codes(grad_output, state, dtype, per_token, dequantize_per_token)
+        if result is not None:
+            return result
     # a map of one chunk is transformed once and kept (time, no extra memory); a larger one by chunks
     whole = block_hadamard_channels(grad_output.float(), block) if grad_output.numel() <= _CHUNK else None
 
@@ -428,6 +446,26 @@ def hq_gradient_codes(grad_output: torch.Tensor, state: LayerState, dtype: torch
     return codes, scale
 
 
+def _fused_hq_gradient_codes(grad_output, state, dtype, per_token, dequantize_per_token):
+    """:func:`hq_gradient_codes` as two compiled passes (max, then transform + dither + round);
+    the transformed map is never stored. None when compilation is unavailable."""
+    levels = 2 ** (state.grad_input_bits - 1) - 1
+    maps = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1)
+    hadamard = sylvester_hadamard(state.hq_block)
+    peak = fused.call("hq_peak", maps, hadamard, per_token)
+    if peak is None:
+        return None
+    scale = (peak / levels).clamp_min(torch.finfo(torch.float32).tiny)
+    dequantize = per_token and dequantize_per_token
+    codes = fused.call("hq_codes", maps, hadamard, scale, fused.draw_seed(state.generator), levels, dequantize, dtype)
+    if codes is None:
+        return None
+    codes = codes.view(grad_output.shape)
+    if not per_token:
+        return codes, scale
+    return (codes, _UNIT) if dequantize else (codes, scale.view(grad_output.shape[0], 1, *grad_output.shape[2:]))
+
+
 _CHUNK = 1 << 20  # entries: float32 temporaries of 4 MiB per chunk
 
 
@@ -439,10 +477,14 @@ def _image_chunks(maps: torch.Tensor, image_size: int | None = None):
         yield slice(start, min(start + step, maps.shape[0]))
 
 
-def _scaled_float(values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _scaled_float(values: torch.Tensor, factor: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
     """values·factor as float32 (in place when ``values`` already is float32)."""
     if values.dtype == torch.float32:
         return values.mul_(factor)
+    if use_fused and fused.available():  # one pass, no chunk temporaries (the result is float32 anyway)
+        result = fused.call("scaled_float", values, factor)
+        if result is not None:
+            return result
     result = torch.empty(values.shape, dtype=torch.float32)
     for rows in _image_chunks(values):
         result[rows] = values[rows].float().mul_(factor)

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from . import fused as _fused
+
 SAWB_COEFFICIENTS = (12.1, 12.2)  # HOT paper §3 / reference utils/quant_matmul.py sawb_quantizer
 
 
@@ -212,7 +214,7 @@ def add_uniform_dither_(values: torch.Tensor, generator: torch.Generator | None)
 
 def quantize_stochastic(
     values: torch.Tensor, bits: int, *, per_row: bool, generator: torch.Generator | None,
-    dtype: torch.dtype = torch.int8, overwrite: bool = False,
+    dtype: torch.dtype = torch.int8, overwrite: bool = False, fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Max-scaled stochastic rounding (floor(x/s + u), u ~ U[0, 1)): unbiased, |error| < s.
 
@@ -220,10 +222,19 @@ def quantize_stochastic(
     but dim 1) its own scale; otherwise one scale per tensor. ``dtype`` holds the integer codes
     (int8, or bfloat16 / float32 for kernels that take those: |codes| ≤ 127 are exact in all
     three). A chunk of rows at a time goes into the codes: no float copy of ``values`` and no
-    full-size dither is ever live; ``overwrite`` is accepted and has no other effect.
+    full-size dither is ever live; ``overwrite`` is accepted and has no other effect. ``fused``:
+    the max and then dither + round + clip in one compiled pass each, the dither from
+    :func:`hdrq_plugin.hot.fused.hash_dither` (eager as here where compilation is unavailable).
     """
     del overwrite
     levels = _levels(bits)
+    if fused and not per_row and _fused.available():
+        peak = _fused.call("abs_peak", values)
+        if peak is not None:
+            scale = (peak / levels).clamp_min(torch.finfo(torch.float32).tiny)
+            codes = _fused.call("stochastic_codes", values, scale, _fused.draw_seed(generator), levels, dtype)
+            if codes is not None:
+                return codes, scale
     if per_row:  # max(−min, max): no |x| temporary
         magnitude = torch.maximum(values.amax(dim=1, keepdim=True), values.amin(dim=1, keepdim=True).neg_())
     else:

@@ -55,6 +55,9 @@ class HOTConfig:
     # ours (docs/hot_method.md §5): ReLU/BatchNorm/pools save masks / int8 / indices too, and
     # layers reading one input share its compressed buffer; False: only Conv2d/Linear as in the paper
     compress_activations: bool = True
+    # ours (docs/hot_method.md §8): each k×k conv's transform + stochastic rounding + quantize chains
+    # as one torch.compile kernel (compiled on the first backward, cached; eager where unavailable)
+    fused_kernels: bool = True
 
     def __post_init__(self) -> None:
         for name in ("hq_max_block", "hla_order"):
@@ -122,6 +125,7 @@ class HOTSession:
                 grad_input_bits=config.grad_input_bits, grad_weight_bits=config.grad_weight_bits,
                 quantize=config.quantize, gemm=_resolved_gemm(config.gemm),
                 per_token_gain=config.per_token_gain, generator=self.generator,
+                fused=config.fused_kernels and config.quantize,
                 shared_buffers=shared_buffers if config.compress_activations else None,
             )
             self.modules[name or "<root>"] = module
@@ -178,7 +182,9 @@ def hot_mode(model: nn.Module, config: HOTConfig | None = None) -> Iterator[HOTS
     """
     session = HOTSession(model, config or HOTConfig())
     previous = {}
-    activations = (CompressedActivations(session.config.quantize) if session.config.compress_activations
+    config = session.config
+    activations = (CompressedActivations(config.quantize, config.fused_kernels and config.quantize)
+                   if config.compress_activations
                    else contextlib.nullcontext())
     try:
         for name, module in session.modules.items():
