@@ -32,7 +32,9 @@ from hdrq_examples.segmentation_scenes import NUM_CLASSES
 from hdrq_examples.segmentation_zoo import load_or_build_segmentation_zoo
 from hdrq_examples.zoo import merge_subsets
 from hdrq_plugin._io import write_text_atomic
+from hdrq_plugin.bitspec import BitSpec
 from hdrq_plugin.convert.to_brevitas import fold_batchnorm
+from hdrq_plugin.errors import HDRQPluginError, InputError
 from hdrq_plugin.evaluation import harmonic_mean
 from hdrq_plugin.merge.barrier import error_barrier
 from hdrq_plugin.merge.float_merge import average_float_models
@@ -136,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=200, help="reconstruction iterations per unit")
     parser.add_argument("--out", default="runs/segmentation")
     args = parser.parse_args(argv)
+    try:  # every argument checked before the zoo loads (minutes): one line and exit code 2
+        for bits in args.bits:
+            BitSpec.parse(bits)
+        if args.iterations < 1 or min(args.seeds) < 0:
+            raise InputError(f"need --iterations >= 1 and seeds >= 0, got {args.iterations} and {args.seeds}")
+    except (HDRQPluginError, ValueError) as err:  # BitSpec: ValueError for a bad width
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
