@@ -16,7 +16,8 @@ The README table "Per op, what the conversion quantizes" is this module in prose
   per-input scales), and the result is requantized by whatever consumes it.
 * A concatenation's output gets one quantizer shared by all its consumers (as Brevitas does for
   residual adds), so onnxruntime runs it as one QLinearConcat instead of a float Concat
-  requantized once per consumer.
+  requantized once per consumer. That quantizer is unsigned when every input is an unsigned
+  activation, seen through indexing (Brevitas' own rule takes a slice for a sign change).
 * Resizing (``F.interpolate``, any mode: the decoders of segmentation networks) takes the float
   value of its input and its consumer requantizes, as for adds: bilinear values fall between
   grid points, and onnxruntime has no integer Resize for a QDQ model to reuse a grid with.
