@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.segmentation --size tiny --seeds 0 --iterations 20 --out runs/seg-smoke
     .venv/bin/python -m benchmarks.segmentation --size demo --seeds 0 1 2 --out runs/segmentation
 
-For every seed (zoo, splits and calibration) each adapted U-Net θt is quantized with its own
+For every seed (zoo and splits unless ``--zoo-seed`` fixes one zoo; reconstruction and merge noise;
+the calibration set is always the first ``num_samples`` scenes) each adapted U-Net θt is quantized with its own
 target's calibration scenes by every method at every bit width; the quantized models of every two
 targets and of all targets are merged (HDRQ with noise sampling, its own rule, docs/hdrq_method.md
 §5; the baselines with unbiased half-to-even ties); references are the float merge and
