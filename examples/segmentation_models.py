@@ -11,8 +11,8 @@
   global average pool, 1×1 conv, upsampled back bilinearly), concatenated and projected, and
   bilinear upsampling to the input size before the 1×1 classifier.
 
-Both return per-pixel logits ``[N, num_classes, H, W]`` at the input's size (any ``H, W`` that
-the downsampling divides: multiples of 4). torchvision's segmentation models do not import
+Both return per-pixel logits ``[N, num_classes, H, W]`` at the input's size, any ``H, W`` ≥ 1
+(the U-Net pools with ``ceil_mode`` and crops its up-convolution to the skip it joins). torchvision's segmentation models do not import
 beside the CPU torch here (docs/toolchain_notes.md), hence these. Every ReLU is its own module
 and every size is read from the input, so Brevitas' FX trace converts them.
 """
@@ -40,9 +40,9 @@ class UNet(nn.Module):
         super().__init__()
         w1, w2, w3 = widths
         self.enc1 = nn.Sequential(ConvBNReLU(in_channels, w1), ConvBNReLU(w1, w1))
-        self.pool1 = nn.MaxPool2d(2)
+        self.pool1 = nn.MaxPool2d(2, ceil_mode=True)  # ceil: an odd size keeps its last row/column
         self.enc2 = ConvBNReLU(w1, w2)
-        self.pool2 = nn.MaxPool2d(2)
+        self.pool2 = nn.MaxPool2d(2, ceil_mode=True)
         self.bottleneck = ConvBNReLU(w2, w3)
         self.up2 = nn.ConvTranspose2d(w3, w2, 2, stride=2)  # quarter → half resolution
         self.relu_up2 = nn.ReLU()
@@ -56,13 +56,16 @@ class UNet(nn.Module):
         skip1 = self.enc1(x)
         skip2 = self.enc2(self.pool1(skip1))
         deep = self.bottleneck(self.pool2(skip2))
-        up = self.relu_up2(self.up2(deep))
+        # the up-convolution doubles ⌈H/4⌉, one more than the skip's ⌈H/2⌉ when that is odd: crop
+        # (after the ReLU, so the concat still sees an unsigned grid; a no-op at multiples of 4)
+        up = self.relu_up2(self.up2(deep))[..., :skip2.shape[-2], :skip2.shape[-1]]
         y = self.dec2(torch.cat([up, skip2], dim=1))
         # bilinear back to full resolution, concat with the first skip
         y = F.interpolate(self.reduce1(y), size=skip1.shape[-2:], mode="bilinear", align_corners=False)
         y = self.dec1(torch.cat([y, skip1], dim=1))
         # a nearest up/down pair inside the full-resolution path (an exact op an exporter must keep)
-        y = F.interpolate(F.max_pool2d(y, 2), scale_factor=2.0, mode="nearest") + self.refine(y)
+        # (sized by the input, so odd sizes come back whole; the same op as scale_factor=2 at even sizes)
+        y = F.interpolate(F.max_pool2d(y, 2, ceil_mode=True), size=y.shape[-2:], mode="nearest") + self.refine(y)
         return self.head(y)
 
 

@@ -180,3 +180,27 @@ def test_relu6_layers_at_w4a4_run_on_integer_kernels(tmp_path):
     ops = optimized_op_types(export_qdq(qmodel, tmp_path / "m.onnx", images[:1]), threads=1)
     assert not {op: n for op, n in ops.items() if op in FLOAT_COMPUTE_OPS}
     assert ops["QLinearConv"] == 10
+
+
+class _SlicedConcat(nn.Module):
+    """Two ReLU branches concatenated, one cropped first (a U-Net joining an odd-sized skip)."""
+
+    def __init__(self, crop: bool):
+        super().__init__()
+        self.crop = crop
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.relu_a, self.relu_b = nn.ReLU(), nn.ReLU()
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = self.relu_a(self.a(x))
+        if self.crop:
+            a = a[..., : x.shape[-2], : x.shape[-1]]
+        return self.head(torch.cat([a, self.relu_b(self.b(x))], dim=1))
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_a_concat_of_sliced_relu_outputs_is_requantized_on_the_unsigned_grid(crop):
+    # Brevitas alone takes a slice for a sign change and gives the concat a signed grid (one bit lost)
+    model = convert_to_brevitas(_SlicedConcat(crop).eval(), "w4a4")
+    assert model.get_submodule("cat_output_quant").act_quant.is_signed is False

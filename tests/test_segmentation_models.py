@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from hdrq_examples.segmentation_models import SEGMENTATION_MODELS, build_segmentation_model
+from hdrq_examples.segmentation_models import SEGMENTATION_MODELS, UNet, build_segmentation_model
 from hdrq_plugin import merge_models, quantize_model
 from hdrq_plugin.convert import calibrate_activations
 from hdrq_plugin.convert.to_brevitas import convert_to_brevitas
+from hdrq_plugin.data import plain_tensor
 from hdrq_plugin.export import export_qdq, validate
 from hdrq_plugin.export.validation.ort_runtime import FLOAT_COMPUTE_OPS
 from hdrq_plugin.export.validation.parity import DatasetParity, ParityTolerance, certified_logit_ties
@@ -34,7 +36,7 @@ def _model(name: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", SEGMENTATION_MODELS)
-@pytest.mark.parametrize("shape", [(32, 32), (48, 64)])
+@pytest.mark.parametrize("shape", [(32, 32), (48, 64), (30, 30), (33, 47), (5, 7), (1, 1)])
 def test_segmentation_models_return_per_pixel_logits_at_input_size(name, shape):
     x = torch.rand(2, 3, *shape)
     assert _model(name)(x).shape == (2, 11, *shape)
@@ -62,6 +64,37 @@ def test_segmentation_model_exports_as_integer_qdq_and_agrees_per_pixel(name, bi
     assert report.integer_kernels == {"QLinearConv": convs}  # every conv, the logits head included
     # onnxruntime has no integer ConvTranspose: the U-Net's one up-convolution stays float
     assert report.float_compute_ops == ({"ConvTranspose": 1} if name == "unet" else {})
+
+
+def test_unet_crop_changes_no_value_at_multiples_of_four():
+    # the odd-size crop and ceil-mode pools are no-ops where the old U-Net ran: the cached zoo's
+    # weights give the same float and quantized outputs (the crop keeps the concat's unsigned grid)
+    x = _batches(1, seed=5)[0]
+
+    class Uncropped(UNet):  # the U-Net before odd sizes were supported
+        def forward(self, x):
+            skip1 = self.enc1(x)
+            skip2 = self.enc2(self.pool1(skip1))
+            y = self.dec2(torch.cat([self.relu_up2(self.up2(self.bottleneck(self.pool2(skip2)))), skip2], dim=1))
+            y = F.interpolate(self.reduce1(y), size=skip1.shape[-2:], mode="bilinear", align_corners=False)
+            y = self.dec1(torch.cat([y, skip1], dim=1))
+            return self.head(F.interpolate(F.max_pool2d(y, 2), scale_factor=2.0, mode="nearest") + self.refine(y))
+
+    old = _model("unet")
+    old.__class__ = Uncropped
+    assert torch.equal(old(x), _model("unet")(x))
+    quantized = [calibrate_activations(convert_to_brevitas(m, "w4a4"), [x]) for m in (old, _model("unet"))]
+    assert torch.equal(*(plain_tensor(q(x)) for q in quantized))
+
+
+@pytest.mark.parametrize("shape", [(33, 47), (1, 1)])
+def test_unet_exports_and_agrees_per_pixel_at_odd_sizes(shape, tmp_path):
+    x = torch.rand(4, 3, *shape, generator=torch.Generator().manual_seed(6))
+    qmodel = calibrate_activations(convert_to_brevitas(_model("unet"), "w4a4"), [x])
+    path = export_qdq(qmodel, tmp_path / "unet.onnx", example_input=x[:1], weights="int8")
+    report = validate(path, qmodel, {"random": [(x, None)]}, **FAST)
+    assert report.ok, report.failures
+    assert report.integer_kernels == {"QLinearConv": 9} and report.float_compute_ops == {"ConvTranspose": 1}
 
 
 def test_segmentation_models_calibrate_with_hdrq_merge_and_export(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset
 
+from benchmarks.segmentation import export_figures, study
 from benchmarks.segmentation.study import BARRIER_STEPS, _pair_barrier
 from hdrq_examples.segmentation_zoo import SegmentationRecipe, load_or_build_segmentation_zoo
 from hdrq_plugin.convert.to_brevitas import fold_batchnorm
@@ -32,3 +33,24 @@ def test_float_and_quantized_pair_barriers_run_on_the_merged_path(bench):
                  for t in targets[:2]]
     q_barrier = _pair_barrier(*quantized, bench, targets, rounding="half-to-even", seed=0)
     assert q_barrier["quantized"] and len(q_barrier["losses"]) == BARRIER_STEPS
+
+
+@pytest.mark.parametrize("bad", [["--bits", "w9a9"], ["--bits", "four"], ["--iterations", "0"], ["--seeds", "-1"]])
+def test_study_refuses_bad_arguments_in_one_line_before_loading_the_zoo(bad, tmp_path, capsys, monkeypatch):
+    def no_zoo(*args, **kwargs):
+        raise AssertionError("the zoo was loaded before the arguments were checked")
+
+    monkeypatch.setattr(study, "load_or_build_segmentation_zoo", no_zoo)
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--size", "tiny", *bad, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "3"], ["--threads", "0"], ["--resolution", "0"], ["--models", "vgg"]])
+def test_export_figures_refuse_bad_arguments_before_loading_a_zoo(bad, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(export_figures, "load_or_build_segmentation_zoo", lambda *a, **k: pytest.fail("zoo loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        export_figures.main([*bad, "--out", str(tmp_path / "figures.json")])
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.segmentation --size tiny --seeds 0 --iterations 20 --out runs/seg-smoke
     .venv/bin/python -m benchmarks.segmentation --size demo --seeds 0 1 2 --out runs/segmentation
 
-For every seed (zoo, splits and calibration) each adapted U-Net θt is quantized with its own
+For every seed (zoo and splits unless ``--zoo-seed`` fixes one zoo; reconstruction and merge noise;
+the calibration set is always the first ``num_samples`` scenes) each adapted U-Net θt is quantized with its own
 target's calibration scenes by every method at every bit width; the quantized models of every two
 targets and of all targets are merged (HDRQ with noise sampling, its own rule, docs/hdrq_method.md
 §5; the baselines with unbiased half-to-even ties); references are the float merge and
@@ -32,7 +33,9 @@ from hdrq_examples.segmentation_scenes import NUM_CLASSES
 from hdrq_examples.segmentation_zoo import load_or_build_segmentation_zoo
 from hdrq_examples.zoo import merge_subsets
 from hdrq_plugin._io import write_text_atomic
+from hdrq_plugin.bitspec import BitSpec
 from hdrq_plugin.convert.to_brevitas import fold_batchnorm
+from hdrq_plugin.errors import HDRQPluginError, InputError
 from hdrq_plugin.evaluation import harmonic_mean
 from hdrq_plugin.merge.barrier import error_barrier
 from hdrq_plugin.merge.float_merge import average_float_models
@@ -136,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=200, help="reconstruction iterations per unit")
     parser.add_argument("--out", default="runs/segmentation")
     args = parser.parse_args(argv)
+    try:  # every argument checked before the zoo loads (minutes): one line and exit code 2
+        for bits in args.bits:
+            BitSpec.parse(bits)
+        if args.iterations < 1 or min(args.seeds) < 0:
+            raise InputError(f"need --iterations >= 1 and seeds >= 0, got {args.iterations} and {args.seeds}")
+    except (HDRQPluginError, ValueError) as err:  # BitSpec: ValueError for a bad width
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"

@@ -16,7 +16,8 @@ The README table "Per op, what the conversion quantizes" is this module in prose
   per-input scales), and the result is requantized by whatever consumes it.
 * A concatenation's output gets one quantizer shared by all its consumers (as Brevitas does for
   residual adds), so onnxruntime runs it as one QLinearConcat instead of a float Concat
-  requantized once per consumer.
+  requantized once per consumer. That quantizer is unsigned when every input is an unsigned
+  activation, seen through indexing (Brevitas' own rule takes a slice for a sign change).
 * Resizing (``F.interpolate``, any mode: the decoders of segmentation networks) takes the float
   value of its input and its consumer requantizes, as for adds: bilinear values fall between
   grid points, and onnxruntime has no integer Resize for a QDQ model to reuse a grid with.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import operator
 import os
 import warnings
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ from ..errors import HDRQPluginError
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # optional CUDA kernel missing: irrelevant here
     import brevitas.nn as qnn
-    from brevitas.graph.quantize_impl import output_quant_handler
+    from brevitas.graph.quantize_impl import are_inputs_unsigned, output_quant_handler
     from brevitas.nn.quant_layer import QuantNonLinearActLayer
 
 #: Float activations evaluated between a quantized input and a quantized output, with the
@@ -296,6 +298,23 @@ def quantize_float_activation_outputs(graph_model: torch.fx.GraphModule, identit
     return graph_model
 
 
+def _unsigned_through_indexing(graph_model: torch.fx.GraphModule, node: torch.fx.Node, act_map: dict,
+                               unsigned_act_tuple: tuple) -> bool:
+    """Whether every input of ``node`` is an unsigned activation, seen through indexing.
+
+    Brevitas' ``are_inputs_unsigned`` treats ``operator.getitem`` as sign-changing, so a slice of
+    a ReLU output (a U-Net cropping its up-convolution to an odd-sized skip) would make the concat
+    requantize on a signed grid, one bit lost. A slice selects values and keeps their sign.
+    """
+    sources = []
+    for source in node.all_input_nodes:
+        while source.op == "call_function" and source.target is operator.getitem:
+            source = source.args[0]
+        sources.append(source)
+    # Brevitas' own rule, asked about the sliced values' sources (it reads only ``all_input_nodes``)
+    return are_inputs_unsigned(graph_model, SimpleNamespace(all_input_nodes=sources), [], act_map, unsigned_act_tuple)
+
+
 def quantize_concat_outputs(graph_model: torch.fx.GraphModule, identity_map: dict, act_map: dict,
                             unsigned_act_tuple: tuple) -> torch.fx.GraphModule:
     """One requantizer after every ``torch.cat`` (Brevitas' ``output_quant_handler``, the rule it
@@ -303,8 +322,11 @@ def quantize_concat_outputs(graph_model: torch.fx.GraphModule, identity_map: dic
     rewriters: list = []
     for node in graph_model.graph.nodes:
         if node.op == "call_function" and node.target in (torch.cat, torch.concat):
+            node_map = identity_map
+            if _unsigned_through_indexing(graph_model, node, act_map, unsigned_act_tuple):
+                node_map = {**identity_map, "signed": identity_map["unsigned"]}
             output_quant_handler(graph_model, node, rewriters, is_sign_preserving=True,
-                                 quant_identity_map=identity_map, quant_act_map=act_map,
+                                 quant_identity_map=node_map, quant_act_map=act_map,
                                  unsigned_act_tuple=unsigned_act_tuple)
     for rewriter in rewriters:
         graph_model = rewriter.apply(graph_model)
