@@ -533,3 +533,38 @@ def test_training_after_the_freeze_rounds_with_ste(ste_after_freeze):
     training = modes[-1:]  # the one step of epoch 2, after the freeze at epoch 1
     assert modes[0] is QuantMode.NOISE
     assert training == [QuantMode.STE if ste_after_freeze else QuantMode.NOISE]
+
+
+def _quantize_with_and_without_cached_logits(corrupt: bool = False):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from hdrq_plugin.nipq import train as nipq_train_module
+
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 10, (24,), generator=g))
+    config = NIPQConfig.cpu_preset(hard_epochs=1, init_batches=1, batch_size=8, noise_shape="uniform")
+    teacher = tiny_resnet(seed=0).eval()
+    cached_class = nipq_train_module.TeacherLogits
+    if corrupt:  # a cache that pairs each sample with another sample's logits
+        class Shifted(cached_class):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.logits = self.logits.roll(1, 0)
+        nipq_train_module.TeacherLogits = Shifted
+    try:
+        cached, _ = nipq_train_module.quantize_nipq(teacher, data, "w4a4", epochs=2, seed=0, config=config,
+                                                    progress=False)
+    finally:
+        nipq_train_module.TeacherLogits = cached_class
+    torch.manual_seed(0)  # what quantize_nipq does, with the teacher run at every step instead
+    plain = convert_to_brevitas(teacher, "nipq-w4a4")
+    nipq_train(plain, DataLoader(data, batch_size=8, shuffle=True), target="w4a4", epochs=2, teacher=teacher,
+               config=config, progress=False)
+    return cached.state_dict(), plain.state_dict()
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_cached_teacher_logits_train_the_same_model_as_a_teacher_forward_per_step(corrupt):
+    cached, plain = _quantize_with_and_without_cached_logits(corrupt)
+    same = all(torch.equal(cached[k], plain[k]) for k in plain)
+    assert same != corrupt
