@@ -99,7 +99,8 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
            "learned_act_bits": learned_average(model, example, "activations"),
            "average_weight_bits_all": result.report.average_weight_bits,
            "average_act_bits_all": result.report.average_act_bits, "gbops": result.report.gbops,
-           "freeze_epoch": result.freeze_epoch, "accuracy_before_freeze": result.accuracy_before_freeze,
+           "freeze_epoch": result.freeze_epoch, "freeze_step": result.freeze_step,
+           "cost_scale_at_freeze": result.cost_scale_at_freeze, "accuracy_before_freeze": result.accuracy_before_freeze,
            "accuracy_after_freeze": result.accuracy_after_freeze, "seconds": time.perf_counter() - tic,
            "budget": budget, "bits_lr": config.bits_lr, "widths": {"weights": result.report.weight_bits,
                                                   "activations": result.report.act_bits}}
