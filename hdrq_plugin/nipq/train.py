@@ -561,6 +561,10 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                     if widths_landed(cost, target) or step == epochs * steps_per_epoch:
                         frozen = freeze_now(epoch, step)
                     else:  # not on the budget yet: a stronger pull (docs/nipq_method.md §6)
+                        now = cost.report()
+                        print(f"nipq: step {step}: rounded widths off the budget (w {now.average_weight_bits:.3f} "
+                              f"a {now.average_act_bits:.3f}, {now.gbops:.4g} GBOPs, all tensors); cost weight "
+                              f"x{2 * cost_scale:g}", flush=True)
                         cost_scale *= 2.0
                 bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             timings["hard" if hard else next(iter(timings))].append(time.perf_counter() - tic)
