@@ -20,6 +20,7 @@ from hdrq_plugin.nipq.quantizers import (
     continuous_bits,
 )
 from hdrq_plugin.nipq.train import (
+    LANDING_BAND_BITS,
     NIPQConfig,
     NIPQTarget,
     NIPQTrainingError,
@@ -250,10 +251,10 @@ def _step(tensors, pick) -> float:
     return pick(learned) / sum(learned)
 
 
-def _train_to_budget(cost_weight: float):
+def _train_to_budget(cost_weight: float, **changes):
     model = nipq_model()
     config = NIPQConfig.cpu_preset(hard_epochs=1, init_batches=1, warmup_epochs=0, freeze_fraction=0.75,
-                                   bits_lr=0.1, cost_weight=cost_weight)
+                                   bits_lr=0.1, cost_weight=cost_weight, **changes)
     result = nipq_train(model, _batches(10), target=5, epochs=4, teacher=tiny_resnet(), config=config,
                         progress=False)
     return result, describe_costs(model, X)
@@ -266,9 +267,16 @@ def _learned_widths_on_budget(result, cost, target=5.0) -> bool:
                for tensors in (cost.weights, cost.activations))
 
 
-def test_the_cost_lands_the_rounded_widths_on_the_budget_and_freezing_keeps_them_there(capsys):
-    result, cost = _train_to_budget(1.0)
+def _freeze_move(result, tensors) -> float:
+    return abs(_learned_average(result.report, tensors) - _learned_average(result.report_at_freeze, tensors))
+
+
+@pytest.mark.parametrize("start_at_budget", [True, False], ids=["start-at-budget", "start-at-8-bits"])
+def test_the_cost_lands_the_rounded_widths_on_the_budget_and_freezing_keeps_them_there(capsys, start_at_budget):
+    result, cost = _train_to_budget(1.0, start_at_budget=start_at_budget)
     assert _learned_widths_on_budget(result, cost)
+    for tensors in (cost.weights, cost.activations):  # the freeze moves ≤ 0.05 bit or one smallest step
+        assert _freeze_move(result, tensors) <= max(_step(tensors, min), LANDING_BAND_BITS) + 1e-9
     for tensors in (cost.weights, cost.activations):  # deployed: at most the budget, and refilled
         deployed = _learned_average(result.report, tensors)
         widths = {**result.report.weight_bits, **result.report.act_bits}
@@ -276,15 +284,18 @@ def test_the_cost_lands_the_rounded_widths_on_the_budget_and_freezing_keeps_them
         upward = [t.numel / total for t in tensors if not t.bits.pinned and widths[t.name] < 8]
         assert deployed <= 5.0 + 1e-9
         assert not upward or 5.0 - deployed < min(upward)  # no one-bit move up still fits
-    assert result.freeze_epoch == 3 and result.accuracy_before_freeze is not None
+    assert result.freeze_epoch >= 3 and result.freeze_step >= 30 and result.accuracy_before_freeze is not None
     out = capsys.readouterr().out
-    assert "widths frozen after noise epoch 3/4" in out and "acc" in out and "deployed w" in out
+    assert "widths frozen at step" in out and "acc" in out and "deployed w" in out
 
 
-@pytest.mark.parametrize("cost_weight", [0.0, -1.0], ids=["cost-off", "sign-flipped"])
-def test_a_broken_cost_leaves_the_learned_widths_off_the_budget(cost_weight):
-    result, cost = _train_to_budget(cost_weight)
+@pytest.mark.parametrize("cost_weight, changes", [(0.0, {"start_at_budget": False, "land_before_freeze": False}),
+                                                  (-1.0, {"start_at_budget": False})], ids=["cost-off-from-8-bits", "sign-flipped"])
+def test_a_broken_cost_leaves_the_learned_widths_off_the_budget(cost_weight, changes):
+    result, cost = _train_to_budget(cost_weight, **changes)
     assert not _learned_widths_on_budget(result, cost)
+    assert any(_freeze_move(result, tensors) > max(_step(tensors, min), LANDING_BAND_BITS)
+               for tensors in (cost.weights, cost.activations))
 
 
 def test_resumed_training_ends_with_the_same_weights(tmp_path):
@@ -533,3 +544,38 @@ def test_training_after_the_freeze_rounds_with_ste(ste_after_freeze):
     training = modes[-1:]  # the one step of epoch 2, after the freeze at epoch 1
     assert modes[0] is QuantMode.NOISE
     assert training == [QuantMode.STE if ste_after_freeze else QuantMode.NOISE]
+
+
+def _quantize_with_and_without_cached_logits(corrupt: bool = False):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from hdrq_plugin.nipq import train as nipq_train_module
+
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 10, (24,), generator=g))
+    config = NIPQConfig.cpu_preset(hard_epochs=1, init_batches=1, batch_size=8, noise_shape="uniform")
+    teacher = tiny_resnet(seed=0).eval()
+    cached_class = nipq_train_module.TeacherLogits
+    if corrupt:  # a cache that pairs each sample with another sample's logits
+        class Shifted(cached_class):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.logits = self.logits.roll(1, 0)
+        nipq_train_module.TeacherLogits = Shifted
+    try:
+        cached, _ = nipq_train_module.quantize_nipq(teacher, data, "w4a4", epochs=2, seed=0, config=config,
+                                                    progress=False)
+    finally:
+        nipq_train_module.TeacherLogits = cached_class
+    torch.manual_seed(0)  # what quantize_nipq does, with the teacher run at every step instead
+    plain = convert_to_brevitas(teacher, "nipq-w4a4")
+    nipq_train(plain, DataLoader(data, batch_size=8, shuffle=True), target="w4a4", epochs=2, teacher=teacher,
+               config=config, progress=False)
+    return cached.state_dict(), plain.state_dict()
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_cached_teacher_logits_train_the_same_model_as_a_teacher_forward_per_step(corrupt):
+    cached, plain = _quantize_with_and_without_cached_logits(corrupt)
+    same = all(torch.equal(cached[k], plain[k]) for k in plain)
+    assert same != corrupt

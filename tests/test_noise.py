@@ -240,3 +240,33 @@ def test_a_strided_error_estimate_finds_nearly_the_step_of_the_full_search():
     full = lp_clipping_search(x, 0, 15, max_error_elements=None)
     strided = lp_clipping_search(x, 0, 15, max_error_elements=1 << 15)
     assert torch.isclose(strided, full, rtol=0.05)
+
+
+def _autograd_pseudo_quantize(x, step, qmin, qmax, noise, swap=False):
+    """The nested-where expression whose autograd the hand-written backward replaces (``swap``:
+    a deliberately wrong one, the bounds' roles exchanged)."""
+    upper, lower = (step * qmin, step * qmax) if swap else (step * qmax, step * qmin)
+    return torch.where(x >= upper, upper, torch.where(x <= lower, lower, x + noise * step))
+
+
+def _gradients(fn, step_shape):
+    g = torch.Generator().manual_seed(3)
+    x = (2 * torch.randn(4, 6, 5, 5, generator=g)).requires_grad_()
+    step = (0.2 + torch.rand(step_shape, generator=g)).requires_grad_()
+    qmin, qmax = torch.tensor(-7.0, requires_grad=True), torch.tensor(7.0, requires_grad=True)
+    noise = torch.rand(x.shape, generator=g) - 0.5
+    y = fn(x, step, qmin, qmax, noise)
+    (y * torch.randn(y.shape, generator=g)).sum().backward()
+    return y.detach(), [t.grad for t in (x, step, qmin, qmax)]
+
+
+@pytest.mark.parametrize("step_shape", [(), (4, 1, 1, 1)])
+def test_hand_written_backward_matches_autograd_of_the_where_expression(step_shape):
+    y, grads = _gradients(pseudo_quantize, step_shape)
+    y_ref, grads_ref = _gradients(_autograd_pseudo_quantize, step_shape)
+    assert torch.equal(y, y_ref)  # the same forward expression: bit-identical
+    assert torch.equal(grads[0], grads_ref[0])  # dy/dx is a mask: exact
+    for got, want in zip(grads[1:], grads_ref[1:], strict=True):  # float32 sums in another order
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _, broken = _gradients(lambda *a: _autograd_pseudo_quantize(*a, swap=True), step_shape)
+    assert not torch.allclose(grads[1], broken[1], rtol=1e-3)  # the comparison sees a wrong backward

@@ -58,6 +58,18 @@ def uniform_gbops(theta, example, bits: int) -> float:
     return cost.report().gbops
 
 
+def freeze_move(model, example, result) -> dict:
+    """Average bits the freeze moved over the learned tensors (deployed − as learned), per kind."""
+    cost = describe_costs(model, example)
+    moves = {}
+    for kind, before, after in (("weights", result.report_at_freeze.weight_bits, result.report.weight_bits),
+                                ("activations", result.report_at_freeze.act_bits, result.report.act_bits)):
+        tensors = [t for t in cost._tensors(kind) if not t.bits.pinned]
+        total = sum(t.numel for t in tensors)
+        moves[kind] = sum((after[t.name] - before[t.name]) * t.numel for t in tensors) / total
+    return moves
+
+
 def run_one(bench, target: str, seed: int, method: str, args) -> dict:
     theta, domain = bench.adapted[target], bench.domains[target]
     bits = int(args.bits)
@@ -87,13 +99,15 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
            "learned_act_bits": learned_average(model, example, "activations"),
            "average_weight_bits_all": result.report.average_weight_bits,
            "average_act_bits_all": result.report.average_act_bits, "gbops": result.report.gbops,
-           "freeze_epoch": result.freeze_epoch, "accuracy_before_freeze": result.accuracy_before_freeze,
+           "freeze_epoch": result.freeze_epoch, "freeze_step": result.freeze_step,
+           "cost_scale_at_freeze": result.cost_scale_at_freeze, "accuracy_before_freeze": result.accuracy_before_freeze,
            "accuracy_after_freeze": result.accuracy_after_freeze, "seconds": time.perf_counter() - tic,
            "budget": budget, "bits_lr": config.bits_lr, "widths": {"weights": result.report.weight_bits,
                                                   "activations": result.report.act_bits}}
     if result.report_at_freeze is not None:
         row["at_freeze_all"] = {"average_weight_bits": result.report_at_freeze.average_weight_bits,
                                 "average_act_bits": result.report_at_freeze.average_act_bits}
+        row["freeze_move"] = freeze_move(model, example, result)
     return row
 
 

@@ -153,9 +153,11 @@ def _fit(measure, budget: float, learned: list[LearnedBitWidth], continuous: dic
     # down: the least loss per unit of budget saved first. Lazy greedy: a width's price is measured
     # again only after it moved (moving one width barely changes the others' prices), so the
     # projection costs one loss measurement per width plus one per move.
-    spent, base_loss = base()
-    prices = {id(w): price(w, -1, spent, base_loss, lambda _after: True) for w in learned}
+    prices = None  # measured only when over budget: on budget (the usual case) nothing is priced
     while measure() > budget:
+        if prices is None:
+            spent, base_loss = base()
+            prices = {id(w): price(w, -1, spent, base_loss, lambda _after: True) for w in learned}
         offers = [(prices[id(w)], i, w) for i, w in enumerate(learned) if prices[id(w)] is not None]
         if not offers:
             return

@@ -199,6 +199,57 @@ def rounding_noise_like(
     return sample_rounding_noise(histogram, x.shape, generator=generator, dtype=x.dtype)
 
 
+def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` summed over the dimensions ``like`` was broadcast along (autograd's sum_to_size)."""
+    return grad.sum() if like.dim() == 0 else grad.sum_to_size(like.shape)
+
+
+def _dot_to(grad: Tensor, factor: Tensor, like: Tensor) -> Tensor:
+    """``(grad·factor)`` reduced to ``like``'s shape; one fused pass for a per-tensor bound."""
+    if like.numel() == 1:
+        return torch.dot(grad.reshape(-1), factor.reshape(-1)).reshape(like.shape)
+    return (grad * factor).sum_to_size(like.shape)
+
+
+class _PseudoQuantize(torch.autograd.Function):
+    """:func:`pseudo_quantize` with a hand-written backward.
+
+    Autograd of the two nested ``torch.where`` spent ~45 % of a NIPQ training step on CPU (four
+    full-size ``where`` and three reductions per quantizer in the backward; torch.profiler on the
+    digits ResNet, issue 21). This backward keeps one bool mask per bound and computes the same
+    gradients in three fused passes. The forward is the same expression, so outputs are bit-identical;
+    gradients to the step and bounds differ from autograd's only in float summation order.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, qmin: Tensor, qmax: Tensor, noise: Tensor) -> Tensor:
+        upper, lower = step * qmax, step * qmin
+        above, below = x >= upper, x <= lower
+        y = torch.where(above, upper, torch.where(below, lower, x + noise * step))
+        ctx.save_for_backward(step, qmin, qmax, noise, above, below)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        step, qmin, qmax, noise, above, below = ctx.saved_tensors
+        clipped = above | below  # where both hold (a zero step), where() picked the upper bound
+        grad_inside = grad.masked_fill(clipped, 0.0)
+        grad_x = grad_inside if ctx.needs_input_grad[0] else None
+        grad_step = grad_qmin = grad_qmax = None
+        if any(ctx.needs_input_grad[1:4]):
+            below = below & ~above
+            grad_upper = _dot_to(grad, above.to(grad.dtype), step * qmax)  # dL/d(step·qmax)
+            grad_lower = _dot_to(grad, below.to(grad.dtype), step * qmin)
+            if ctx.needs_input_grad[1]:
+                grad_step = _reduce_to(_dot_to(grad_inside, noise, step * qmax) + grad_upper * qmax
+                                       + grad_lower * qmin, step)
+            if ctx.needs_input_grad[2]:
+                grad_qmin = _reduce_to(grad_lower * step, qmin)
+            if ctx.needs_input_grad[3]:
+                grad_qmax = _reduce_to(grad_upper * step, qmax)
+        return grad_x, grad_step, grad_qmin, grad_qmax, None
+
+
 def pseudo_quantize(x: Tensor, step: Bound, qmin: Bound, qmax: Bound, noise: Tensor) -> Tensor:
     """Fake-quantize ``x`` with additive noise instead of rounding (docs/hdrq_method.md §3.1).
 
@@ -211,9 +262,8 @@ def pseudo_quantize(x: Tensor, step: Bound, qmin: Bound, qmax: Bound, noise: Ten
     _require_float(noise, "noise")
     if noise.shape != x.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from x shape {tuple(x.shape)}")
-    upper = step * qmax
-    lower = step * qmin
-    inside = x + noise.detach() * step
-    # torch.where routes each element's gradient to exactly one branch, which is the spec
-    y = torch.where(x >= upper, upper, torch.where(x <= lower, lower, inside))
-    return y
+    bounds = [b if isinstance(b, Tensor) else torch.tensor(float(b), dtype=x.dtype, device=x.device)
+              for b in (step, qmin, qmax)]
+    if any(b.dim() > x.dim() for b in bounds):
+        raise ValueError("step, qmin and qmax must broadcast to x")
+    return _PseudoQuantize.apply(x, *bounds, noise.detach())
