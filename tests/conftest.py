@@ -27,6 +27,7 @@ register_architecture(tiny_resnet)
 COSTLIEST_FIRST = (
     "test_demo.py",
     "test_demo_tasks.py",
+    "test_hot.py",  # 80 CPU s with the first torch.compile of HOT's fused kernels (measured on integ3)
     "test_conformance.py",
     "test_mtda_benchmark.py",
     "test_segmentation_demo.py",
@@ -34,6 +35,8 @@ COSTLIEST_FIRST = (
     "test_adopt_brevitas.py",
     "test_nipq.py",
     "test_distributed.py",
+    "test_hot_budget.py",
+    "test_hot_fused.py",
     "test_block_models.py",
     "test_segmentation_models.py",
     "test_saturation.py",
