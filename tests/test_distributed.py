@@ -270,8 +270,13 @@ def test_the_cluster_estimate_gives_each_task_to_the_first_free_worker():
 
 
 ORPHAN_DRIVER = '''
-import os, sys, time
+import os, signal, sys, time
 from hdrq_plugin.run.distributed import ProcessRunner, Task
+
+# a command started in the background of a non-interactive shell (CI, nohup ... &) inherits SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler: restore the one a terminal's
+# Ctrl-C meets, so the test checks the runner, not how the test suite was launched
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def sleep_long(folder, name):
     path = os.path.join(folder, name + ".pid")
