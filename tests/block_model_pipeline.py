@@ -6,6 +6,7 @@
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -75,3 +76,29 @@ def integer_kernel_facts(path, name: str) -> tuple[dict[str, int], int, int]:
     floats = {op: n for op, n in ops.items() if op in FLOAT_COMPUTE_OPS}
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in block_model(name).modules())
     return floats, sum(n for op, n in ops.items() if op in INTEGER_KERNELS), layers
+
+
+def end_to_end_checks(names, folder_name: str):
+    """The module fixture ``exported`` and the two end-to-end checks over ``names``; each test file
+    binds them at module level, so both halves run the same checks on their own models."""
+
+    @pytest.fixture(scope="module", name="exported")
+    def exported(tmp_path_factory):
+        """name -> (merged Brevitas model of two fine-tuned, HDRQ-calibrated copies, {weights: ONNX path})."""
+        folder = tmp_path_factory.mktemp(folder_name)
+        return {name: merged_and_exported(name, folder) for name in names}
+
+    @pytest.mark.parametrize("name", names)
+    @pytest.mark.parametrize("weights", ["int4-in-int8", "int4"])
+    def exports_and_onnxruntime_agrees_on_every_top1(exported, name, weights):
+        model, paths = exported[name]
+        assert top1_agreement(paths[weights], model, images(32, seed=5)) == 1.0
+
+    @pytest.mark.parametrize("name", names)
+    def every_conv_and_linear_runs_on_integer_kernels_in_the_int8_container(exported, name):
+        floats, integer_kernels, layers = integer_kernel_facts(exported[name][1]["int4-in-int8"], name)
+        assert not floats
+        assert integer_kernels == layers
+
+    return exported, exports_and_onnxruntime_agrees_on_every_top1, \
+        every_conv_and_linear_runs_on_integer_kernels_in_the_int8_container

@@ -14,9 +14,8 @@ import torch
 from block_model_pipeline import (
     BITS,
     SE_BLOCKS,
+    end_to_end_checks,
     images,
-    integer_kernel_facts,
-    merged_and_exported,
     top1_agreement,
 )
 from onnx import numpy_helper
@@ -34,25 +33,8 @@ def test_the_two_block_model_files_cover_every_block_model():
     assert set(SE_BLOCKS) <= set(BLOCK_MODELS) and NAMES and set(NAMES) | set(SE_BLOCKS) == set(BLOCK_MODELS)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """name -> (merged Brevitas model of two fine-tuned, HDRQ-calibrated copies, {weights: ONNX path})."""
-    folder = tmp_path_factory.mktemp("block-models")
-    return {name: merged_and_exported(name, folder) for name in NAMES}
-
-
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("weights", ["int4-in-int8", "int4"])
-def test_every_block_exports_and_onnxruntime_agrees_on_every_top1(exported, name, weights):
-    model, paths = exported[name]
-    assert top1_agreement(paths[weights], model, images(32, seed=5)) == 1.0
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_in_the_int8_container_every_conv_and_linear_runs_on_integer_kernels(exported, name):
-    floats, integer_kernels, layers = integer_kernel_facts(exported[name][1]["int4-in-int8"], name)
-    assert not floats
-    assert integer_kernels == layers
+(exported, test_every_block_exports_and_onnxruntime_agrees_on_every_top1,
+ test_in_the_int8_container_every_conv_and_linear_runs_on_integer_kernels) = end_to_end_checks(NAMES, "block-models")
 
 
 def test_top1_agreement_catches_a_broken_export(exported, tmp_path):
