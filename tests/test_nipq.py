@@ -21,6 +21,7 @@ from hdrq_plugin.nipq.quantizers import (
 )
 from hdrq_plugin.nipq.train import (
     LANDING_BAND_BITS,
+    MAX_COST_SCALE,
     NIPQConfig,
     NIPQTarget,
     NIPQTrainingError,
@@ -273,7 +274,7 @@ def _freeze_move(result, tensors) -> float:
 
 @pytest.mark.parametrize("start_at_budget", [True, False], ids=["start-at-budget", "start-at-8-bits"])
 def test_the_cost_lands_the_rounded_widths_on_the_budget_and_freezing_keeps_them_there(capsys, start_at_budget):
-    result, cost = _train_to_budget(1.0, start_at_budget=start_at_budget)
+    result, cost = _train_to_budget(1.0, start_at_budget=start_at_budget, land_before_freeze=True)
     assert _learned_widths_on_budget(result, cost)
     for tensors in (cost.weights, cost.activations):  # the freeze moves ≤ 0.05 bit or one smallest step
         assert _freeze_move(result, tensors) <= max(_step(tensors, min), LANDING_BAND_BITS) + 1e-9
@@ -290,12 +291,20 @@ def test_the_cost_lands_the_rounded_widths_on_the_budget_and_freezing_keeps_them
 
 
 @pytest.mark.parametrize("cost_weight, changes", [(0.0, {"start_at_budget": False, "land_before_freeze": False}),
-                                                  (-1.0, {"start_at_budget": False})], ids=["cost-off-from-8-bits", "sign-flipped"])
+                                                  (-1.0, {"start_at_budget": False, "land_before_freeze": True})], ids=["cost-off-from-8-bits", "sign-flipped"])
 def test_a_broken_cost_leaves_the_learned_widths_off_the_budget(cost_weight, changes):
     result, cost = _train_to_budget(cost_weight, **changes)
     assert not _learned_widths_on_budget(result, cost)
     assert any(_freeze_move(result, tensors) > max(_step(tensors, min), LANDING_BAND_BITS)
                for tensors in (cost.weights, cost.activations))
+    assert result.cost_scale_at_freeze <= MAX_COST_SCALE  # a cost that never lands stops doubling
+
+
+def test_landing_is_opt_in_the_defaults_freeze_at_the_freeze_fraction():
+    """The demo and `hdrq quantize --method nipq` run the defaults: widths from 8 bits, frozen and
+    projected at freeze_fraction (the landing mechanism never landed in a measured run)."""
+    config = NIPQConfig.cpu_preset()
+    assert not config.start_at_budget and not config.land_before_freeze
 
 
 def test_resumed_training_ends_with_the_same_weights(tmp_path):

@@ -46,6 +46,9 @@ __all__ = ["start_widths_at_budget", "widths_landed", "NIPQConfig", "NIPQTarget"
 #: Noise epochs of :func:`quantize_nipq` (and the CLI, demo and benchmarks) with the CPU preset:
 #: ≈ 100 steps on a digits target, the widths freezing after 60 % of them (``freeze_fraction``).
 CPU_EPOCHS = 10
+#: the largest weight land_before_freeze gives the width cost (2**10 × cost_weight): an unbounded
+#: doubling reached 1e12 in 50 steps of the demo and swamped the task loss (docs/nipq_method.md §6)
+MAX_COST_SCALE = 2.0**10
 CHECKPOINT_FORMAT = "hdrq-plugin/nipq-training/v1"
 CHECKPOINT_NAME = "nipq_last.pt"
 TEACHER_LOGITS = "teacher_logits"  # batch key of the cached distillation targets (TeacherLogits)
@@ -90,13 +93,15 @@ class NIPQConfig:
     ste_after_freeze: bool = True  # ours: once the widths are frozen the weights train with STE rounding
     # (as phase 2), not noise: at 3 bits the noise proxy does not see the rounding dead zone
     # (docs/nipq_method.md §6; optdigits uniform 3 bits: noise to the end 10.8 %)
-    start_at_budget: bool = True  # ours: learned widths start at the budget's uniform width, not the
-    # reference's 8 bits, so the rounded totals are on the budget from step 0 and the cost only holds
-    # them there while the allocation moves (docs/nipq_method.md §6; the reference's 8-bit start needs
-    # far more than our ~40 steps to descend, and the freeze then projected 0.1-0.7 bit at once)
-    land_before_freeze: bool = True  # ours: from the freeze point on, the widths freeze at the first step
-    # their rounded totals are on the budget (at most it, less than one smallest move below); until then
-    # the cost's weight doubles every step. The projection runs only at the end of phase 1 if they never land
+    start_at_budget: bool = False  # opt-in, ours: learned widths start at the budget's uniform width, not
+    # the reference's 8 bits (docs/nipq_method.md §6). Off by default with land_before_freeze: measured
+    # only together with it, which broke the demo's longer schedule (below)
+    land_before_freeze: bool = False  # opt-in, ours: from the freeze point on, the widths freeze at the first
+    # step their rounded totals are on the budget (at most it, less than one smallest move below); until
+    # then the cost's weight doubles every step, up to MAX_COST_SCALE. The projection runs at the end of
+    # phase 1 if they never land. Off by default: they never landed in any measured run, and in the demo
+    # (110 steps) the unbounded doubling drove the loss to 1e9 and optdigits from 96.5 to 77.6 %
+    # (docs/nipq_method.md §6)
     budget_batches: int = 2  # fixed training batches that measure the loss of each projection move
     seed: int = 0
     # how quantize_model / quantize_nipq run it (nipq_train takes these as arguments)
@@ -561,11 +566,12 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                     if widths_landed(cost, target) or step == epochs * steps_per_epoch:
                         frozen = freeze_now(epoch, step)
                     else:  # not on the budget yet: a stronger pull (docs/nipq_method.md §6)
-                        now = cost.report()
-                        print(f"nipq: step {step}: rounded widths off the budget (w {now.average_weight_bits:.3f} "
-                              f"a {now.average_act_bits:.3f}, {now.gbops:.4g} GBOPs, all tensors); cost weight "
-                              f"x{2 * cost_scale:g}", flush=True)
-                        cost_scale *= 2.0
+                        if cost_scale < MAX_COST_SCALE:  # one line per doubling, none once capped
+                            now = cost.report()
+                            cost_scale = min(2.0 * cost_scale, MAX_COST_SCALE)
+                            print(f"nipq: step {step}: rounded widths off the budget (w {now.average_weight_bits:.3f} "
+                                  f"a {now.average_act_bits:.3f}, {now.gbops:.4g} GBOPs, all tensors); cost weight "
+                                  f"x{cost_scale:g}", flush=True)
                 bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             timings["hard" if hard else next(iter(timings))].append(time.perf_counter() - tic)
             if epoch + 1 == freeze_epoch and not landing:  # widths freeze; the weights train on at them
