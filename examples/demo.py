@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from hdrq_plugin._io import ensure_writable_dir
+from hdrq_plugin._io import ensure_writable_dir, file_sha256
 from hdrq_plugin.bitspec import BitSpec
 from hdrq_plugin.convert.to_brevitas import fold_batchnorm
 from hdrq_plugin.evaluation import accuracy, harmonic_mean
@@ -23,7 +23,7 @@ from hdrq_plugin.run.checkpoint import ModelRecipe, save_float_model, save_quant
 from hdrq_plugin.run.distributed import default_workers
 from hdrq_plugin.run.report import HARMONIC_MEAN, Report
 
-from .demo_results import ResultCache, cached_rows, file_sha256
+from .demo_results import ResultCache, cached_rows
 from .demo_tasks import QuantizeJob, run_jobs
 from .zoo import Benchmark, BenchmarkRecipe, load_or_build_benchmark, merge_subsets
 

@@ -16,7 +16,6 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +45,7 @@ class ResultCache:
     @staticmethod
     def key(step: str, inputs: dict[str, Any]) -> str:
         """SHA-256 of the step, its inputs, the code and the versions that compute it."""
-        versions = {**library_versions(), "brevitas": metadata.version("brevitas"),
-                    "onnxruntime": _version("onnxruntime"), "hdrq-plugin": metadata.version("hdrq-plugin")}
+        versions = library_versions("brevitas", "onnxruntime", "hdrq-plugin")
         payload = {"step": step, "inputs": inputs, "code": source_digest(), "format": RESULTS_FORMAT,
                    "versions": versions, "torch_threads": torch.get_num_threads()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -88,19 +86,4 @@ def cached_rows(report: Report, cache: ResultCache, step: str, inputs: dict[str,
     return hit
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
-__all__ = ["ResultCache", "cached_rows", "file_sha256", "RESULTS_CACHE", "RESULTS_FORMAT"]
+__all__ = ["ResultCache", "cached_rows", "RESULTS_CACHE", "RESULTS_FORMAT"]

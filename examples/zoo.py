@@ -150,9 +150,10 @@ def merge_subsets(targets: Sequence[str], which: str = "pairs+all") -> list[tupl
     return subsets
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(*more: str) -> dict[str, str]:
+    """Installed versions of the packages a cached result depends on (and of ``more``); "absent" if not installed."""
     versions = {}
-    for package in _VERSIONED_PACKAGES:
+    for package in (*_VERSIONED_PACKAGES, *more):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

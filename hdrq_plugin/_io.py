@@ -9,6 +9,7 @@ is dead or that are older than :data:`STALE_TEMP_SECONDS`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -163,3 +164,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_write_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (a model file need not fit twice in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

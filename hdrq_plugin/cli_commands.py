@@ -5,7 +5,6 @@ call the library, write the outputs (atomic, never over an input, existing ones 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._io import check_outputs, remove_stale_temp_files, write_text_atomic
+from ._io import check_outputs, file_sha256, remove_stale_temp_files, write_text_atomic
 from .errors import EXIT_CHECK_FAILED, InputError
 
 # ---------------------------------------------------------------------------------------------
@@ -114,11 +113,7 @@ def _file_sha256(path: str) -> str | None:
         return str(path)
     if not Path(path).is_file():
         return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _finished_before(out: str, run: dict) -> bool:
