@@ -6,12 +6,16 @@ what a test costs. Under pytest-xdist
 each worker measures its own tests and the controller adds them up.
 """
 
+import os
 import resource
+import shutil
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock  # a dependency of torch
 from tiny_models import tiny_resnet
 
 from hdrq_plugin import register_architecture
@@ -49,6 +53,10 @@ COSTLIEST_FIRST = (
     "test_cli.py",
 )
 
+#: The tiny recipe's files (generated domains, trained zoo) in a cache folder, as
+#: ``load_or_build_benchmark(BenchmarkRecipe.tiny())`` writes them: ``domains-*.pt``, ``benchmark-*.pt``.
+_TINY_ZOO_FILES = ("domains-*.pt", "benchmark-*.pt")
+
 _CPU_KEY = "cpu_s"
 _PHASE_START = pytest.StashKey[float]()
 _cpu_per_test: dict[str, float] = defaultdict(float)
@@ -61,6 +69,41 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_files(tmp_path_factory) -> Path:
+    """A folder with the tiny recipe's domains and zoo, built once per run for every file and every
+    xdist worker (the first to ask builds under a file lock; the others wait and read). Several
+    files each built the same ~5 CPU s of rendering and training before; what they check about
+    the build itself stays in tests/test_zoo.py, which builds its own."""
+    from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, shared by its workers (each has its own popen-gwN below it)
+    folder = root / "tiny-zoo"
+    with FileLock(root / "tiny-zoo.lock"):
+        if not (folder / "built").is_file():
+            load_or_build_benchmark(BenchmarkRecipe.tiny(), cache_dir=folder)
+            (folder / "built").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_cache(tiny_zoo_files):
+    """``seed(folder)``: ``folder`` (made if missing) with its own copies of the tiny zoo's files,
+    so a test's cache starts with the zoo built and nothing else (no quantized model, no
+    result); copies, not links, as tests corrupt and rewrite their cache files."""
+    def seed(folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for pattern in _TINY_ZOO_FILES:
+            for path in tiny_zoo_files.glob(pattern):
+                shutil.copyfile(path, folder / path.name)
+        return folder
+
+    return seed
 
 
 def pytest_collection_modifyitems(items):

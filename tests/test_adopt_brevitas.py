@@ -4,6 +4,7 @@ merges, exports and validates. Models: the ``brevitas_examples`` package's bnn_p
 ImageNet MobileNetV1 families (random init, BatchNorm statistics from data; no downloads), and
 a hand-written Brevitas model."""
 
+import functools
 import warnings
 
 import numpy as np
@@ -56,6 +57,7 @@ def test_a_hand_written_models_activation_widths_are_kept():
     assert int(adopted["relu1"].act_quant.bit_width()) == 5 and int(adopted["relu2"].act_quant.bit_width()) == 4
 
 
+@functools.cache  # the TFC model serves three tests: calibrated and merged once; exports and validations read it
 def _merged(name):
     model, shape = MODELS[name]()
     calibration = torch.rand(32, *shape, generator=torch.Generator().manual_seed(1))

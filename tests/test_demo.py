@@ -12,8 +12,9 @@ DEMO_ARGS = ["demo", "--size", "tiny", "--iterations", "8", "--nipq-epochs", "2"
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def demo_cache(tmp_path_factory, tiny_zoo_cache):
+    """The demo's cache, holding only the tiny zoo (built once per run, tests/conftest.py)."""
+    return tiny_zoo_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +141,13 @@ def test_a_refused_export_keeps_the_report_and_exits_3_with_one_line(demo_run, d
     assert not report["validation"]["int4"]["ok"] and not (out / "merged-hdrq-int4.onnx").exists()
 
 
-def test_overlapping_the_merges_with_the_quantizations_changes_no_figure(demo_run, tmp_path, monkeypatch):
+def test_overlapping_the_merges_with_the_quantizations_changes_no_figure(demo_run, tmp_path, monkeypatch,
+                                                                       tiny_zoo_cache):
     """``--workers 1`` computes everything in one process, one step after another; the default
     overlaps the merges, barrier and exports with NIPQ on the workers: the same rows and curves."""
     _, overlapped = demo_run
-    monkeypatch.setenv("HDRQ_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: every step runs
+    # only the zoo is cached (as for demo_run): every quantization, merge and evaluation runs
+    monkeypatch.setenv("HDRQ_CACHE_DIR", str(tiny_zoo_cache(tmp_path / "cache")))
     assert main([*DEMO_ARGS, "--workers", "1", "--out", str(tmp_path / "serial")]) == 0
     serial = json.loads((tmp_path / "serial" / "report.json").read_text())
     parallel = json.loads((overlapped / "report.json").read_text())

@@ -1,6 +1,7 @@
 """The demo's per-target quantizations: the same models on 1 or 2 workers, reused from the cache by key."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -14,14 +15,15 @@ JOBS = [QuantizeJob("rtn", "mnist", "w4a4", 0, iterations=4), QuantizeJob("hdrq"
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return load_or_build_benchmark(BenchmarkRecipe.tiny(), cache_dir=tmp_path_factory.mktemp("zoo"))
+def bench(tmp_path_factory, tiny_zoo_cache):
+    return load_or_build_benchmark(BenchmarkRecipe.tiny(), cache_dir=tiny_zoo_cache(tmp_path_factory.mktemp("zoo")))
 
 
 @pytest.fixture(scope="module")
 def serial(bench, tmp_path_factory):
-    timings = {}
-    return run_jobs(JOBS, bench, float_recipe(bench), tmp_path_factory.mktemp("serial"), 1, timings), timings
+    """Every job quantized in this process: ``(models, timings, cache folder)``."""
+    timings, folder = {}, tmp_path_factory.mktemp("serial")
+    return run_jobs(JOBS, bench, float_recipe(bench), folder, 1, timings), timings, folder
 
 
 def assert_same_models(a, b) -> None:
@@ -34,7 +36,7 @@ def assert_same_models(a, b) -> None:
 
 
 def test_two_workers_give_the_same_models_and_a_rerun_reuses_them(bench, serial, tmp_path):
-    reference, serial_timings = serial
+    reference, serial_timings, _ = serial
     assert serial_timings["quantize_cached_models"] == 0
     timings = {}
     parallel = run_jobs(JOBS, bench, float_recipe(bench), tmp_path, 2, timings)
@@ -53,9 +55,11 @@ def test_a_changed_setting_or_a_corrupt_file_is_quantized_again(bench, serial, t
     zoo = bench.recipe.cache_key()
     assert job_key(other, zoo) != job_key(JOBS[0], zoo)
     assert job_key(JOBS[0], zoo) != job_key(JOBS[0], dataclasses.replace(BenchmarkRecipe.tiny(), seed=1).cache_key())
-    timings = {}
-    run_jobs([JOBS[0]], bench, float_recipe(bench), tmp_path, 1, timings)
-    (path,) = (tmp_path / QUANTIZED_CACHE).glob("*.pt")
+    # the serial fixture's checkpoint of JOBS[0] (run_jobs wrote it), copied, then truncated
+    (tmp_path / QUANTIZED_CACHE).mkdir()
+    name = f"{job_key(JOBS[0], zoo)[:24]}.pt"
+    path = tmp_path / QUANTIZED_CACHE / name
+    shutil.copyfile(serial[2] / QUANTIZED_CACHE / name, path)
     path.write_bytes(path.read_bytes()[:100])  # truncated: unreadable, so made again
     timings = {}
     models = run_jobs([JOBS[0], other], bench, float_recipe(bench), tmp_path, 1, timings)

@@ -206,11 +206,12 @@ MICRO = BenchmarkSettings(recipe="tiny", targets=("mnist", "mnistm"), test_image
 
 
 @pytest.mark.slow  # about a minute of CPU: zoo data, four quantized models, merges, a barrier, plots
-def test_micro_run_writes_results_and_a_rerun_skips_every_finished_cell(tmp_path):
+def test_micro_run_writes_results_and_a_rerun_skips_every_finished_cell(tmp_path, tmp_path_factory, tiny_zoo_cache):
     from benchmarks.mtda.run import BenchmarkRun
     from benchmarks.mtda.summary import write_outputs
 
-    run = BenchmarkRun(MICRO, tmp_path)
+    zoo = str(tiny_zoo_cache(tmp_path_factory.mktemp("zoo")))  # the tiny zoo, built once per run (conftest)
+    run = BenchmarkRun(MICRO, tmp_path, cache_dir=zoo)
     run.run()
     assert run.pending() == []
     write_outputs(run, command="test", wall_seconds=0.0)
@@ -225,22 +226,23 @@ def test_micro_run_writes_results_and_a_rerun_skips_every_finished_cell(tmp_path
     merge = next(c for c in run.plan if c.kind == "merge" and c.variant == "hdrq" and c.rule == "half-to-even")
     before = run.store.get(run.key(merge))["rows"]
     run.store.forget(merge, run.key(merge))
-    rerun = BenchmarkRun(MICRO, tmp_path)
+    rerun = BenchmarkRun(MICRO, tmp_path, cache_dir=zoo)
     assert rerun.pending() == [merge]
     rerun.run()
     after = rerun.store.get(rerun.key(merge))["rows"]
     assert [r["accuracy"] for r in after] == [r["accuracy"] for r in before]
 
-    changed = BenchmarkRun(dataclasses.replace(MICRO, iterations=3), tmp_path)
+    changed = BenchmarkRun(dataclasses.replace(MICRO, iterations=3), tmp_path, cache_dir=zoo)
     assert {c.kind for c in changed.pending()} == {"quantize", "merge", "barrier"}
 
 
 @pytest.mark.slow  # NIPQ training of two tiny targets (one noise epoch, one hard), two merges
-def test_nipq_rows_train_on_the_train_split_merge_and_key_their_epochs(tmp_path):
+def test_nipq_rows_train_on_the_train_split_merge_and_key_their_epochs(tmp_path, tmp_path_factory, tiny_zoo_cache):
     from benchmarks.mtda.run import BenchmarkRun
 
     settings = dataclasses.replace(MICRO, methods=("nipq",), nipq_epochs=1, barrier_pairs="first")
-    run = BenchmarkRun(settings, tmp_path)
+    zoo = str(tiny_zoo_cache(tmp_path_factory.mktemp("zoo")))
+    run = BenchmarkRun(settings, tmp_path, cache_dir=zoo)
     run.run()
     assert run.pending() == [] and not run.failures
     rows = [r for c in run.plan for r in run.store.get(run.key(c)).get("rows", [])]
@@ -250,7 +252,7 @@ def test_nipq_rows_train_on_the_train_split_merge_and_key_their_epochs(tmp_path)
     assert {("noise-sampling", "mnist"), ("half-to-even", "mnistm")} <= merged
     quantize = next(c for c in run.plan if c.kind == "quantize")
     assert run.store.get(run.key(quantize))["family"] == "nipq"
-    longer = BenchmarkRun(dataclasses.replace(settings, nipq_epochs=2), tmp_path)
+    longer = BenchmarkRun(dataclasses.replace(settings, nipq_epochs=2), tmp_path, cache_dir=zoo)
     assert quantize in longer.pending()  # more epochs: another model, never the cached one
     with pytest.raises(ValueError, match="nipq_epochs"):
         dataclasses.replace(settings, nipq_epochs=0)

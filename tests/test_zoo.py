@@ -56,9 +56,11 @@ def test_a_second_load_reuses_the_cache(built):
         assert _same_weights(again.adapted[target], benchmark.adapted[target])
 
 
-def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(built, tmp_path):
+def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(built, tmp_path, tiny_zoo_cache):
     benchmark, _ = built
+    tiny_zoo_cache(tmp_path)  # the domains come from their cache; the zoo file is the one corrupted
     path = cache_path_for(TINY, tmp_path)
+    assert path.is_file()
     path.write_bytes(b"this is not a torch file")
     with pytest.warns(UserWarning, match="unusable"):
         rebuilt = load_or_build_benchmark(TINY, cache_dir=tmp_path)
