@@ -90,6 +90,10 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
         changes.update(noise=False, learn_bits=False)
     if args.no_fit_truncations:
         changes["fit_weight_truncations"] = False
+    if args.no_landing:
+        changes.update(land_start=None, start_at_budget=False)
+    elif args.land_start is not None:
+        changes["land_start"] = args.land_start
     config = NIPQConfig.cpu_preset(**changes)
     budget = {"gbops": uniform_gbops(theta, example, bits)} if method == "nipq-bops" else float(bits)
     model, result = quantize_nipq(theta, domain.train, f"w{bits}a{bits}", target=budget, epochs=args.epochs,
@@ -102,7 +106,10 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
            "freeze_epoch": result.freeze_epoch, "freeze_step": result.freeze_step,
            "cost_scale_at_freeze": result.cost_scale_at_freeze, "accuracy_before_freeze": result.accuracy_before_freeze,
            "accuracy_after_freeze": result.accuracy_after_freeze, "seconds": time.perf_counter() - tic,
-           "budget": budget, "bits_lr": config.bits_lr, "widths": {"weights": result.report.weight_bits,
+           "budget": budget, "bits_lr": config.bits_lr, "land_start": config.land_start,
+           "start_at_budget": config.start_at_budget, "landing_start_step": result.landing_start_step,
+           "accuracy_at_landing_start": result.accuracy_at_landing_start, "landing_move": result.landing_move,
+           "landing_move_abs": result.landing_move_abs, "widths": {"weights": result.report.weight_bits,
                                                   "activations": result.report.act_bits}}
     if result.report_at_freeze is not None:
         row["at_freeze_all"] = {"average_weight_bits": result.report_at_freeze.average_weight_bits,
@@ -166,6 +173,10 @@ def main(argv=None) -> int:
     parser.add_argument("--hdrq-iterations", type=int, default=0)
     parser.add_argument("--no-fit-truncations", action="store_true",
                         help="weight α from max|W| only (the method before issue 21's second round)")
+    parser.add_argument("--land-start", type=float, default=None,
+                        help="fraction of the noise steps where the landing window opens (default: NIPQConfig's)")
+    parser.add_argument("--no-landing", action="store_true",
+                        help="widths from 8 bits, frozen and projected at freeze_fraction (the default before round 4)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
