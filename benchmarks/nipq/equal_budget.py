@@ -84,6 +84,8 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
     changes = {"seed": seed, "noise_shape": args.noise, "hard_epochs": args.hard_epochs}
     if args.bits_lr is not None:
         changes["bits_lr"] = args.bits_lr
+    if args.cost_weight is not None:
+        changes["cost_weight"] = args.cost_weight
     if method == "nipq-pinned":
         changes["learn_bits"] = False
     if method == "lsq":
@@ -106,7 +108,7 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
            "freeze_epoch": result.freeze_epoch, "freeze_step": result.freeze_step,
            "cost_scale_at_freeze": result.cost_scale_at_freeze, "accuracy_before_freeze": result.accuracy_before_freeze,
            "accuracy_after_freeze": result.accuracy_after_freeze, "seconds": time.perf_counter() - tic,
-           "budget": budget, "bits_lr": config.bits_lr, "land_start": config.land_start,
+           "budget": budget, "bits_lr": config.bits_lr, "cost_weight": config.cost_weight, "land_start": config.land_start,
            "start_at_budget": config.start_at_budget, "landing_start_step": result.landing_start_step,
            "accuracy_at_landing_start": result.accuracy_at_landing_start, "landing_move": result.landing_move,
            "landing_move_abs": result.landing_move_abs, "widths": {"weights": result.report.weight_bits,
@@ -170,6 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hard-epochs", type=int, default=1)
     parser.add_argument("--noise", default="uniform", choices=("uniform", "histogram"))
     parser.add_argument("--bits-lr", type=float, default=None)
+    parser.add_argument("--cost-weight", type=float, default=None, help="the average-bit cost's weight (ablation)")
     parser.add_argument("--hdrq-iterations", type=int, default=0)
     parser.add_argument("--no-fit-truncations", action="store_true",
                         help="weight α from max|W| only (the method before issue 21's second round)")
