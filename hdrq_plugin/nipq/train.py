@@ -300,7 +300,7 @@ def _accuracy(model: nn.Module, batches) -> float | None:
 
 
 def _freeze_widths(model, teacher, cost: CostModel, target: NIPQTarget, config: NIPQConfig, budget_batches,
-                   eval_batches, epoch: int, epochs: int, step: int = 0) -> dict:
+                   eval_batches, epoch: int, epochs: int, step: int = 0, alpha_widths: dict | None = None) -> dict:
     """Freeze the widths (closing any gap to the budget by measured loss per bit), print the deployed
     widths and the accuracy before and after, and return them for :class:`NIPQResult`."""
     learned = cost.report()  # round(b_c): the widths as learned
@@ -313,7 +313,7 @@ def _freeze_widths(model, teacher, cost: CostModel, target: NIPQTarget, config: 
         return _task_loss_eval(model, teacher, budget_batches, config, soft)
     freeze_bits(cost, target, fit_budget=config.fit_budget and config.learn_bits, measure_loss=measure_loss)
     if config.learn_bits and config.fit_weight_truncations:  # α at the deployed grid, not the noise proxy's
-        fit_truncations(model, budget_batches[:1], batches=1, activations=False)
+        fit_truncations(model, budget_batches[:1], batches=1, activations=False, fitted_at=alpha_widths)
     deployed = cost.report()
     after = _accuracy(model, eval_batches)
     print(f"nipq: widths frozen at step {step} (noise epoch {epoch}/{epochs}): learned {learned_line} "
@@ -515,6 +515,7 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
     freeze_epoch = min(epochs, max(1, math.ceil(config.freeze_fraction * epochs)))
     start_epoch, frozen, bn_layers, cost_scale = 0, None, 0, 1.0
     landing = {"accuracy_at_start": None, "move": {}, "move_abs": {}}
+    alpha_widths: dict[str, int] = {}  # the width each weight α was last fitted at (passes.fit_truncations)
     if saved is not None:
         run = {"target": asdict(target), "epochs": epochs, "hard_epochs": hard_epochs,
                "config": asdict(config), "steps_per_epoch": steps_per_epoch}
@@ -528,6 +529,7 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
         frozen = saved.get("frozen")
         cost_scale = float(saved.get("cost_scale", 1.0))
         landing = saved.get("landing") or landing
+        alpha_widths = saved.get("alpha_widths") or alpha_widths
     else:
         if config.activation_init == "data":
             torch.manual_seed(config.seed)
@@ -535,7 +537,7 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
         if config.learn_bits and config.start_at_budget:
             start_widths_at_budget(cost, target)
         if config.fit_weight_truncations:
-            fit_truncations(model, budget_batches[:1], batches=1, activations=False)
+            fit_truncations(model, budget_batches[:1], batches=1, activations=False, fitted_at=alpha_widths)
 
     total_epochs = epochs + hard_epochs
     hard = start_epoch >= epochs
@@ -572,10 +574,12 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
             landing["move"][kind] = landing["move"].get(kind, 0.0) + (width - rounded) * t.numel / numel[kind]
             landing["move_abs"][kind] = landing["move_abs"].get(kind, 0.0) + abs(width - rounded) * t.numel / numel[kind]
         _drop_frozen_bits(optimizer)
+        if config.fit_weight_truncations:  # a weight that landed off its fitted width gets α re-fitted now
+            fit_truncations(model, budget_batches[:1], batches=1, activations=False, fitted_at=alpha_widths)
 
     def freeze_now(epoch: int, step: int) -> dict:
         state = _freeze_widths(model, teacher, cost, target, config, budget_batches, eval_batches, epoch + 1,
-                               epochs, step)
+                               epochs, step, alpha_widths)
         _drop_frozen_bits(optimizer)
         if config.ste_after_freeze and config.noise:
             _set_phase(model, noise=False)
@@ -647,6 +651,7 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                              "epochs": epochs, "hard_epochs": hard_epochs,
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "frozen": frozen, "cost_scale": cost_scale, "landing": landing,
+                             "alpha_widths": alpha_widths,
                              "config": asdict(config), "steps_per_epoch": steps_per_epoch,
                              "pinned": [n for n, m in model.named_modules()
                                         if isinstance(m, LearnedBitWidth) and m.pinned]})
