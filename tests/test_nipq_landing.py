@@ -7,6 +7,7 @@ from tiny_models import tiny_resnet
 
 from hdrq_plugin.nipq.cost import describe_costs
 from hdrq_plugin.nipq.landing import freeze_on_remaining_budget, landing_order, landing_steps
+from hdrq_plugin.nipq.passes import fit_truncations
 from hdrq_plugin.nipq.quantizers import bits_to_logit
 from hdrq_plugin.nipq.train import NIPQConfig, NIPQTarget, nipq_train
 
@@ -105,3 +106,15 @@ def test_the_landing_window_must_end_by_the_freeze():
         NIPQConfig(land_start=0.8, freeze_fraction=0.6)
     with pytest.raises(ValueError, match="land_before_freeze"):
         NIPQConfig(land_before_freeze=True)
+
+
+def test_weight_truncations_are_refitted_only_where_the_width_moved():
+    """A weight α keeps what it learned unless its width left the one it was fitted at."""
+    model = nipq_model()
+    fitted_at: dict[str, int] = {}
+    assert fit_truncations(model, [X], batches=1, activations=False, fitted_at=fitted_at) == len(fitted_at) > 1
+    assert fit_truncations(model, [X], batches=1, activations=False, fitted_at=fitted_at) == 0
+    cost = describe_costs(model, X)
+    moved = max(_learned(cost.weights), key=lambda t: t.numel)
+    moved.bits.freeze(int(moved.bits.rounded()) - 1)
+    assert fit_truncations(model, [X], batches=1, activations=False, fitted_at=fitted_at) == 1

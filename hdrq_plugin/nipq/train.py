@@ -138,10 +138,12 @@ class NIPQConfig:
         0.01 diverged within 5 steps even in float (measured on the digits zoo); θ_α lr 0.01,
         θ_b lr 0.1 with the reference's momentum 0.9 (ablation in docs/nipq_method.md
         "Schedule": at 0.02 the deployed-width cost had not settled the widths in 30 steps);
-        half a warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
+        average-bit cost weight 8 (ablation, optdigits avg 3, docs/nipq_method.md "Schedule": 1 let the
+        widths drift 0.8 bit off the budget before the landing, 64 collapsed the model); half a
+        warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
         BN unfolded).
         """
-        return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.1,
+        return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.1, "cost_weight": 8.0,
                       "warmup_epochs": 0.5, "hard_epochs": 1, **changes})
 
 
@@ -661,6 +663,8 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
     final = cost.report()
     print(f"nipq: done ({target.describe()}): deployed {_budgeted_bits(cost)} "
           f"({final.gbops:.4g} GBOPs), acc {_pct(_accuracy(model, eval_batches))}", flush=True)
+    print("nipq: deployed widths: " + " ".join(f"{name}={bits}" for name, bits in
+                                              {**final.weight_bits, **final.act_bits}.items()), flush=True)
     frozen = frozen or {}
     at_freeze = frozen.get("report_at_freeze")
     return NIPQResult(
