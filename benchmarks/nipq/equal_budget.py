@@ -7,8 +7,10 @@ Per target θt of the digits zoo (``hdrq_examples.zoo``), per seed, with the sam
 batch order, steps and distillation from θt (rows are the issue-21 ablation):
 
 - ``nipq``: learned widths at an average of ``--bits`` (weights and activations, over the learned
-  tensors), the cost on the deployed widths, widths frozen at ``freeze_fraction`` of the noise
-  epochs; the accuracy just before and after freezing is recorded;
+  tensors), the cost on the deployed widths, widths landed largest first from ``land_start`` and
+  all frozen at ``freeze_fraction`` of the noise epochs (``--no-landing``: frozen and projected
+  there, the method before round 4); the accuracy at the landing's start and just before and
+  after freezing, and the bits the landing moved, are recorded;
 - ``nipq-bops``: learned widths under a BOPs budget equal to the uniform ``w{bits}a{bits}`` model's
   BOPs (so its uniform rows are the equal-BOPs comparison);
 - ``nipq-pinned``: the same noise training with every learned width pinned at ``--bits``;
