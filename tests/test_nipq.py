@@ -274,7 +274,7 @@ def _freeze_move(result, tensors) -> float:
 
 @pytest.mark.parametrize("start_at_budget", [True, False], ids=["start-at-budget", "start-at-8-bits"])
 def test_the_cost_lands_the_rounded_widths_on_the_budget_and_freezing_keeps_them_there(capsys, start_at_budget):
-    result, cost = _train_to_budget(1.0, start_at_budget=start_at_budget, land_before_freeze=True)
+    result, cost = _train_to_budget(1.0, start_at_budget=start_at_budget, land_before_freeze=True, land_start=None)
     assert _learned_widths_on_budget(result, cost)
     for tensors in (cost.weights, cost.activations):  # the freeze moves ≤ 0.05 bit or one smallest step
         assert _freeze_move(result, tensors) <= max(_step(tensors, min), LANDING_BAND_BITS) + 1e-9
@@ -290,8 +290,9 @@ def test_the_cost_lands_the_rounded_widths_on_the_budget_and_freezing_keeps_them
     assert "widths frozen at step" in out and "acc" in out and "deployed w" in out
 
 
-@pytest.mark.parametrize("cost_weight, changes", [(0.0, {"start_at_budget": False, "land_before_freeze": False}),
-                                                  (-1.0, {"start_at_budget": False, "land_before_freeze": True})], ids=["cost-off-from-8-bits", "sign-flipped"])
+@pytest.mark.parametrize("cost_weight, changes", [
+    (0.0, {"start_at_budget": False, "land_before_freeze": False, "land_start": None}),
+    (-1.0, {"start_at_budget": False, "land_before_freeze": True, "land_start": None})], ids=["cost-off-from-8-bits", "sign-flipped"])
 def test_a_broken_cost_leaves_the_learned_widths_off_the_budget(cost_weight, changes):
     result, cost = _train_to_budget(cost_weight, **changes)
     assert not _learned_widths_on_budget(result, cost)
@@ -300,11 +301,12 @@ def test_a_broken_cost_leaves_the_learned_widths_off_the_budget(cost_weight, cha
     assert result.cost_scale_at_freeze <= MAX_COST_SCALE  # a cost that never lands stops doubling
 
 
-def test_landing_is_opt_in_the_defaults_freeze_at_the_freeze_fraction():
-    """The demo and `hdrq quantize --method nipq` run the defaults: widths from 8 bits, frozen and
-    projected at freeze_fraction (the landing mechanism never landed in a measured run)."""
+def test_the_defaults_start_at_the_budget_and_land_largest_first_before_the_freeze():
+    """The demo and `hdrq quantize --method nipq` run the defaults: widths from the budget, landed
+    over 30-60 % of the noise steps (tests/test_nipq_landing.py); the doubling cost is off."""
     config = NIPQConfig.cpu_preset()
-    assert not config.start_at_budget and not config.land_before_freeze
+    assert config.start_at_budget and config.land_start == 0.3 and config.freeze_fraction == 0.6
+    assert not config.land_before_freeze
 
 
 def test_resumed_training_ends_with_the_same_weights(tmp_path):

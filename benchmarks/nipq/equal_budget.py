@@ -7,8 +7,10 @@ Per target θt of the digits zoo (``hdrq_examples.zoo``), per seed, with the sam
 batch order, steps and distillation from θt (rows are the issue-21 ablation):
 
 - ``nipq``: learned widths at an average of ``--bits`` (weights and activations, over the learned
-  tensors), the cost on the deployed widths, widths frozen at ``freeze_fraction`` of the noise
-  epochs; the accuracy just before and after freezing is recorded;
+  tensors), the cost on the deployed widths, widths landed largest first from ``land_start`` and
+  all frozen at ``freeze_fraction`` of the noise epochs (``--no-landing``: frozen and projected
+  there, the method before round 4); the accuracy at the landing's start and just before and
+  after freezing, and the bits the landing moved, are recorded;
 - ``nipq-bops``: learned widths under a BOPs budget equal to the uniform ``w{bits}a{bits}`` model's
   BOPs (so its uniform rows are the equal-BOPs comparison);
 - ``nipq-pinned``: the same noise training with every learned width pinned at ``--bits``;
@@ -84,12 +86,18 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
     changes = {"seed": seed, "noise_shape": args.noise, "hard_epochs": args.hard_epochs}
     if args.bits_lr is not None:
         changes["bits_lr"] = args.bits_lr
+    if args.cost_weight is not None:
+        changes["cost_weight"] = args.cost_weight
     if method == "nipq-pinned":
         changes["learn_bits"] = False
     if method == "lsq":
         changes.update(noise=False, learn_bits=False)
     if args.no_fit_truncations:
         changes["fit_weight_truncations"] = False
+    if args.no_landing:
+        changes.update(land_start=None, start_at_budget=False)
+    elif args.land_start is not None:
+        changes["land_start"] = args.land_start
     config = NIPQConfig.cpu_preset(**changes)
     budget = {"gbops": uniform_gbops(theta, example, bits)} if method == "nipq-bops" else float(bits)
     model, result = quantize_nipq(theta, domain.train, f"w{bits}a{bits}", target=budget, epochs=args.epochs,
@@ -102,7 +110,10 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
            "freeze_epoch": result.freeze_epoch, "freeze_step": result.freeze_step,
            "cost_scale_at_freeze": result.cost_scale_at_freeze, "accuracy_before_freeze": result.accuracy_before_freeze,
            "accuracy_after_freeze": result.accuracy_after_freeze, "seconds": time.perf_counter() - tic,
-           "budget": budget, "bits_lr": config.bits_lr, "widths": {"weights": result.report.weight_bits,
+           "budget": budget, "bits_lr": config.bits_lr, "cost_weight": config.cost_weight, "land_start": config.land_start,
+           "start_at_budget": config.start_at_budget, "landing_start_step": result.landing_start_step,
+           "accuracy_at_landing_start": result.accuracy_at_landing_start, "landing_move": result.landing_move,
+           "landing_move_abs": result.landing_move_abs, "widths": {"weights": result.report.weight_bits,
                                                   "activations": result.report.act_bits}}
     if result.report_at_freeze is not None:
         row["at_freeze_all"] = {"average_weight_bits": result.report_at_freeze.average_weight_bits,
@@ -163,9 +174,14 @@ def main(argv=None) -> int:
     parser.add_argument("--hard-epochs", type=int, default=1)
     parser.add_argument("--noise", default="uniform", choices=("uniform", "histogram"))
     parser.add_argument("--bits-lr", type=float, default=None)
+    parser.add_argument("--cost-weight", type=float, default=None, help="the average-bit cost's weight (ablation)")
     parser.add_argument("--hdrq-iterations", type=int, default=0)
     parser.add_argument("--no-fit-truncations", action="store_true",
                         help="weight α from max|W| only (the method before issue 21's second round)")
+    parser.add_argument("--land-start", type=float, default=None,
+                        help="fraction of the noise steps where the landing window opens (default: NIPQConfig's)")
+    parser.add_argument("--no-landing", action="store_true",
+                        help="widths from 8 bits, frozen and projected at freeze_fraction (the default before round 4)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -37,6 +37,7 @@ from ..quant.control import set_quant_mode
 from ..quant.quantizers import PseudoQuantIntQuant, QuantMode
 from .budget import NIPQTarget, check_reachable, freeze_bits, parse_target
 from .cost import CostModel, CostReport, average_bits_loss, bops_loss, describe_costs
+from .landing import freeze_on_remaining_budget, landing_order, landing_steps
 from .passes import fit_truncations, inputs_of, labels_of, observe_activation_ranges, reestimate_batchnorm
 from .quantizers import LearnedBitWidth, LearnedTruncation
 
@@ -93,10 +94,12 @@ class NIPQConfig:
     ste_after_freeze: bool = True  # ours: once the widths are frozen the weights train with STE rounding
     # (as phase 2), not noise: at 3 bits the noise proxy does not see the rounding dead zone
     # (docs/nipq_method.md §6; optdigits uniform 3 bits: noise to the end 10.8 %)
-    start_at_budget: bool = False  # opt-in, ours: learned widths start at the budget's uniform width, not
-    # the reference's 8 bits (docs/nipq_method.md §6). Off by default with land_before_freeze: measured
-    # only together with it, which broke the demo's longer schedule (below)
-    land_before_freeze: bool = False  # opt-in, ours: from the freeze point on, the widths freeze at the first
+    start_at_budget: bool = True  # ours: learned widths start at the budget's uniform width, not the
+    # reference's 8 bits, so the landing below moves them little (docs/nipq_method.md §6)
+    land_start: float | None = 0.3  # ours: from this fraction of the noise steps to the freeze point the
+    # widths freeze one at a time, largest share of the budget first, each on the budget left to the
+    # free ones (nipq.landing; docs/nipq_method.md §6). None: all freeze (and are projected) at the freeze point
+    land_before_freeze: bool = False  # superseded by land_start (opt-in, needs land_start=None), ours: from the freeze point on, the widths freeze at the first
     # step their rounded totals are on the budget (at most it, less than one smallest move below); until
     # then the cost's weight doubles every step, up to MAX_COST_SCALE. The projection runs at the end of
     # phase 1 if they never land. Off by default: they never landed in any measured run, and in the demo
@@ -114,6 +117,11 @@ class NIPQConfig:
             raise ValueError(f"hard_epochs/warmup_epochs must be >= 0 and lr > 0: {self}")
         if not 0 < self.freeze_fraction <= 1:
             raise ValueError(f"freeze_fraction must be in (0, 1], got {self.freeze_fraction}")
+        if self.land_start is not None and not 0 <= self.land_start <= self.freeze_fraction:
+            raise ValueError(f"land_start must be in [0, freeze_fraction={self.freeze_fraction}] or None, "
+                             f"got {self.land_start}")
+        if self.land_start is not None and self.land_before_freeze:
+            raise ValueError("land_before_freeze is the older landing: it needs land_start=None")
         if self.activation_init not in ("data", "reference"):
             raise ValueError(f"activation_init must be 'data' or 'reference', got {self.activation_init!r}")
 
@@ -130,10 +138,12 @@ class NIPQConfig:
         0.01 diverged within 5 steps even in float (measured on the digits zoo); θ_α lr 0.01,
         θ_b lr 0.1 with the reference's momentum 0.9 (ablation in docs/nipq_method.md
         "Schedule": at 0.02 the deployed-width cost had not settled the widths in 30 steps);
-        half a warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
+        average-bit cost weight 8 (ablation, optdigits avg 3, docs/nipq_method.md "Schedule": 1 let the
+        widths drift 0.8 bit off the budget before the landing, 64 collapsed the model); half a
+        warm-up epoch, 1 hard epoch (the reference's 0.04 and 40 + 3 epochs are for ImageNet with
         BN unfolded).
         """
-        return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.1,
+        return cls(**{"lr": 0.001, "hard_lr": 0.0002, "quant_lr": 0.01, "bits_lr": 0.1, "cost_weight": 8.0,
                       "warmup_epochs": 0.5, "hard_epochs": 1, **changes})
 
 
@@ -157,6 +167,11 @@ class NIPQResult:
     cost_scale_at_freeze: float = 1.0  # the cost's weight when the widths landed (doubled each step off budget)
     accuracy_before_freeze: float | None = None
     accuracy_after_freeze: float | None = None
+    landing_start_step: int | None = None  # the first width froze after this step (land_start); None: no landing
+    accuracy_at_landing_start: float | None = None  # hard-rounded, just before the first landing freeze
+    landing_move: dict[str, float] = field(default_factory=dict)  # net average bits the landing freezes
+    # moved per kind (frozen width − round(b_c) at that step, numel-weighted over the learned tensors)
+    landing_move_abs: dict[str, float] = field(default_factory=dict)  # the same, |moves| summed
 
     @property
     def freeze_drop(self) -> float | None:
@@ -287,10 +302,11 @@ def _accuracy(model: nn.Module, batches) -> float | None:
 
 
 def _freeze_widths(model, teacher, cost: CostModel, target: NIPQTarget, config: NIPQConfig, budget_batches,
-                   eval_batches, epoch: int, epochs: int, step: int = 0) -> dict:
+                   eval_batches, epoch: int, epochs: int, step: int = 0, alpha_widths: dict | None = None) -> dict:
     """Freeze the widths (closing any gap to the budget by measured loss per bit), print the deployed
     widths and the accuracy before and after, and return them for :class:`NIPQResult`."""
     learned = cost.report()  # round(b_c): the widths as learned
+    learned_line = _budgeted_bits(cost)
     before = _accuracy(model, eval_batches)
     with torch.no_grad():  # the teacher's logits are the same for every candidate move
         soft = [batch[TEACHER_LOGITS] if isinstance(batch, dict) and TEACHER_LOGITS in batch
@@ -299,13 +315,12 @@ def _freeze_widths(model, teacher, cost: CostModel, target: NIPQTarget, config: 
         return _task_loss_eval(model, teacher, budget_batches, config, soft)
     freeze_bits(cost, target, fit_budget=config.fit_budget and config.learn_bits, measure_loss=measure_loss)
     if config.learn_bits and config.fit_weight_truncations:  # α at the deployed grid, not the noise proxy's
-        fit_truncations(model, budget_batches[:1], batches=1, activations=False)
+        fit_truncations(model, budget_batches[:1], batches=1, activations=False, fitted_at=alpha_widths)
     deployed = cost.report()
     after = _accuracy(model, eval_batches)
-    print(f"nipq: widths frozen at step {step} (noise epoch {epoch}/{epochs}): learned w {learned.average_weight_bits:.3f} "
-          f"a {learned.average_act_bits:.3f} ({learned.gbops:.4g} GBOPs), acc {_pct(before)} -> deployed "
-          f"w {deployed.average_weight_bits:.3f} a {deployed.average_act_bits:.3f} ({deployed.gbops:.4g} GBOPs), "
-          f"acc {_pct(after)}", flush=True)
+    print(f"nipq: widths frozen at step {step} (noise epoch {epoch}/{epochs}): learned {learned_line} "
+          f"({learned.gbops:.4g} GBOPs), acc {_pct(before)} -> deployed {_budgeted_bits(cost)} "
+          f"({deployed.gbops:.4g} GBOPs), acc {_pct(after)}", flush=True)
     return {"report_at_freeze": learned.as_dict(), "accuracy_before_freeze": before,
             "accuracy_after_freeze": after, "freeze_epoch": epoch, "freeze_step": step}
 
@@ -382,6 +397,19 @@ def widths_landed(cost: CostModel, target: NIPQTarget) -> bool:
                 if not (spent <= bits + 1e-9 and bits - spent < moves[kind] - 1e-12):
                     return False
     return True
+
+
+def _budgeted_bits(cost: CostModel) -> str:
+    """Rounded average bits over the learned tensors (what the budget counts), then over all tensors:
+    the pinned 8-bit edges lift the second (a 4-bit budget printed 4.055 over all activations)."""
+    def average(kind: str, learned_only: bool) -> str:
+        try:
+            return f"{float(cost.average_bits(kind, learned_only=learned_only, deployed=True)):.3f}"
+        except ValueError:  # no learned tensor of this kind
+            return "-"
+    with torch.no_grad():
+        return (f"w {average('weights', True)} a {average('activations', True)} "
+                f"[all tensors w {average('weights', False)} a {average('activations', False)}]")
 
 
 def _pct(value: float | None) -> str:
@@ -488,6 +516,8 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
     eval_batches = budget_batches if eval_data is None else eval_data
     freeze_epoch = min(epochs, max(1, math.ceil(config.freeze_fraction * epochs)))
     start_epoch, frozen, bn_layers, cost_scale = 0, None, 0, 1.0
+    landing = {"accuracy_at_start": None, "move": {}, "move_abs": {}}
+    alpha_widths: dict[str, int] = {}  # the width each weight α was last fitted at (passes.fit_truncations)
     if saved is not None:
         run = {"target": asdict(target), "epochs": epochs, "hard_epochs": hard_epochs,
                "config": asdict(config), "steps_per_epoch": steps_per_epoch}
@@ -500,6 +530,8 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
         start_epoch = int(saved["epoch"])
         frozen = saved.get("frozen")
         cost_scale = float(saved.get("cost_scale", 1.0))
+        landing = saved.get("landing") or landing
+        alpha_widths = saved.get("alpha_widths") or alpha_widths
     else:
         if config.activation_init == "data":
             torch.manual_seed(config.seed)
@@ -507,7 +539,7 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
         if config.learn_bits and config.start_at_budget:
             start_widths_at_budget(cost, target)
         if config.fit_weight_truncations:
-            fit_truncations(model, budget_batches[:1], batches=1, activations=False)
+            fit_truncations(model, budget_batches[:1], batches=1, activations=False, fitted_at=alpha_widths)
 
     total_epochs = epochs + hard_epochs
     hard = start_epoch >= epochs
@@ -518,14 +550,47 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
     optimizer = _optimizer(model, lr, quant_lr, quant_lr if config.bits_lr is None else config.bits_lr, config)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
-    landing = config.learn_bits and config.land_before_freeze
+    doubling = config.learn_bits and config.land_before_freeze
+    # the landing window (nipq.landing): widths freeze largest first over [land_from, the freeze point)
+    schedule, land_from = [], None
+    if config.learn_bits and config.land_start is not None:
+        land_until = freeze_epoch * steps_per_epoch
+        land_from = min(land_until, max(1, round(config.land_start * epochs * steps_per_epoch)))
+        order = landing_order(cost, target)
+        schedule = [(at, t) for at, t in zip(landing_steps(len(order), land_from, land_until), order, strict=True)
+                    if at < land_until]  # an empty window leaves them all to the freeze
+    numel = {kind: sum(t.numel for t in cost._tensors(kind) if not t.bits.pinned) for kind in ("weights", "activations")}
+
+    def land_due(step: int) -> None:
+        """Freeze the widths scheduled at or before ``step`` on the budget left to the free ones."""
+        due = [t for at, t in schedule if at <= step and not t.bits.is_frozen]
+        if not due:
+            return
+        if step == land_from and landing["accuracy_at_start"] is None:
+            landing["accuracy_at_start"] = _accuracy(model, eval_batches)
+            print(f"nipq: landing from step {land_from} to {freeze_epoch * steps_per_epoch}: {len(schedule)} widths "
+                  f"freeze largest first, acc {_pct(landing['accuracy_at_start'])}", flush=True)
+        for t in due:
+            width, rounded = freeze_on_remaining_budget(cost, target, t)
+            kind = "weights" if any(t is w for w in cost.weights) else "activations"
+            landing["move"][kind] = landing["move"].get(kind, 0.0) + (width - rounded) * t.numel / numel[kind]
+            landing["move_abs"][kind] = landing["move_abs"].get(kind, 0.0) + abs(width - rounded) * t.numel / numel[kind]
+        _drop_frozen_bits(optimizer)
+        if config.fit_weight_truncations:  # a weight that landed off its fitted width gets α re-fitted now
+            fit_truncations(model, budget_batches[:1], batches=1, activations=False, fitted_at=alpha_widths)
 
     def freeze_now(epoch: int, step: int) -> dict:
         state = _freeze_widths(model, teacher, cost, target, config, budget_batches, eval_batches, epoch + 1,
-                               epochs, step)
+                               epochs, step, alpha_widths)
         _drop_frozen_bits(optimizer)
         if config.ste_after_freeze and config.noise:
             _set_phase(model, noise=False)
+        if schedule:
+            moved = ", ".join(f"{kind[0]} {landing['move'].get(kind, 0.0):+.3f} (|moves| {landing['move_abs'].get(kind, 0.0):.3f})"
+                              for kind in ("weights", "activations"))
+            print(f"nipq: the landing (steps {land_from}-{step}) moved {moved} average bits; acc at its start "
+                  f"{_pct(landing['accuracy_at_start'])}, after the freeze {_pct(state['accuracy_after_freeze'])}",
+                  flush=True)
         return {**state, "cost_scale": cost_scale}
 
     last_good = {k: v.clone() for k, v in model.state_dict().items()}
@@ -562,7 +627,9 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                 optimizer.step()
                 step += 1
                 bar.update()
-                if landing and frozen is None and not hard and step >= freeze_epoch * steps_per_epoch:
+                if schedule and frozen is None and not hard:
+                    land_due(step)
+                if doubling and frozen is None and not hard and step >= freeze_epoch * steps_per_epoch:
                     if widths_landed(cost, target) or step == epochs * steps_per_epoch:
                         frozen = freeze_now(epoch, step)
                     else:  # not on the budget yet: a stronger pull (docs/nipq_method.md §6)
@@ -574,7 +641,7 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                                   f"x{cost_scale:g}", flush=True)
                 bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             timings["hard" if hard else next(iter(timings))].append(time.perf_counter() - tic)
-            if epoch + 1 == freeze_epoch and not landing:  # widths freeze; the weights train on at them
+            if epoch + 1 == freeze_epoch and not doubling:  # widths freeze; the weights train on at them
                 frozen = freeze_now(epoch, step)
             if epoch + 1 == epochs:  # end of phase 1: hard quantization from here on
                 bn_layers = _enter_hard_phase(model, train_loader)
@@ -585,7 +652,8 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
                 _save(path, {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "target": asdict(target),
                              "epochs": epochs, "hard_epochs": hard_epochs,
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "frozen": frozen, "cost_scale": cost_scale,
+                             "frozen": frozen, "cost_scale": cost_scale, "landing": landing,
+                             "alpha_widths": alpha_widths,
                              "config": asdict(config), "steps_per_epoch": steps_per_epoch,
                              "pinned": [n for n, m in model.named_modules()
                                         if isinstance(m, LearnedBitWidth) and m.pinned]})
@@ -593,8 +661,10 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
         bar.close()
     model.eval()
     final = cost.report()
-    print(f"nipq: done ({target.describe()}): deployed w {final.average_weight_bits:.3f} a {final.average_act_bits:.3f} "
+    print(f"nipq: done ({target.describe()}): deployed {_budgeted_bits(cost)} "
           f"({final.gbops:.4g} GBOPs), acc {_pct(_accuracy(model, eval_batches))}", flush=True)
+    print("nipq: deployed widths: " + " ".join(f"{name}={bits}" for name, bits in
+                                              {**final.weight_bits, **final.act_bits}.items()), flush=True)
     frozen = frozen or {}
     at_freeze = frozen.get("report_at_freeze")
     return NIPQResult(
@@ -603,7 +673,9 @@ def nipq_train(model: nn.Module, train_loader, *, target=None, epochs: int = 1, 
         last_loss=loss_value, checkpoint=None if path is None else str(path), batchnorm_reestimated=bn_layers,
         freeze_epoch=int(frozen.get("freeze_epoch", 0)), accuracy_before_freeze=frozen.get("accuracy_before_freeze"),
         accuracy_after_freeze=frozen.get("accuracy_after_freeze"), freeze_step=int(frozen.get("freeze_step", 0)),
-        cost_scale_at_freeze=float(frozen.get("cost_scale", 1.0)))
+        cost_scale_at_freeze=float(frozen.get("cost_scale", 1.0)), landing_start_step=land_from,
+        accuracy_at_landing_start=landing["accuracy_at_start"], landing_move=dict(landing["move"]),
+        landing_move_abs=dict(landing["move_abs"]))
 
 
 def quantize_nipq(model: nn.Module, train_data, bits="w4a4", *, target=None, epochs: int | None = None, seed: int = 0,
