@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--hot", action="store_true",
                       help="adapt θ0 to each target with HOT back-propagation (Hadamard, INT4/INT8)")
     demo.add_argument("--nipq-epochs", type=int, default=None,
-                      help="NIPQ noise epochs per target (default 10; 0 leaves the NIPQ rows out)")
+                      help="NIPQ noise epochs per target (default 5; 0 leaves the NIPQ rows out)")
     demo.add_argument("--workers", type=int, default=None,
                       help="processes for the per-target quantizations (default: the usable cores plus one, as the "
                            "driver merges and exports meanwhile; 1: all in this "

@@ -5,8 +5,8 @@
 Runs :func:`hdrq_examples.demo.run_demo` with its defaults and prints, per announced stage, the
 wall seconds (the report's timings) and this process's CPU seconds (``time.process_time``: all its
 threads). Worker processes count under "cpu children". On a shared machine the wall seconds are a share,
-and the CPU seconds are the cost to compare. ``--code-digest HEX`` keys the quantized models as that
-code version made them, so runs of two trees can share one cache of identical quantizations.
+and the CPU seconds are the cost to compare. ``--code-digest HEX`` keys the quantized models and the cached figures as
+that code version made them, so runs of two trees can share one cache of identical quantizations.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import hdrq_examples.demo as demo
+    import hdrq_examples.demo_results as demo_results
     import hdrq_examples.demo_tasks as demo_tasks
 
-    if args.code_digest:
-        demo_tasks.source_digest = lambda: args.code_digest
+    if args.code_digest:  # both modules key with it (demo_results imported the function by name)
+        demo_tasks.source_digest = demo_results.source_digest = lambda: args.code_digest
     cpu: dict[str, float] = {}
     announced = demo.timed_stage
 
