@@ -17,6 +17,14 @@ TEST_WORKERS ?= auto
 # two cores (measured: 24 vs 136 img/s training); passive waiting costs nothing when idle.
 export OMP_WAIT_POLICY ?= PASSIVE
 
+# glibc hands freed memory back to the kernel and maps big tensors afresh, so every training step
+# faulted its activations in again (131 of 985 CPU s of a fresh `make demo` were system time).
+# Keep freed memory in the heap (glibc's documented malloc tunables; 32 MiB is the largest mmap
+# threshold glibc accepts). Measured on one epoch of θ0 training, 2 threads: minor page faults
+# 1.4-1.8 M -> 0.1 M, system time 3.9-4.7 -> 1.0-1.2 s, the same trained weights (BENCHMARKS.md,
+# issue 22). Numbers are unchanged: only where the allocator gets its pages from moves.
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296:glibc.malloc.top_pad=268435456
+
 .PHONY: setup demo demo-segmentation test bench lint clean
 
 setup: $(STAMP)
