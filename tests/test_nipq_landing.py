@@ -118,3 +118,10 @@ def test_weight_truncations_are_refitted_only_where_the_width_moved():
     moved = max(_learned(cost.weights), key=lambda t: t.numel)
     moved.bits.freeze(int(moved.bits.rounded()) - 1)
     assert fit_truncations(model, [X], batches=1, activations=False, fitted_at=fitted_at) == 1
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), float("-inf")])
+def test_a_cost_weight_that_is_not_a_number_is_refused(weight):
+    with pytest.raises(ValueError, match="cost_weight"):
+        NIPQConfig(cost_weight=weight)
+    NIPQConfig(cost_weight=0.0)  # no pull at all is a valid ablation

@@ -72,17 +72,8 @@ def freeze_move(model, example, result) -> dict:
     return moves
 
 
-def run_one(bench, target: str, seed: int, method: str, args) -> dict:
-    theta, domain = bench.adapted[target], bench.domains[target]
-    bits = int(args.bits)
-    example = domain.test[0][0][None]
-    tic = time.perf_counter()
-    if method == "hdrq":
-        model = quantize_model(theta, domain.calib, bits=f"w{bits}a{bits}", method="hdrq", source=bench.source_model,
-                               seed=seed, iterations=args.hdrq_iterations).model
-        return {"method": method, "target": target, "seed": seed, "accuracy": accuracy(model, domain.test),
-                "learned_weight_bits": float(bits), "learned_act_bits": float(bits),
-                "seconds": time.perf_counter() - tic}
+def nipq_config(args, seed: int, method: str) -> NIPQConfig:
+    """The CPU preset with this row's changes (``main`` builds one first, so bad flags fail before the zoo loads)."""
     changes = {"seed": seed, "noise_shape": args.noise, "hard_epochs": args.hard_epochs}
     if args.bits_lr is not None:
         changes["bits_lr"] = args.bits_lr
@@ -98,7 +89,21 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
         changes.update(land_start=None, start_at_budget=False)
     elif args.land_start is not None:
         changes["land_start"] = args.land_start
-    config = NIPQConfig.cpu_preset(**changes)
+    return NIPQConfig.cpu_preset(**changes)
+
+
+def run_one(bench, target: str, seed: int, method: str, args) -> dict:
+    theta, domain = bench.adapted[target], bench.domains[target]
+    bits = int(args.bits)
+    example = domain.test[0][0][None]
+    tic = time.perf_counter()
+    if method == "hdrq":
+        model = quantize_model(theta, domain.calib, bits=f"w{bits}a{bits}", method="hdrq", source=bench.source_model,
+                               seed=seed, iterations=args.hdrq_iterations).model
+        return {"method": method, "target": target, "seed": seed, "accuracy": accuracy(model, domain.test),
+                "learned_weight_bits": float(bits), "learned_act_bits": float(bits),
+                "seconds": time.perf_counter() - tic}
+    config = nipq_config(args, seed, method)
     budget = {"gbops": uniform_gbops(theta, example, bits)} if method == "nipq-bops" else float(bits)
     model, result = quantize_nipq(theta, domain.train, f"w{bits}a{bits}", target=budget, epochs=args.epochs,
                                   seed=seed, config=config, batch_size=BATCH, progress=False, eval_data=domain.test)
@@ -184,6 +189,10 @@ def main(argv=None) -> int:
                         help="widths from 8 bits, frozen and projected at freeze_fraction (the default before round 4)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
+    try:
+        nipq_config(args, args.seeds[0], "nipq")
+    except ValueError as error:
+        parser.error(str(error))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     from hdrq_examples.zoo import load_or_build_benchmark

@@ -82,6 +82,12 @@ def _value(t: TensorCost, overrides: dict[int, float]) -> float:
     return float(t.bits.frozen_bits) if t.bits.is_frozen else float(t.bits.continuous())
 
 
+def _bops(cost: CostModel, overrides: dict[int, float]) -> float:
+    """The layers' BOPs with the widths in ``overrides`` (by ``id`` of the width), the rest as they are."""
+    values = {id(t.bits): _value(t, overrides) for t in cost.weights + cost.activations}
+    return sum(layer.macs * values[id(layer.weight.bits)] * values[id(layer.input_bits)] for layer in cost.layers)
+
+
 @torch.no_grad()
 def freeze_on_remaining_budget(cost: CostModel, target: NIPQTarget, tensor: TensorCost) -> tuple[int, int]:
     """Freeze ``tensor``'s width so the still-free widths can meet the remaining budget (module doc).
@@ -102,17 +108,13 @@ def freeze_on_remaining_budget(cost: CostModel, target: NIPQTarget, tensor: Tens
             overrides = {id(tensor.bits): width}
             if rest is not None:
                 overrides.update({id(t.bits): rest for t in others})
-            values = {id(t.bits): _value(t, overrides) for t in cost.weights + cost.activations}
-            return sum(layer.macs * values[id(layer.weight.bits)] * values[id(layer.input_bits)]
-                       for layer in cost.layers)
+            return _bops(cost, overrides)
 
         def shifted(s: float) -> float:
             """BOPs with every free width (this one included) moved down by ``s`` bits."""
             overrides = {id(t.bits): min(max(_value(t, {}) - s, MIN_BITS), MAX_BITS) for t in others}
             overrides[id(tensor.bits)] = min(max(b - s, MIN_BITS), MAX_BITS)
-            values = {id(t.bits): _value(t, overrides) for t in cost.weights + cost.activations}
-            return sum(layer.macs * values[id(layer.weight.bits)] * values[id(layer.input_bits)]
-                       for layer in cost.layers)
+            return _bops(cost, overrides)
 
         low, high = -float(MAX_BITS), float(MAX_BITS)  # shifted() falls with s: bisect onto the budget
         while high - low > 1e-6:

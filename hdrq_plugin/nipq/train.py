@@ -115,6 +115,8 @@ class NIPQConfig:
     def __post_init__(self) -> None:
         if self.hard_epochs < 0 or self.lr <= 0 or self.warmup_epochs < 0:
             raise ValueError(f"hard_epochs/warmup_epochs must be >= 0 and lr > 0: {self}")
+        if not math.isfinite(self.cost_weight):  # a negative weight stays: the tests' broken cost (test_nipq.py)
+            raise ValueError(f"cost_weight must be a finite number, got {self.cost_weight}")
         if not 0 < self.freeze_fraction <= 1:
             raise ValueError(f"freeze_fraction must be in (0, 1], got {self.freeze_fraction}")
         if self.land_start is not None and not 0 <= self.land_start <= self.freeze_fraction:
