@@ -9,6 +9,7 @@ per-target means over noise seeds (the reference's "mean per target, then 2ab/(a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from hdrq_plugin.evaluation import accuracy
 from hdrq_plugin.merge.barrier import BarrierResult, error_barrier
 from hdrq_plugin.merge.float_merge import average_float_models
 from hdrq_plugin.merge.models import merge_models, read_weight_grid
-from hdrq_plugin.merge.rules import average_dequantized, find_ties
+from hdrq_plugin.merge.rules import average_dequantized, round_ties_half_to_even
 from hdrq_plugin.nipq.train import quantize_nipq
 from hdrq_plugin.ptq.config import HDRQConfig
 from hdrq_plugin.ptq.gptq import gptq_calibrate
@@ -164,14 +165,36 @@ def merge_then_quantize_cell(bench: Benchmark, variant: Variant, bits: str, subs
 # --- merging ------------------------------------------------------------------------------------
 def tie_fraction(models: Sequence[nn.Module]) -> float:
     """Fraction of quantized weights whose code average sits on a grid midpoint (docs/hdrq_method.md §5)."""
+    return grid_statistics(models)["tie_fraction"]
+
+
+@torch.no_grad()
+def grid_statistics(models: Sequence[nn.Module]) -> dict[str, float]:
+    """How far apart the models' integer weights are, over every quantized weight element:
+    ``tie_fraction`` (code average on a midpoint), ``disagreement`` (codes not all equal),
+    ``code_gap`` (mean |I_a − I_b| over model pairs, in steps) and ``rounding_error`` (RMS of the
+    half-to-even merge minus the dequantized average Σ c_t I_t s_t, in merged-grid steps: what any
+    integer merge adds to the off-grid average; docs/hdrq_method.md §5)."""
     layers = [dict(m.named_modules()) for m in models]
-    ties = total = 0
+    sums = dict.fromkeys(("tie_fraction", "disagreement", "code_gap", "rounding_error"), 0.0)
+    total = 0
     for name, _ in quantized_layers(models[0]):
-        codes = [read_weight_grid(modules[name], name).codes for modules in layers]
-        found = find_ties(codes)
-        ties += int(found.sum())
-        total += found.numel()
-    return ties / total if total else 0.0
+        grids = [read_weight_grid(modules[name], name) for modules in layers]
+        codes, scales = [g.codes for g in grids], [g.scale for g in grids]
+        merged = round_ties_half_to_even(codes, scales, qmin=grids[0].qmin, qmax=grids[0].qmax)
+        error = (merged.dequantized() - average_dequantized(codes, scales)) / merged.scale
+        stacked = torch.stack(codes)
+        pairs = list(itertools.combinations(range(len(codes)), 2))
+        sums["tie_fraction"] += float(merged.ties.sum())
+        sums["disagreement"] += float((stacked != stacked[0]).any(0).sum())
+        sums["code_gap"] += sum(float((stacked[a] - stacked[b]).abs().sum()) for a, b in pairs) / max(len(pairs), 1)
+        sums["rounding_error"] += float((error.to(torch.float64) ** 2).sum())
+        total += stacked[0].numel()
+    if not total:
+        return dict.fromkeys(sums, 0.0)
+    stats = {key: value / total for key, value in sums.items()}
+    stats["rounding_error"] **= 0.5
+    return stats
 
 
 @torch.no_grad()

@@ -6,14 +6,19 @@
 For every seed (zoo and splits unless ``--zoo-seed`` fixes one zoo; reconstruction and merge noise;
 the calibration set is always the first ``num_samples`` scenes) each adapted U-Net θt is quantized with its own
 target's calibration scenes by every method at every bit width; the quantized models of every two
-targets and of all targets are merged (HDRQ with noise sampling, its own rule, docs/hdrq_method.md
-§5; the baselines with unbiased half-to-even ties); references are the float merge and
-merge-then-quantize (the float merge quantized by HDRQ on the pooled calibration scenes). Every
-cell also holds the error barrier of the merged path between the first two targets' models
-(per-pixel cross-entropy and pixel accuracy at λ = 0, ¼, ½, ¾, 1; the references: the float path).
-Each finished (seed, bits, method) cell is written to ``--out/results.json`` at once, and a
-rerun skips the cells already there, so a killed run resumes. The table: HDRQ's all-target
-harmonic-mean mIoU minus each method's, per seed, its mean and the seeds HDRQ won.
+targets and of all targets are merged by every rule of :data:`MERGE_RULES`: noise sampling (HDRQ's
+own rule, docs/hdrq_method.md §5), unbiased half-to-even ties (every baseline's own rule) and the
+dequantized average on no grid (the ceiling of any integer merge), each merge with the grid
+statistics of its models (ties, codes that differ, the rounding error). The paired table compares
+each method under its own rule; the same comparison under one rule for all, and the ceiling, say
+whether a difference comes from the rounding of the merge or from the models merged. References
+are the float merge and merge-then-quantize (the float merge quantized by HDRQ on the pooled
+calibration scenes). Every cell also holds the error barrier of the merged path between the first
+two targets' models (per-pixel cross-entropy and pixel accuracy at λ = 0, ¼, ½, ¾, 1; the
+references: the float path). Each finished (seed, bits, method) cell is written to
+``--out/results.json`` at once, and a rerun skips the cells already there, so a killed run
+resumes; runs of other seeds (one per core) are united, and the tables printed, by
+``python -m benchmarks.segmentation.tables``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
+from benchmarks.mtda.cells import dequantized_average_model, float_weights, grid_statistics
+from benchmarks.mtda.plan import DEQUANTIZED_AVERAGE
 from hdrq_examples.segmentation_demo import SIZES
 from hdrq_examples.segmentation_metrics import mean_iou
 from hdrq_examples.segmentation_scenes import NUM_CLASSES
@@ -45,6 +52,7 @@ from hdrq_plugin.quantize import quantize_model
 METHODS = ("rtn", "adaround", "brecq", "qdrop", "hdrq")
 BARRIER_STEPS = 5  # λ = 0, ¼, ½, ¾, 1 between the first two targets' models
 MERGE_RULE = {"hdrq": "noise-sampling"}  # every other method: half-to-even
+MERGE_RULES = ("noise-sampling", "half-to-even", DEQUANTIZED_AVERAGE)  # every cell merges by each
 ALL = "all"
 
 
@@ -63,8 +71,21 @@ def _subset_rows(model, bench, subset, **fields) -> list[dict]:
     return [{**fields, "merge": label, "miou": per_target, "harmonic_mean": harmonic_mean(list(per_target.values()))}]
 
 
+def _merged_rows(members, bench, subset, rule: str, seed: int, **fields) -> list[dict]:
+    """Rows of one merge of ``members`` by ``rule``; the dequantized average (on no grid, the ceiling
+    of every integer merge) is evaluated with the weights unquantized, activations still quantized."""
+    if rule == DEQUANTIZED_AVERAGE:
+        merged = dequantized_average_model(members)
+        with float_weights(merged):
+            return _subset_rows(merged, bench, subset, rounding=rule, **fields)
+    merged = merge_models(members, rounding=rule, seed=seed)
+    return _subset_rows(merged, bench, subset, rounding=rule, **fields)
+
+
 def run_cell(bench, method: str, bits: str, seed: int, iterations: int | None) -> dict:
-    """Quantize every target with ``method``, evaluate singles and every merge."""
+    """Quantize every target with ``method``, evaluate singles and every merge by every rule of
+    :data:`MERGE_RULES` (the paired table reads each method's own rule; the others say whether a
+    difference comes from the rounding of the merge or from the models merged)."""
     start = time.perf_counter()
     targets = list(bench.recipe.target_domains)
     quantized, rows = {}, []
@@ -74,11 +95,14 @@ def run_cell(bench, method: str, bits: str, seed: int, iterations: int | None) -
         quantized[t] = result.model
         rows.append({"stage": "single", "method": method, "target": t,
                      "miou": mean_iou(result.model, bench.domains[t].test, NUM_CLASSES)})
-    rule = MERGE_RULE.get(method, "half-to-even")
+    own = own_rule(method)
     for subset in merge_subsets(targets):
-        merged = merge_models([quantized[t] for t in subset], rounding=rule, seed=seed)
-        rows += _subset_rows(merged, bench, subset, stage="merged", method=method, rounding=rule)
-    barrier = _pair_barrier(quantized[targets[0]], quantized[targets[1]], bench, targets, rounding=rule, seed=seed)
+        members = [quantized[t] for t in subset]
+        grid = grid_statistics(members)
+        for rule in MERGE_RULES:
+            rows += _merged_rows(members, bench, subset, rule, seed, stage="merged", method=method,
+                                 own_rule=rule == own, grid=grid)
+    barrier = _pair_barrier(quantized[targets[0]], quantized[targets[1]], bench, targets, rounding=own, seed=seed)
     return {"rows": rows, "barrier": barrier, "seconds": time.perf_counter() - start}
 
 
@@ -105,11 +129,22 @@ def run_references(bench, bits: str, seed: int, iterations: int | None) -> dict:
     return {"rows": rows, "barrier": _pair_barrier(*folded, bench, targets), "seconds": time.perf_counter() - start}
 
 
-def paired_table(cells: dict) -> list[dict]:
-    """Per bits and method: HDRQ's all-target harmonic mIoU minus the method's, paired by seed."""
-    def merged_all(key):
-        return next(r["harmonic_mean"] for r in cells[key]["rows"] if r.get("stage") == "merged" and r["merge"] == ALL)
+def own_rule(method: str) -> str:
+    return MERGE_RULE.get(method, "half-to-even")
 
+
+def merged_all(cell: dict, rounding: str) -> float:
+    """A cell's all-target harmonic mIoU merged by ``rounding`` (``"own"``: the method's own rule)."""
+    rows = [r for r in cell["rows"] if r.get("stage") == "merged" and r["merge"] == ALL]
+    chosen = [r for r in rows if (r.get("own_rule", True) if rounding == "own" else r.get("rounding") == rounding)]
+    if len(chosen) != 1:
+        raise KeyError(f"{len(chosen)} all-target rows merged by {rounding!r} in the cell")
+    return chosen[0]["harmonic_mean"]
+
+
+def paired_table(cells: dict, rounding: str = "own") -> list[dict]:
+    """Per bits and method: HDRQ's all-target harmonic mIoU minus the method's, paired by seed,
+    both merged by ``rounding`` (``"own"``: each by its own rule, the study's headline)."""
     table = []
     for bits in sorted({c.split("/")[1] for c in cells}):
         seeds = sorted({int(c.split("/")[0]) for c in cells if f"/{bits}/hdrq" in c})
@@ -117,14 +152,19 @@ def paired_table(cells: dict) -> list[dict]:
             paired = [s for s in seeds if f"{s}/{bits}/{method}" in cells]
             if not paired:
                 continue
-            diffs = [merged_all(f"{s}/{bits}/hdrq") - merged_all(f"{s}/{bits}/{method}") for s in paired]
-            table.append({"bits": bits, "baseline": method, "seeds": paired,
-                          "hdrq": [merged_all(f"{s}/{bits}/hdrq") for s in paired],
-                          "baseline_miou": [merged_all(f"{s}/{bits}/{method}") for s in paired],
-                          "mean_difference": statistics.fmean(diffs),
+            hdrq = [merged_all(cells[f"{s}/{bits}/hdrq"], rounding) for s in paired]
+            baseline = [merged_all(cells[f"{s}/{bits}/{method}"], rounding) for s in paired]
+            diffs = [h - b for h, b in zip(hdrq, baseline, strict=True)]
+            table.append({"bits": bits, "baseline": method, "rounding": rounding, "seeds": paired, "hdrq": hdrq,
+                          "baseline_miou": baseline, "mean_difference": statistics.fmean(diffs),
                           "std_difference": statistics.stdev(diffs) if len(diffs) > 1 else None,
                           "seeds_won": sum(d > 0 for d in diffs)})
     return table
+
+
+def paired_tables(cells: dict) -> dict[str, list[dict]]:
+    """The headline (each method's own rule) and the same comparison under each single rule."""
+    return {rounding: paired_table(cells, rounding) for rounding in ("own", *MERGE_RULES)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] {key}", flush=True)
                 cells[key] = job(bench, bits, seed, args.iterations) if job else \
                     run_cell(bench, name, bits, seed, args.iterations)
-                payload = {"settings": settings, "cells": cells, "paired": paired_table(cells)}
+                payload = {"settings": settings, "cells": cells, "paired": paired_tables(cells)}
                 write_text_atomic(results_path, json.dumps(payload, indent=2))
     for row in paired_table(cells):
         print(f"{row['bits']} HDRQ - {row['baseline']}: {100 * row['mean_difference']:+.2f} mIoU points "
               f"over seeds {row['seeds']} (won {row['seeds_won']})")
+    print(f"every table: python -m benchmarks.segmentation.tables {results_path}")
     return 0
