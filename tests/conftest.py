@@ -16,12 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock  # a dependency of torch
+from hypothesis import settings as hypothesis_settings
 from tiny_models import tiny_resnet
 
 from hdrq_plugin import register_architecture
 
 # the tests' own model, allowed the way a user allows theirs: checkpoints may only name registered builders
 register_architecture(tiny_resnet)
+
+# Hypothesis fails an example that runs longer than 200 ms by default: a timing check, which fails
+# correct results on two shared cores (seen: a 7-value mean/std example at 280 ms under load,
+# test_mtda_benchmark.py). No deadline here; what a test computes is checked, not how fast.
+hypothesis_settings.register_profile("shared-cpu", deadline=None)
+hypothesis_settings.load_profile("shared-cpu")
 
 #: The costliest files, most CPU seconds first (``--cpu-durations``, children included; BENCHMARKS.md,
 #: issue 22: the mean of two full runs of 2026-12-07, 1,070 CPU s each). With ``make test``'s

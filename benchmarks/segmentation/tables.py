@@ -60,7 +60,7 @@ def _mean_std_points(values: list[float]) -> str:
 
 
 def _keys(cells: dict) -> tuple[list[str], list[int], list[str]]:
-    bits = sorted({k.split("/")[1] for k in cells}, key=lambda b: -int(b[1:].split("a")[0]))
+    bits = sorted({k.split("/")[1] for k in cells}, key=_widest_first)
     seeds = sorted({int(k.split("/")[0]) for k in cells})
     methods = [m for m in METHODS if any(k.endswith(f"/{m}") for k in cells)]
     return bits, seeds, methods
@@ -86,7 +86,12 @@ def all_target_table(cells: dict) -> str:
                            *(NAMES[m] for m in methods)], body)
 
 
+def _widest_first(bits: str) -> int:
+    return -int(bits[1:].split("a")[0])
+
+
 def paired_markdown(paired: list[dict]) -> str:
+    paired = sorted(paired, key=lambda row: _widest_first(row["bits"]))  # stable: baselines keep their order
     body = [[row["bits"].upper(), NAMES[row["baseline"]],
              ", ".join(f"{100 * (h - b):+.2f}" for h, b in zip(row["hdrq"], row["baseline_miou"], strict=True)),
              _mean_std_points([h - b for h, b in zip(row["hdrq"], row["baseline_miou"], strict=True)]),
