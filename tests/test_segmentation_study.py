@@ -137,6 +137,7 @@ def test_paired_tables_read_each_rule_and_refuse_a_missing_one():
     del cells["0/w3a3/hdrq"]["rows"][0]
     with pytest.raises(KeyError, match="half-to-even"):
         study.paired_table(cells, "half-to-even")
+    assert set(study.paired_tables(cells)) == {"own", "noise-sampling", "dequantized-average"}  # a rule not in every cell
 
 
 def test_tables_unite_runs_and_refuse_conflicts_corrupt_files_and_overwriting_an_input(tmp_path, capsys):
@@ -160,3 +161,8 @@ def test_tables_unite_runs_and_refuse_conflicts_corrupt_files_and_overwriting_an
             tables.main(argv)
         assert exit_info.value.code == 2 and first.read_text() == before
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_paired_t_is_the_mean_over_its_standard_error():
+    assert tables.paired_t([0.01, 0.02, 0.03]) == f"{0.02 / (0.01 / 3 ** 0.5):+.2f}"  # +3.46
+    assert tables.paired_t([0.01]) == "—" and tables.paired_t([0.02, 0.02]) == "—"

@@ -163,8 +163,14 @@ def paired_table(cells: dict, rounding: str = "own") -> list[dict]:
 
 
 def paired_tables(cells: dict) -> dict[str, list[dict]]:
-    """The headline (each method's own rule) and the same comparison under each single rule."""
-    return {rounding: paired_table(cells, rounding) for rounding in ("own", *MERGE_RULES)}
+    """The headline (each method's own rule) and the same comparison under each single rule that
+    every method cell merged by (cells of earlier rounds hold their own rule only)."""
+    def merged_by(cell):
+        return {r.get("rounding") for r in cell["rows"] if r.get("stage") == "merged" and r["merge"] == ALL}
+
+    method_cells = [cell for key, cell in cells.items() if not key.endswith("/references")]
+    rules = [rule for rule in MERGE_RULES if all(rule in merged_by(cell) for cell in method_cells)]
+    return {rounding: paired_table(cells, rounding) for rounding in ("own", *rules)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,13 +90,22 @@ def _widest_first(bits: str) -> int:
     return -int(bits[1:].split("a")[0])
 
 
+def paired_t(differences: list[float]) -> str:
+    """Student's paired t = mean / (std / √n) of per-seed differences (compare with t(n−1, 0.975):
+    2.776 for 5 seeds, 4.303 for 3); "—" for one seed or no spread."""
+    mean, std = mean_std(differences)
+    return "—" if not std else f"{mean / (std / len(differences) ** 0.5):+.2f}"
+
+
 def paired_markdown(paired: list[dict]) -> str:
     paired = sorted(paired, key=lambda row: _widest_first(row["bits"]))  # stable: baselines keep their order
-    body = [[row["bits"].upper(), NAMES[row["baseline"]],
-             ", ".join(f"{100 * (h - b):+.2f}" for h, b in zip(row["hdrq"], row["baseline_miou"], strict=True)),
-             _mean_std_points([h - b for h, b in zip(row["hdrq"], row["baseline_miou"], strict=True)]),
-             f"{row['seeds_won']} of {len(row['seeds'])}"] for row in paired]
-    return markdown_table(["bits", "baseline", "per seed", "mean ± std", "seeds HDRQ won"], body)
+    body = []
+    for row in paired:
+        differences = [h - b for h, b in zip(row["hdrq"], row["baseline_miou"], strict=True)]
+        body.append([row["bits"].upper(), NAMES[row["baseline"]], ", ".join(f"{100 * d:+.2f}" for d in differences),
+                     _mean_std_points(differences), paired_t(differences),
+                     f"{row['seeds_won']} of {len(row['seeds'])}"])
+    return markdown_table(["bits", "baseline", "per seed", "mean ± std", "paired t", "seeds HDRQ won"], body)
 
 
 def _mean_over_seeds(cells: dict, seeds: list[int], bits: str, method: str, key: str, **where) -> str:
