@@ -153,9 +153,10 @@ def test_tables_unite_runs_and_refuse_conflicts_corrupt_files_and_overwriting_an
     with pytest.raises(InputError, match="0/w4a4/rtn differs"):
         tables.unite([json.loads(first.read_text()), {"settings": settings, "cells": {"0/w4a4/rtn": _cell(
             **{"half-to-even": 0.3})}}])
-    corrupt = tmp_path / "corrupt.json"
+    corrupt, odd_key = tmp_path / "corrupt.json", tmp_path / "odd-key.json"
     corrupt.write_text('{"settings": ')
-    for argv in ([str(first), "--out", str(first)], [str(corrupt)], [str(tmp_path / "missing.json")]):
+    odd_key.write_text(json.dumps({"settings": settings, "cells": {"seed-zero": cell}}))
+    for argv in ([str(first), "--out", str(first)], [str(corrupt)], [str(odd_key)], [str(tmp_path / "missing.json")]):
         before = first.read_text()
         with pytest.raises(SystemExit) as exit_info:
             tables.main(argv)

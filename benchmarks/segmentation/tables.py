@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"cannot read {path}: {err}") from err
         study = unite(payloads)
         print(markdown_report(study))
-    except (InputError, KeyError, TypeError, AttributeError) as err:
+    except (InputError, KeyError, TypeError, AttributeError, ValueError, IndexError) as err:  # a malformed file
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if args.out:
         write_text_atomic(args.out, json.dumps(study, indent=2))
