@@ -156,7 +156,9 @@ def test_tables_unite_runs_and_refuse_conflicts_corrupt_files_and_overwriting_an
     corrupt, odd_key = tmp_path / "corrupt.json", tmp_path / "odd-key.json"
     corrupt.write_text('{"settings": ')
     odd_key.write_text(json.dumps({"settings": settings, "cells": {"seed-zero": cell}}))
-    for argv in ([str(first), "--out", str(first)], [str(corrupt)], [str(odd_key)], [str(tmp_path / "missing.json")]):
+    unwritable = str(tmp_path / "a.json" / "united.json")  # below a file: no folder can be made there
+    for argv in ([str(first), "--out", str(first)], [str(corrupt)], [str(odd_key)], [str(tmp_path / "missing.json")],
+                 [str(first), "--out", unwritable]):
         before = first.read_text()
         with pytest.raises(SystemExit) as exit_info:
             tables.main(argv)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.mtda.tables import markdown_table, mean_std
 from hdrq_plugin._io import write_text_atomic
+from hdrq_plugin.bitspec import BitSpec
 from hdrq_plugin.errors import InputError
 
 from .study import ALL, MERGE_RULES, METHODS, merged_all, paired_tables
@@ -59,6 +60,11 @@ def _mean_std_points(values: list[float]) -> str:
     return f"{100 * mean:+.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
+def _widest_first(bits: str) -> tuple[int, int]:
+    spec = BitSpec.parse(bits)
+    return -spec.weight_bits, -spec.act_bits
+
+
 def _keys(cells: dict) -> tuple[list[str], list[int], list[str]]:
     bits = sorted({k.split("/")[1] for k in cells}, key=_widest_first)
     seeds = sorted({int(k.split("/")[0]) for k in cells})
@@ -84,10 +90,6 @@ def all_target_table(cells: dict) -> str:
                 for m in methods])
     return markdown_table(["bits", "seed", "float merge", "merge-then-quantize (HDRQ)",
                            *(NAMES[m] for m in methods)], body)
-
-
-def _widest_first(bits: str) -> int:
-    return -int(bits[1:].split("a")[0])
 
 
 def paired_t(differences: list[float]) -> str:
@@ -212,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"cannot read {path}: {err}") from err
         study = unite(payloads)
         print(markdown_report(study))
+        if args.out:
+            write_text_atomic(args.out, json.dumps(study, indent=2))
+    except OSError as err:  # an unwritable --out
+        parser.exit(2, f"{parser.prog}: error: cannot write {args.out}: {err}\n")
     except (InputError, KeyError, TypeError, AttributeError, ValueError, IndexError) as err:  # a malformed file
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    if args.out:
-        write_text_atomic(args.out, json.dumps(study, indent=2))
     return 0
 
 
