@@ -25,7 +25,7 @@ from hdrq_plugin.hot.mode import HOTConfig, hot_mode
 from hdrq_plugin.progress import progress_bar
 
 from .augment import AugmentConfig, augment_batch
-from .models import CifarResNet, ResNetConfig, build_resnet
+from .classifiers import ClassifierConfig, build_classifier
 
 
 @dataclass(frozen=True)
@@ -145,11 +145,11 @@ def _run_steps(model, images, labels, config, optimizer, schedule, generator, de
     return recent_losses
 
 
-def train_source(data: Dataset, architecture: ResNetConfig, config: TrainConfig, *, seed: int) -> CifarResNet:
-    """A fresh :class:`CifarResNet` (initialised from ``seed``) trained on the source data: θ0."""
+def train_source(data: Dataset, architecture: ClassifierConfig, config: TrainConfig, *, seed: int) -> nn.Module:
+    """A fresh model of ``architecture``'s family (initialised from ``seed``) trained on the source data: θ0."""
     with torch.random.fork_rng(devices=[]):  # do not disturb the caller's global RNG
         torch.manual_seed(seed)
-        model = build_resnet(architecture)
+        model = build_classifier(architecture)
     train_classifier(model, data, config, seed=seed, desc="source θ0")
     return model
 

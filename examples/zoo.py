@@ -31,8 +31,9 @@ from hdrq_plugin.hot.mode import HOTConfig
 from hdrq_plugin.progress import progress_bar, stage
 
 from .augment import AugmentConfig
+from .classifiers import ClassifierConfig, build_classifier
 from .domains import FASHION_DOMAIN_NAMES, RENDERED_DEFAULT_IMAGES, DomainSplits, load_domain
-from .models import CifarResNet, ResNetConfig, build_resnet
+from .models import ResNetConfig
 from .rendered_digits import RenderStyle
 from .training import TrainConfig, adapt_to_target, train_source
 
@@ -69,7 +70,7 @@ class BenchmarkRecipe:
     rendered_images: int = RENDERED_DEFAULT_IMAGES  # size of the rendered domain when it is used
     render_style: RenderStyle = field(default_factory=RenderStyle)
     max_images_per_domain: int | None = None  # class-balanced cap on every domain (small recipes)
-    architecture: ResNetConfig = field(default_factory=ResNetConfig)
+    architecture: ClassifierConfig = field(default_factory=ResNetConfig)  # hdrq_examples.classifiers
     source_training: TrainConfig = field(default_factory=_default_source_training)
     adaptation: TrainConfig = field(default_factory=_default_adaptation)
     seed: int = 0
@@ -166,8 +167,8 @@ class Benchmark:
     """A source model, its adapted models and the domains they were trained on."""
 
     recipe: BenchmarkRecipe
-    source_model: CifarResNet
-    adapted: dict[str, CifarResNet]  # target name → θt
+    source_model: nn.Module
+    adapted: dict[str, nn.Module]  # target name → θt
     domains: dict[str, DomainSplits]  # every source and target domain
     timings: dict[str, float]  # seconds of the original build (plus "load_s" when cached)
     cache_path: Path
@@ -229,10 +230,10 @@ def read_zoo_cache(path: Path, cache_format: str, key: str, targets: Sequence[st
         return None
 
 
-def _read_cache(path: Path, recipe: BenchmarkRecipe) -> tuple[CifarResNet, dict[str, CifarResNet], dict] | None:
+def _read_cache(path: Path, recipe: BenchmarkRecipe) -> tuple[nn.Module, dict[str, nn.Module], dict] | None:
     """The cached models, or None (after a warning) when the file is unreadable or does not match."""
     return read_zoo_cache(path, CACHE_FORMAT, recipe.cache_key(), recipe.target_domains,
-                          lambda: build_resnet(recipe.architecture))
+                          lambda: build_classifier(recipe.architecture))
 
 
 def _write_cache(path: Path, recipe: BenchmarkRecipe, source: nn.Module, adapted: dict[str, nn.Module], timings: dict) -> None:
@@ -248,7 +249,7 @@ def _write_cache(path: Path, recipe: BenchmarkRecipe, source: nn.Module, adapted
         torch.save(content, tmp)
 
 
-def build_models(recipe: BenchmarkRecipe, domains: dict[str, DomainSplits]) -> tuple[CifarResNet, dict[str, CifarResNet], dict]:
+def build_models(recipe: BenchmarkRecipe, domains: dict[str, DomainSplits]) -> tuple[nn.Module, dict[str, nn.Module], dict]:
     """Train θ0 on the union of the source domains' train splits, then adapt it to each target."""
     # Wall-clock and CPU seconds (all threads): the CPU time shows the cost on a shared machine.
     timings = {}

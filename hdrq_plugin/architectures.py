@@ -25,6 +25,7 @@ Builder = Callable[..., nn.Module]
 #: The project's own builders: name → "module:attribute", imported on first use. Fixed in code.
 BUILTIN_ARCHITECTURES: dict[str, str] = {
     "hdrq_examples.models:build_resnet": "hdrq_examples.models:build_resnet",
+    "hdrq_examples.mobilenet:build_mobilenet": "hdrq_examples.mobilenet:build_mobilenet",
     "hdrq_examples.segmentation_models:build_segmentation_model":
         "hdrq_examples.segmentation_models:build_segmentation_model",
 }

@@ -382,6 +382,36 @@ def test_merging_nipq_models_with_different_widths_takes_the_wider():
         assert torch.equal(a.codes, b.codes) and torch.allclose(a.scale, b.scale)
 
 
+def test_a_merged_model_over_budget_lands_back_on_it_by_measured_loss():
+    """Widening puts the merge over the members' 4-bit average; landing brings the deployed widths back
+    to at most the budget and less than one smallest move below, moving the cheapest tensors."""
+    from hdrq_plugin.nipq.widths import land_merged_widths
+
+    names = ["layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2"]  # 576, 576, 1152, 2304 weights
+    key = "{}.weight_quant.tensor_quant.msb_clamp_bit_width_impl".format
+    bits = {key(names[0]): 6, key(names[1]): 6, key(names[3]): 3}  # +2·576·2 − 2304: on 4 bits on average
+    swapped = {key(names[2]): 6, key(names[3]): 3}  # +2·1152 − 2304
+    a, b = _trained(0, bits), _trained(1, swapped)
+    x = X[:1]
+    for member in (a, b):
+        assert describe_costs(member, x).average_bits("weights", learned_only=True, deployed=True) <= 4.0 + 1e-6
+    merged = merge_models([a, b], rounding="half-to-even")
+    cost = describe_costs(merged, x)
+    assert cost.average_bits("weights", learned_only=True, deployed=True) > 4.4  # widened: 6 where either had 6
+    batches = [(X, Y), (X.flip(0), Y.flip(0))]
+    land_merged_widths(merged, 4, batches)
+    weights = [t for t in describe_costs(merged, x).weights if not t.bits.pinned]
+    average = sum(int(t.bits.frozen_bits) * t.numel for t in weights) / sum(t.numel for t in weights)
+    smallest = min(t.numel for t in weights) / sum(t.numel for t in weights)
+    assert 4.0 - smallest <= average <= 4.0 + 1e-9
+    with torch.no_grad():  # the landed model runs on the grids it reports
+        for layer in names:
+            grid = read_weight_grid(dict(merged.named_modules())[layer])
+            assert int(grid.codes.abs().max()) <= 2 ** (grid.bit_width - 1) - 1
+    with pytest.raises(ValueError, match="labelled batches"):
+        land_merged_widths(merged, 4, [])
+
+
 def test_checkpoint_round_trip_keeps_per_layer_bits(tmp_path):
     name = "layer2.0.conv1.weight_quant.tensor_quant.msb_clamp_bit_width_impl"
     model = _trained(0, {name: 3})

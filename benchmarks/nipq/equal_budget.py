@@ -1,9 +1,11 @@
 """NIPQ at equal deployed budget: learned widths against pinned uniform widths, LSQ and HDRQ PTQ.
 
-    python -m benchmarks.nipq.equal_budget --targets optdigits --seeds 0 1 2 --bits 4 \\
-        --epochs 5 --hard-epochs 1 --output benchmarks/results/nipq_budget_avg4.json
+    python -m benchmarks.nipq.equal_budget --family resnet --targets mnist optdigits mnistm \\
+        --seeds 0 1 2 --bits 4 --epochs 4 --hard-epochs 1 --hdrq-iterations 200 \\
+        --output benchmarks/results/nipq_budget5_resnet_a4.json
 
-Per target θt of the digits zoo (``hdrq_examples.zoo``), per seed, with the same train split,
+Per target θt of the digits zoo (``hdrq_examples.zoo``; ``--family`` picks the demo's ResNet-8 or
+the inverted-residual family, ``hdrq_examples.classifiers``), per seed, with the same train split,
 batch order, steps and distillation from θt (rows are the issue-21 ablation):
 
 - ``nipq``: learned widths at an average of ``--bits`` (weights and activations, over the learned
@@ -17,14 +19,21 @@ batch order, steps and distillation from θt (rows are the issue-21 ablation):
 - ``lsq``: uniform-width LSQ/STE QAT (``NIPQConfig.uniform_ste``) at the same total steps;
 - ``hdrq``: HDRQ post-training quantization at ``w{bits}a{bits}`` (``--hdrq-iterations``; 0 skips).
 
+With two or more targets, each method's target models of a seed are then merged
+(``merge_models``, noise-sampling rounding; NIPQ's differing widths take the wider) and the merged
+model evaluated on every target (rows with ``stage: merged``, with the merged deployed bits); the
+NIPQ merges, over the budget wherever the members' widths differ, are then landed back on it
+(``stage: merged-landed``, :func:`hdrq_plugin.nipq.widths.land_merged_widths`).
+
 Every row states its deployed average bits over the learned tensors (the first conv, the
 classifier and the input stay 8-bit in every method). ``--bits-lr`` overrides θ_b's learning
-rate (the ablation of docs/nipq_method.md §4). Writes JSON atomically and prints a table.
+rate and ``--quant-lr`` θ_α's (the ablations of docs/nipq_method.md §4). Writes JSON atomically and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -32,12 +41,14 @@ import statistics
 import time
 
 import torch
+from torch.utils.data import DataLoader
 
-from hdrq_plugin import quantize_model
+from hdrq_plugin import merge_models, quantize_model
 from hdrq_plugin._io import write_text_atomic
 from hdrq_plugin.evaluation import accuracy
 from hdrq_plugin.nipq.cost import describe_costs
 from hdrq_plugin.nipq.train import NIPQConfig, quantize_nipq
+from hdrq_plugin.nipq.widths import land_merged_widths
 
 BATCH = 128
 METHODS = ("nipq", "nipq-bops", "nipq-pinned", "lsq", "hdrq")
@@ -77,6 +88,8 @@ def nipq_config(args, seed: int, method: str) -> NIPQConfig:
     changes = {"seed": seed, "noise_shape": args.noise, "hard_epochs": args.hard_epochs}
     if args.bits_lr is not None:
         changes["bits_lr"] = args.bits_lr
+    if args.quant_lr is not None:
+        changes["quant_lr"] = args.quant_lr
     if args.cost_weight is not None:
         changes["cost_weight"] = args.cost_weight
     if method == "nipq-pinned":
@@ -89,6 +102,8 @@ def nipq_config(args, seed: int, method: str) -> NIPQConfig:
         changes.update(land_start=None, start_at_budget=False)
     elif args.land_start is not None:
         changes["land_start"] = args.land_start
+    if args.freeze_fraction is not None:
+        changes["freeze_fraction"] = args.freeze_fraction
     return NIPQConfig.cpu_preset(**changes)
 
 
@@ -100,14 +115,14 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
     if method == "hdrq":
         model = quantize_model(theta, domain.calib, bits=f"w{bits}a{bits}", method="hdrq", source=bench.source_model,
                                seed=seed, iterations=args.hdrq_iterations).model
-        return {"method": method, "target": target, "seed": seed, "accuracy": accuracy(model, domain.test),
-                "learned_weight_bits": float(bits), "learned_act_bits": float(bits),
-                "seconds": time.perf_counter() - tic}
+        return {"method": method, "target": target, "seed": seed, "stage": "single",
+                "accuracy": accuracy(model, domain.test), "learned_weight_bits": float(bits),
+                "learned_act_bits": float(bits), "seconds": time.perf_counter() - tic}, model
     config = nipq_config(args, seed, method)
     budget = {"gbops": uniform_gbops(theta, example, bits)} if method == "nipq-bops" else float(bits)
     model, result = quantize_nipq(theta, domain.train, f"w{bits}a{bits}", target=budget, epochs=args.epochs,
                                   seed=seed, config=config, batch_size=BATCH, progress=False, eval_data=domain.test)
-    row = {"method": method, "target": target, "seed": seed, "accuracy": accuracy(model, domain.test),
+    row = {"method": method, "target": target, "seed": seed, "stage": "single", "accuracy": accuracy(model, domain.test),
            "learned_weight_bits": learned_average(model, example, "weights"),
            "learned_act_bits": learned_average(model, example, "activations"),
            "average_weight_bits_all": result.report.average_weight_bits,
@@ -124,53 +139,43 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
         row["at_freeze_all"] = {"average_weight_bits": result.report_at_freeze.average_weight_bits,
                                 "average_act_bits": result.report_at_freeze.average_act_bits}
         row["freeze_move"] = freeze_move(model, example, result)
-    return row
+    return row, model
 
 
-def summary(rows: list[dict]) -> str:
-    lines = ["| method | target | deployed w / a bits (learned tensors) | GBOPs | accuracy % (mean ± std) "
-             "| drop at freezing (points, per seed) |", "|---|---|---|---|---|---|"]
-    for method in METHODS:
-        for target in sorted({r["target"] for r in rows}):
-            mine = [r for r in rows if r["method"] == method and r["target"] == target]
-            if not mine:
-                continue
-            acc = [100 * r["accuracy"] for r in mine]
-            drops = [100 * (r["accuracy_before_freeze"] - r["accuracy_after_freeze"]) for r in mine
-                     if r.get("accuracy_before_freeze") is not None and method.startswith("nipq")
-                     and method != "nipq-pinned"]
-            lines.append(f"| {method} | {target} | {statistics.mean(r['learned_weight_bits'] for r in mine):.3f} / "
-                         f"{statistics.mean(r['learned_act_bits'] for r in mine):.3f} | "
-                         f"{statistics.mean(r.get('gbops', float('nan')) for r in mine):.4f} | "
-                         f"{statistics.mean(acc):.2f} ± "
-                         f"{statistics.stdev(acc) if len(acc) > 1 else 0:.2f} | "
-                         + (", ".join(f"{d:+.2f}" for d in drops) if drops else "–") + " |")
-    lines.append("")
-    lines.extend(paired(rows))
-    return "\n".join(lines)
+def merged_rows(bench, models: dict, seed: int, method: str, budget=None) -> list[dict]:
+    """``method``'s target models of ``seed`` merged (noise sampling), evaluated on every target.
 
+    NIPQ merges take each tensor's widest member width (``stage: merged``, over the budget when the
+    members' allocations differ); with ``budget`` the merged widths are then landed back on it
+    (``land_merged_widths``, priced on two labelled train batches of every target) and evaluated
+    again (``stage: merged-landed``).
+    """
+    targets = sorted(models)
+    merged = merge_models([models[t] for t in targets], rounding="noise-sampling", seed=seed)
+    example = bench.domains[targets[0]].test[0][0][None]
 
-def paired(rows: list[dict]) -> list[str]:
-    """Paired differences (points) per target and merged over targets: mean ± std over seeds, seeds won."""
-    acc = {(r["method"], r["target"], r["seed"]): 100 * r["accuracy"] for r in rows}
-    targets = sorted({r["target"] for r in rows})
-    lines = []
-    for a, b in (("nipq", "lsq"), ("nipq", "nipq-pinned"), ("nipq-pinned", "lsq"), ("nipq-bops", "lsq"),
-                 ("nipq", "hdrq"), ("lsq", "hdrq")):
-        for target in targets + ["mean over targets"]:
-            names = targets if target == "mean over targets" else [target]
-            seeds = sorted({s for (m, t, s) in acc if m == a and t in names})
-            diffs = [statistics.mean(acc[(a, t, s)] - acc[(b, t, s)] for t in names) for s in seeds
-                     if all((a, t, s) in acc and (b, t, s) in acc for t in names)]
-            if diffs and (target != "mean over targets" or len(targets) > 1):
-                lines.append(f"- {a} − {b}, {target}: {statistics.mean(diffs):+.2f} ± "
-                             f"{statistics.stdev(diffs) if len(diffs) > 1 else 0:.2f} points "
-                             f"({a} ahead in {sum(d > 0 for d in diffs)}/{len(diffs)} seeds)")
-    return lines
+    def rows(stage: str) -> list[dict]:
+        bits = {"learned_weight_bits": None, "learned_act_bits": None, "gbops": None}
+        if method != "hdrq":  # HDRQ's grid is uniform at the spec's width
+            bits = {"learned_weight_bits": learned_average(merged, example, "weights"),
+                    "learned_act_bits": learned_average(merged, example, "activations"),
+                    "gbops": describe_costs(merged, example).report().gbops}
+        return [{"method": method, "target": t, "seed": seed, "stage": stage, "members": targets,
+                 "accuracy": accuracy(merged, bench.domains[t].test), **bits} for t in targets]
+
+    out = rows("merged")
+    if budget is not None:
+        batches = [(x, y) for t in targets for x, y in itertools.islice(
+            DataLoader(bench.domains[t].train, batch_size=BATCH), 2)]
+        land_merged_widths(merged, budget, batches)
+        out += rows("merged-landed")
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.nipq.equal_budget", description=__doc__.split("\n")[0])
+    parser.add_argument("--family", default="resnet", choices=("resnet", "inverted-residual"),
+                        help="the zoo's model family (hdrq_examples.classifiers)")
     parser.add_argument("--targets", nargs="+", default=["optdigits"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 5, 6, 7, 8))
@@ -178,13 +183,17 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--hard-epochs", type=int, default=1)
     parser.add_argument("--noise", default="uniform", choices=("uniform", "histogram"))
-    parser.add_argument("--bits-lr", type=float, default=None)
+    parser.add_argument("--bits-lr", type=float, default=None, help="θ_b's learning rate (ablation)")
+    parser.add_argument("--quant-lr", type=float, default=None, help="θ_α's learning rate (ablation)")
     parser.add_argument("--cost-weight", type=float, default=None, help="the average-bit cost's weight (ablation)")
     parser.add_argument("--hdrq-iterations", type=int, default=0)
     parser.add_argument("--no-fit-truncations", action="store_true",
                         help="weight α from max|W| only (the method before issue 21's second round)")
     parser.add_argument("--land-start", type=float, default=None,
                         help="fraction of the noise steps where the landing window opens (default: NIPQConfig's)")
+    parser.add_argument("--freeze-fraction", type=float, default=None,
+                        help="fraction of the noise epochs after which the widths freeze and STE takes over "
+                             "(default: NIPQConfig's; ablation)")
     parser.add_argument("--no-landing", action="store_true",
                         help="widths from 8 bits, frozen and projected at freeze_fraction (the default before round 4)")
     parser.add_argument("--output", required=True)
@@ -195,23 +204,43 @@ def main(argv=None) -> int:
         parser.error(str(error))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    from hdrq_examples.zoo import load_or_build_benchmark
+    from hdrq_examples.classifiers import FAMILIES
+    from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
 
-    bench = load_or_build_benchmark()
+    bench = load_or_build_benchmark(BenchmarkRecipe(architecture=FAMILIES[args.family]))
     rows, tic = [], time.perf_counter()
     result = {"settings": vars(args), "machine": platform.platform(), "torch": torch.__version__, "rows": rows}
     for seed in args.seeds:
+        models: dict[str, dict] = {}
         for target in args.targets:
             for method in args.methods:
                 if method == "hdrq" and args.hdrq_iterations <= 0:
                     continue
-                rows.append(run_one(bench, target, seed, method, args))
-                r = rows[-1]
-                print(f"[{seed}] {method:11s} {target:9s} acc {100 * r['accuracy']:.2f}  w {r['learned_weight_bits']:.3f} "
-                      f"a {r['learned_act_bits']:.3f}  ({r['seconds']:.0f} s)", flush=True)
+                row, models.setdefault(method, {})[target] = run_one(bench, target, seed, method, args)
+                rows.append({"family": args.family, "bits": args.bits, **row})
+                print(f"[{seed}] {method:11s} {target:9s} acc {100 * row['accuracy']:.2f}  "
+                      f"w {row['learned_weight_bits']:.3f} a {row['learned_act_bits']:.3f}  ({row['seconds']:.0f} s)",
+                      flush=True)
                 result["wall_seconds"] = time.perf_counter() - tic
                 write_text_atomic(args.output, json.dumps(result, indent=1))  # after every run: partial results survive
-    print(summary(rows))
+        for method, by_target in models.items():
+            if len(by_target) > 1:
+                budget = {"nipq": float(args.bits), "nipq-bops": {"gbops": statistics.mean(
+                    uniform_gbops(bench.adapted[t], bench.domains[t].test[0][0][None], args.bits) for t in by_target)}
+                          }.get(method)
+                merged = merged_rows(bench, by_target, seed, method, budget)
+                rows.extend({"family": args.family, "bits": args.bits, **r} for r in merged)
+                for stage in ("merged", "merged-landed"):
+                    mine = [r for r in merged if r["stage"] == stage]
+                    if mine:
+                        print(f"[{seed}] {method:11s} {stage:13s} w {mine[0]['learned_weight_bits'] or args.bits:.3f} "
+                              f"a {mine[0]['learned_act_bits'] or args.bits:.3f}  " + "  ".join(
+                                  f"{r['target']} {100 * r['accuracy']:.2f}" for r in mine), flush=True)
+        result["wall_seconds"] = time.perf_counter() - tic
+        write_text_atomic(args.output, json.dumps(result, indent=1))
+    from .tables import markdown_report, unite
+
+    print(markdown_report(unite([result])))
     return 0
 
 

@@ -18,7 +18,8 @@ from .train import (
            nipq_train,
            quantize_nipq,
 )
+from .widths import land_merged_widths
 
 __all__ = ["CPU_EPOCHS", "CostReport", "NIPQActQuantizer", "NIPQConfig", "NIPQModelError", "NIPQResult",
            "NIPQSignedActQuantizer", "NIPQTarget", "NIPQTrainingError", "NIPQWeightQuantizer", "describe_costs",
-           "nipq_train", "quantize_nipq"]
+           "land_merged_widths", "nipq_train", "quantize_nipq"]

@@ -14,6 +14,13 @@ Why the wider: a narrower merged width would re-round every wider member onto a 
 (the loss merging tries to avoid), while widening costs only storage and BOPs, which the merged
 model's :class:`hdrq_plugin.nipq.cost.CostReport` states. Truncations are then averaged as α
 (not as softplus⁻¹(α)), so a merged step is ``Σ c_t Δ_t`` like every other merged scale.
+
+Widening puts the merged model *over* the members' budget whenever their allocations differ
+(digits zoo, three targets at average 4 bits: 4.51 / 4.43 average weight / activation bits).
+:func:`land_merged_widths` brings it back: the projection the training freeze uses
+(:func:`hdrq_plugin.nipq.budget.freeze_bits`: one bit down at a time, the least measured loss per
+bit saved first, then refill), priced on labelled batches of every target, with each weight α
+whose width moved re-fitted at its new width (docs/nipq_method.md §6).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from torch import Tensor, nn
 from .quantizers import LearnedBitWidth, LearnedTruncation
 
 __all__ = ["is_nipq_model", "widen_to_common_bits", "average_activation_truncations", "nipq_truncation",
-           "write_nipq_weight_grid"]
+           "write_nipq_weight_grid", "land_merged_widths"]
 
 
 def is_nipq_model(model: nn.Module) -> bool:
@@ -132,3 +139,38 @@ def write_nipq_weight_grid(layer: nn.Module, name: str, codes: Tensor, scale: Te
     truncation.set_truncation(float(truncation.truncation()) * float(scale.reshape(-1)[0]) / float(current.reshape(-1)[0]))
     layer.weight.copy_((codes.to(torch.float64) * scale.to(torch.float64)).to(layer.weight.dtype))
     return True
+
+
+def land_merged_widths(merged: nn.Module, target, batches: Sequence[tuple[Tensor, Tensor]]):
+    """Put a merged NIPQ model's widths on ``target`` (the members' budget); returns its CostReport.
+
+    ``batches``: labelled ``(inputs, labels)`` of every target the model serves; a move's price is
+    the change of the mean cross-entropy over them (hard-rounded, eval mode) per bit saved. Weights
+    re-round on the narrower grid from the merged values; a weight α whose width moved is re-fitted
+    there (:func:`hdrq_plugin.nipq.passes.fit_truncations`). ``merged`` is changed in place.
+    """
+    import torch.nn.functional as F
+
+    from .budget import freeze_bits, parse_target
+    from .cost import describe_costs
+    from .passes import fit_truncations
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("land_merged_widths needs labelled batches to price the moves")
+    was = merged.training
+    merged.eval()
+    cost = describe_costs(merged, batches[0][0][:1])
+    goal = parse_target(target, cost)
+
+    @torch.no_grad()
+    def measure_loss() -> float:
+        return sum(float(F.cross_entropy(merged(x), y)) for x, y in batches) / len(batches)
+
+    fitted_at = {name: int(m.msb_clamp_bit_width_impl.rounded()) for name, m in merged.named_modules()
+                 if isinstance(getattr(m, "scaling_impl", None), LearnedTruncation)
+                 and isinstance(getattr(m, "msb_clamp_bit_width_impl", None), LearnedBitWidth)}
+    report = freeze_bits(cost, goal, fit_budget=True, measure_loss=measure_loss)
+    fit_truncations(merged, [x for x, _ in batches], batches=len(batches), activations=False, fitted_at=fitted_at)
+    merged.train(was)
+    return report

@@ -1,0 +1,27 @@
+"""The zoo's classifier families, built from their configs: one place that maps a config to a model.
+
+``BenchmarkRecipe.architecture`` holds one of these configs; the zoo trains, caches and rebuilds
+whichever family it names (:class:`~hdrq_examples.models.ResNetConfig`: the demo's ResNet-8,
+:class:`~hdrq_examples.mobilenet.MobileNetConfig`: the inverted-residual family).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .mobilenet import MobileNetConfig, build_mobilenet
+from .models import ResNetConfig, build_resnet
+
+ClassifierConfig = ResNetConfig | MobileNetConfig
+
+#: family name (the benchmarks' ``--family``) → default config
+FAMILIES: dict[str, ClassifierConfig] = {"resnet": ResNetConfig(), "inverted-residual": MobileNetConfig()}
+
+
+def build_classifier(config: ClassifierConfig) -> nn.Module:
+    """A freshly initialised model of ``config``'s family."""
+    if isinstance(config, MobileNetConfig):
+        return build_mobilenet(config)
+    if isinstance(config, ResNetConfig):
+        return build_resnet(config)
+    raise TypeError(f"no classifier family for {type(config).__name__}")
