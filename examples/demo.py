@@ -134,7 +134,8 @@ def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, s
                     hooks=[((), float_references), (post_training, merge_barrier_export)])
     report.extra["quantized_from_cache"] = int(report.timings.pop("quantize_cached_models"))
     if nipq_epochs:
-        _nipq_rows(report, _by_method(done)["nipq"], spec, targets, tests, seed, clock, results)
+        trains = {t: bench.domains[t].train for t in targets}
+        _nipq_rows(report, _by_method(done)["nipq"], spec, targets, tests, trains, seed, clock, results)
         report.write(out)
     for row in export_rows:
         report.add(*row[0], **row[1])
@@ -190,8 +191,16 @@ def _merge_rows(report, quantized, spec, targets, tests, seed, clock) -> nn.Modu
     return merged_models["hdrq+noise-sampling"]
 
 
-def _nipq_rows(report, nipq, spec, targets, tests, seed, clock, results: ResultCache) -> None:
-    """NIPQ per target at ``spec``'s average bits, and their merge (differing widths take the wider)."""
+def _nipq_rows(report, nipq, spec, targets, tests, trains, seed, clock, results: ResultCache) -> None:
+    """NIPQ per target at ``spec``'s average bits, and their merge: each tensor at its widest member
+    width (over the budget where the widths differ), then landed back on the budget
+    (``land_merged_widths``, priced on two labelled train batches of every target)."""
+    import itertools
+
+    from torch.utils.data import DataLoader
+
+    from hdrq_plugin.nipq import describe_costs, land_merged_widths
+
     models = {}
     for t in targets:
         models[t], _family, info = nipq[t]
@@ -199,10 +208,18 @@ def _nipq_rows(report, nipq, spec, targets, tests, seed, clock, results: ResultC
 
     def merged_rows(rows: Report) -> None:
         merged = merge_models([models[t] for t in targets], rounding="noise-sampling", seed=seed)
-        rows.add_per_target("nipq+noise-sampling", str(spec), "merged",
-                            {t: accuracy(merged, tests[t]) for t in targets}, merged_targets="+".join(targets))
+        example = tests[targets[0]][0][0][None]
+        for label in ("nipq+noise-sampling", "nipq+noise-sampling+landed"):
+            if label.endswith("+landed"):
+                land_merged_widths(merged, str(spec), [batch for t in targets for batch in itertools.islice(
+                    DataLoader(trains[t], batch_size=128), 2)])
+            cost = describe_costs(merged, example).report()
+            rows.add_per_target(label, str(spec), "merged", {t: accuracy(merged, tests[t]) for t in targets},
+                                merged_targets="+".join(targets), average_weight_bits=cost.average_weight_bits,
+                                average_act_bits=cost.average_act_bits)
 
-    inputs = {"quantized": {t: nipq[t][2]["task_key"] for t in targets}, "seed": seed, "bits": str(spec)}
+    inputs = {"quantized": {t: nipq[t][2]["task_key"] for t in targets}, "seed": seed, "bits": str(spec),
+              "landed": 1}
     with clock("merge_nipq_s"):
         cached_rows(report, results, "nipq-merge", inputs, merged_rows)
 

@@ -58,8 +58,13 @@ def test_demo_reports_nipq_per_target_and_merged_at_the_average_bits(demo_run):
     # averages over all tensors, the 8-bit edges included (the budget itself: tests/test_nipq.py)
     assert all(2.0 <= r["average_weight_bits"] <= 8.0 and 2.0 <= r["average_act_bits"] <= 8.0
                for r in single.values())
-    merged = {r["target"] for r in rows if r["stage"] == "merged" and r["method"] == "nipq+noise-sampling"}
-    assert {"mnist", "optdigits", "mnistm"} <= merged
+    merged = {r["target"]: r for r in rows if r["stage"] == "merged" and r["method"] == "nipq+noise-sampling"}
+    assert {"mnist", "optdigits", "mnistm"} <= merged.keys()
+    # the widest-width merge, then the same merge landed back on the members' budget
+    landed = {r["target"]: r for r in rows if r["stage"] == "merged" and r["method"] == "nipq+noise-sampling+landed"}
+    assert {"mnist", "optdigits", "mnistm"} <= landed.keys()
+    budget = max(r["average_weight_bits"] for r in single.values())
+    assert landed["mnist"]["average_weight_bits"] <= min(merged["mnist"]["average_weight_bits"], budget) + 1e-9
 
 
 def test_demo_exports_onnx_files_that_match_the_merged_model(demo_run):
