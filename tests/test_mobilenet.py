@@ -72,3 +72,33 @@ def test_the_zoo_builds_caches_and_reloads_the_family(tmp_path):
     for target in recipe.target_domains:
         a, b = built.adapted[target].state_dict(), again.adapted[target].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_a_mixed_precision_nipq_mobilenet_exports_and_runs_at_every_ort_level(tmp_path, weights):
+    """Depthwise convs at 3 bits, a projection at 6, the rest at 4: the QDQ file runs in onnxruntime
+    at every graph optimization level and gives Brevitas' logits up to float32 summation order."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from hdrq_plugin.export import export_qdq
+    from hdrq_plugin.nipq.quantizers import LearnedBitWidth
+
+    torch.manual_seed(0)
+    qmodel = convert_to_brevitas(build_mobilenet(SMALL).eval(), "nipq-w4a4").eval()
+    for name, module in qmodel.named_modules():
+        if isinstance(module, LearnedBitWidth) and not module.pinned:
+            module.freeze(3 if ".conv.1.0." in f".{name}" else 6 if name.startswith("features.3.conv.2") else 4)
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        qmodel(x)  # activation ranges
+        ref = qmodel(x).numpy()
+    path = export_qdq(qmodel, tmp_path / "m.onnx", x[:1], weights=weights)
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        out = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
+            None, {"input": x.numpy()})[0]
+        # Int32Bias makes the integer path equal Brevitas up to float32 summation order
+        assert np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max()), level
+        assert (out.argmax(1) == ref.argmax(1)).all(), level
