@@ -18,6 +18,15 @@ ClassifierConfig = ResNetConfig | MobileNetConfig
 FAMILIES: dict[str, ClassifierConfig] = {"resnet": ResNetConfig(), "inverted-residual": MobileNetConfig()}
 
 
+def builder_of(config: ClassifierConfig) -> str:
+    """The registered builder (``hdrq_plugin.architectures``) a checkpoint of ``config``'s family names."""
+    if isinstance(config, MobileNetConfig):
+        return "hdrq_examples.mobilenet:build_mobilenet"
+    if isinstance(config, ResNetConfig):
+        return "hdrq_examples.models:build_resnet"
+    raise TypeError(f"no classifier family for {type(config).__name__}")
+
+
 def build_classifier(config: ClassifierConfig) -> nn.Module:
     """A freshly initialised model of ``config``'s family."""
     if isinstance(config, MobileNetConfig):

@@ -47,8 +47,10 @@ DEMO_NIPQ_EPOCHS = 5
 
 
 def float_recipe(benchmark: Benchmark) -> ModelRecipe:
-    return ModelRecipe("hdrq_examples.models:build_resnet",
-                       {"config": benchmark.recipe.architecture.to_dict()})
+    """How a checkpoint rebuilds the zoo's float architecture (either family)."""
+    from .classifiers import builder_of
+
+    return ModelRecipe(builder_of(benchmark.recipe.architecture), {"config": benchmark.recipe.architecture.to_dict()})
 
 
 def run_demo(bits: str = "w4a4", out: str | Path = "runs/demo", seed: int = 0, size: str = "demo",

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from hdrq_examples.classifiers import FAMILIES, build_classifier
+from hdrq_examples.classifiers import FAMILIES, build_classifier, builder_of
 from hdrq_examples.mobilenet import DigitsMobileNet, MobileNetConfig, build_mobilenet
 from hdrq_examples.models import CifarResNet
 from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
@@ -47,8 +47,12 @@ def test_blocks_keep_the_residual_only_where_the_shape_is_kept():
     assert [b.use_residual for b in blocks] == [True, True, False, True]
 
 
-def test_checkpoints_may_name_the_builder():
+def test_checkpoints_may_name_the_builder_and_rebuild_the_family():
     assert get_architecture("hdrq_examples.mobilenet:build_mobilenet") is build_mobilenet
+    from hdrq_plugin.run.checkpoint import ModelRecipe
+
+    recipe = ModelRecipe(builder_of(SMALL), {"config": SMALL.to_dict()})  # what the demo's float_recipe writes
+    assert isinstance(recipe.build(), DigitsMobileNet) and recipe.build().config == SMALL
 
 
 def test_nipq_prices_depthwise_convs_and_the_linear_bottlenecks():
