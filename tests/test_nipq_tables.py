@@ -81,3 +81,16 @@ def test_bad_files_get_one_line_and_exit_2(tmp_path, capsys):
     out = tmp_path / "united.json"
     assert tables.main([str(good), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["rows"][0]["accuracy"] == 0.9
+
+
+@pytest.mark.parametrize("argv", [["--targets", "svhn"], ["--epochs", "0"], ["--land-start", "0.9"],
+                                  ["--output", "/proc/no-such-folder/x.json"]])
+def test_equal_budget_refuses_bad_flags_in_one_line_before_loading_the_zoo(argv, capsys):
+    from benchmarks.nipq import equal_budget
+
+    if "--output" not in argv:
+        argv = [*argv, "--output", "unused.json"]
+    with pytest.raises(SystemExit) as exit_:
+        equal_budget.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m benchmarks.nipq.equal_budget: error:")

@@ -39,12 +39,13 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from hdrq_plugin import merge_models, quantize_model
-from hdrq_plugin._io import write_text_atomic
+from hdrq_plugin._io import ensure_writable_dir, write_text_atomic
 from hdrq_plugin.evaluation import accuracy
 from hdrq_plugin.nipq.cost import describe_costs
 from hdrq_plugin.nipq.train import NIPQConfig, quantize_nipq
@@ -198,15 +199,21 @@ def main(argv=None) -> int:
                         help="widths from 8 bits, frozen and projected at freeze_fraction (the default before round 4)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
-    try:
-        nipq_config(args, args.seeds[0], "nipq")
-    except ValueError as error:
-        parser.error(str(error))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
     from hdrq_examples.classifiers import FAMILIES
     from hdrq_examples.zoo import BenchmarkRecipe, load_or_build_benchmark
 
+    try:  # bad flags fail here, in one line, before the zoo loads
+        nipq_config(args, args.seeds[0], "nipq")
+        unknown = sorted(set(args.targets) - set(BenchmarkRecipe().target_domains))
+        if unknown:
+            raise ValueError(f"unknown targets {unknown}; the zoo's are {list(BenchmarkRecipe().target_domains)}")
+        if args.epochs < 1 or args.hard_epochs < 0 or args.hdrq_iterations < 0:
+            raise ValueError("--epochs must be >= 1, --hard-epochs and --hdrq-iterations >= 0")
+        ensure_writable_dir(Path(args.output).resolve().parent)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
     bench = load_or_build_benchmark(BenchmarkRecipe(architecture=FAMILIES[args.family]))
     rows, tic = [], time.perf_counter()
     result = {"settings": vars(args), "machine": platform.platform(), "torch": torch.__version__, "rows": rows}
