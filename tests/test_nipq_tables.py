@@ -40,6 +40,8 @@ def test_merged_rows_get_their_own_tables_and_the_freeze_is_listed_per_run():
             _row("lsq", "a", 0, 0.8), _row("nipq", "a", 0, 0.6, stage="merged"), _row("lsq", "a", 0, 0.7, stage="merged")]
     report = tables.markdown_report(tables.unite([_payload(rows)]))
     assert "**merged, paired differences**" in report
+    partial = tables.markdown_report(tables.unite([_payload(rows + [_row("lsq", "a", 1, 0.8)])]))
+    assert "| nipq (seeds 0) |" in partial and "| lsq | " in partial  # a method missing a seed says so
     assert "| nipq − lsq | -10.00 (0/1) | -10.00 (0/1) |" in report
     assert "| nipq | a | 0 | 50.00 → 40.00 (-10.00) | -0.020 / +0.000 | 90.00 |" in report
     assert "on the budget" not in report  # no landed rows, no such table

@@ -104,7 +104,9 @@ def group_tables(rows: list[dict], family: str, bits: int) -> str:
             for target in [*targets, None]:
                 values = [_accuracy(staged, method, target, s) for s in seeds]
                 cells.append(_cell([v for v in values if v is not None]))
-            body.append([method, _bits(of_method), _gbops(of_method), *cells])
+            theirs = sorted({r["seed"] for r in of_method})
+            body.append([method if theirs == seeds else f"{method} (seeds {', '.join(map(str, theirs))})",
+                         _bits(of_method), _gbops(of_method), *cells])
         if body:
             title = {"single": "single models", "merged": "merged models (NIPQ: each tensor at its widest member width)",
                      }.get(stage, "merged models, on the budget (NIPQ merges landed back on it)")
