@@ -13,10 +13,14 @@ Nothing here chooses anything: every table reports the test split, no setting is
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from hdrq_plugin.errors import InputError
 
 HARMONIC_MEAN = "harmonic_mean"  # hdrq_plugin.run.report.HARMONIC_MEAN
 SCOPES = ("all", "pairs")
@@ -38,6 +42,22 @@ def format_mean_std(values: Iterable[float] | None, scale: float = 100.0, digits
     mean, std = mean_std(values)
     text = f"{scale * mean:.{digits}f}"
     return text if std is None else f"{text} ± {scale * std:.{digits}f}"
+
+
+def read_result_payloads(results, out=None) -> list[dict]:
+    """The JSON payloads of benchmark result files, as data only; InputError (one line) when a file
+    cannot be read or parsed, or when ``out`` would overwrite one of them (outputs never overwrite
+    an input). Shared by the tables commands that unite several runs."""
+    inputs = [Path(p).resolve() for p in results]
+    if out and Path(out).resolve() in inputs:
+        raise InputError(f"--out {out} is one of the inputs; choose another path")
+    payloads = []
+    for path in inputs:
+        try:
+            payloads.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read {path}: {err}") from err
+    return payloads
 
 
 def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from benchmarks.mtda.tables import markdown_table, mean_std
+from benchmarks.mtda.tables import markdown_table, mean_std, read_result_payloads
 from hdrq_plugin._io import write_text_atomic
 from hdrq_plugin.errors import InputError
 
@@ -163,15 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the united rows here (JSON)")
     args = parser.parse_args(argv)
     try:
-        inputs = [Path(p).resolve() for p in args.results]
-        if args.out and Path(args.out).resolve() in inputs:
-            raise InputError(f"--out {args.out} is one of the inputs; choose another path")
-        payloads = []
-        for path in inputs:
-            try:
-                payloads.append(json.loads(path.read_text()))
-            except (OSError, ValueError) as err:
-                raise InputError(f"cannot read {path}: {err}") from err
+        payloads = read_result_payloads(args.results, args.out)
         united = unite(payloads)
         report = markdown_report(united)
         if args.out:
