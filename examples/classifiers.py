@@ -18,19 +18,23 @@ ClassifierConfig = ResNetConfig | MobileNetConfig
 FAMILIES: dict[str, ClassifierConfig] = {"resnet": ResNetConfig(), "inverted-residual": MobileNetConfig()}
 
 
+#: config type → (builder, the name ``hdrq_plugin.architectures`` registers it under)
+_BUILDERS = {ResNetConfig: (build_resnet, "hdrq_examples.models:build_resnet"),
+             MobileNetConfig: (build_mobilenet, "hdrq_examples.mobilenet:build_mobilenet")}
+
+
+def _entry(config: ClassifierConfig):
+    try:
+        return _BUILDERS[type(config)]
+    except KeyError:
+        raise TypeError(f"no classifier family for {type(config).__name__}") from None
+
+
 def builder_of(config: ClassifierConfig) -> str:
     """The registered builder (``hdrq_plugin.architectures``) a checkpoint of ``config``'s family names."""
-    if isinstance(config, MobileNetConfig):
-        return "hdrq_examples.mobilenet:build_mobilenet"
-    if isinstance(config, ResNetConfig):
-        return "hdrq_examples.models:build_resnet"
-    raise TypeError(f"no classifier family for {type(config).__name__}")
+    return _entry(config)[1]
 
 
 def build_classifier(config: ClassifierConfig) -> nn.Module:
     """A freshly initialised model of ``config``'s family."""
-    if isinstance(config, MobileNetConfig):
-        return build_mobilenet(config)
-    if isinstance(config, ResNetConfig):
-        return build_resnet(config)
-    raise TypeError(f"no classifier family for {type(config).__name__}")
+    return _entry(config)[0](config)

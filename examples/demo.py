@@ -211,14 +211,17 @@ def _nipq_rows(report, nipq, spec, targets, tests, trains, seed, clock, results:
     def merged_rows(rows: Report) -> None:
         merged = merge_models([models[t] for t in targets], rounding="noise-sampling", seed=seed)
         example = tests[targets[0]][0][0][None]
-        for label in ("nipq+noise-sampling", "nipq+noise-sampling+landed"):
-            if label.endswith("+landed"):
-                land_merged_widths(merged, str(spec), [batch for t in targets for batch in itertools.islice(
-                    DataLoader(trains[t], batch_size=128), 2)])
+
+        def add(label: str) -> None:
             cost = describe_costs(merged, example).report()
             rows.add_per_target(label, str(spec), "merged", {t: accuracy(merged, tests[t]) for t in targets},
                                 merged_targets="+".join(targets), average_weight_bits=cost.average_weight_bits,
                                 average_act_bits=cost.average_act_bits)
+
+        add("nipq+noise-sampling")
+        land_merged_widths(merged, str(spec), [batch for t in targets for batch in itertools.islice(
+            DataLoader(trains[t], batch_size=128), 2)])
+        add("nipq+noise-sampling+landed")
 
     inputs = {"quantized": {t: nipq[t][2]["task_key"] for t in targets}, "seed": seed, "bits": str(spec),
               "landed": 1}

@@ -37,7 +37,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def nipq_config(args, seed: int, method: str) -> NIPQConfig:
     return NIPQConfig.cpu_preset(**changes)
 
 
-def run_one(bench, target: str, seed: int, method: str, args) -> dict:
+def run_one(bench, target: str, seed: int, method: str, args, budgets: dict) -> dict:
     theta, domain = bench.adapted[target], bench.domains[target]
     bits = int(args.bits)
     example = domain.test[0][0][None]
@@ -120,7 +119,7 @@ def run_one(bench, target: str, seed: int, method: str, args) -> dict:
                 "accuracy": accuracy(model, domain.test), "learned_weight_bits": float(bits),
                 "learned_act_bits": float(bits), "seconds": time.perf_counter() - tic}, model
     config = nipq_config(args, seed, method)
-    budget = {"gbops": uniform_gbops(theta, example, bits)} if method == "nipq-bops" else float(bits)
+    budget = budgets.get(method, float(bits))
     model, result = quantize_nipq(theta, domain.train, f"w{bits}a{bits}", target=budget, epochs=args.epochs,
                                   seed=seed, config=config, batch_size=BATCH, progress=False, eval_data=domain.test)
     row = {"method": method, "target": target, "seed": seed, "stage": "single", "accuracy": accuracy(model, domain.test),
@@ -215,6 +214,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     bench = load_or_build_benchmark(BenchmarkRecipe(architecture=FAMILIES[args.family]))
+    # the learned-width budgets; BOPs depend on the architecture only, so any target's θt gives them
+    first = args.targets[0]
+    budgets = {"nipq": float(args.bits), "nipq-bops": {"gbops": uniform_gbops(
+        bench.adapted[first], bench.domains[first].test[0][0][None], args.bits)}}
     rows, tic = [], time.perf_counter()
     result = {"settings": vars(args), "machine": platform.platform(), "torch": torch.__version__, "rows": rows}
     for seed in args.seeds:
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
             for method in args.methods:
                 if method == "hdrq" and args.hdrq_iterations <= 0:
                     continue
-                row, models.setdefault(method, {})[target] = run_one(bench, target, seed, method, args)
+                row, models.setdefault(method, {})[target] = run_one(bench, target, seed, method, args, budgets)
                 rows.append({"family": args.family, "bits": args.bits, **row})
                 print(f"[{seed}] {method:11s} {target:9s} acc {100 * row['accuracy']:.2f}  "
                       f"w {row['learned_weight_bits']:.3f} a {row['learned_act_bits']:.3f}  ({row['seconds']:.0f} s)",
@@ -232,10 +235,7 @@ def main(argv=None) -> int:
                 write_text_atomic(args.output, json.dumps(result, indent=1))  # after every run: partial results survive
         for method, by_target in models.items():
             if len(by_target) > 1:
-                budget = {"nipq": float(args.bits), "nipq-bops": {"gbops": statistics.mean(
-                    uniform_gbops(bench.adapted[t], bench.domains[t].test[0][0][None], args.bits) for t in by_target)}
-                          }.get(method)
-                merged = merged_rows(bench, by_target, seed, method, budget)
+                merged = merged_rows(bench, by_target, seed, method, budgets.get(method))
                 rows.extend({"family": args.family, "bits": args.bits, **r} for r in merged)
                 for stage in ("merged", "merged-landed"):
                     mine = [r for r in merged if r["stage"] == stage]

@@ -39,6 +39,18 @@ def observe_activation_ranges(model: nn.Module, data, *, batches: int = 4) -> in
 
 
 @torch.no_grad()
+def _truncation_owners(model: nn.Module):
+    """``(name, tensor quantizer)`` of every NIPQ quantizer with a learned truncation and width."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "scaling_impl", None), LearnedTruncation)
+            and isinstance(getattr(m, "msb_clamp_bit_width_impl", None), LearnedBitWidth)]
+
+
+def truncation_widths(model: nn.Module) -> dict[str, int]:
+    """The width each NIPQ truncation is at now, by quantizer name (``fit_truncations``' ``fitted_at``)."""
+    return {name: int(m.msb_clamp_bit_width_impl.rounded()) for name, m in _truncation_owners(model)}
+
+
 def fit_truncations(model: nn.Module, data, *, batches: int = 4, weights: bool = True,
                     activations: bool = True, fitted_at: dict[str, int] | None = None) -> int:
     """Set every NIPQ truncation α (weights and activations) to the L_p-optimal clipping at the
@@ -56,10 +68,8 @@ def fit_truncations(model: nn.Module, data, *, batches: int = 4, weights: bool =
     quantizer still at that width keeps the α it has learned since (issue 21, fourth round:
     re-fitting every weight α when the landed widths froze cost 1.7 points on optdigits avg 4).
     """
-    owners = {name: m for name, m in model.named_modules()
-              if isinstance(getattr(m, "scaling_impl", None), LearnedTruncation)
-              and isinstance(getattr(m, "msb_clamp_bit_width_impl", None), LearnedBitWidth)
-              and (weights if ".weight_quant." in f".{name}." else activations)
+    owners = {name: m for name, m in _truncation_owners(model)
+              if (weights if ".weight_quant." in f".{name}." else activations)
               and (fitted_at is None or fitted_at.get(name) != int(m.msb_clamp_bit_width_impl.rounded()))}
     for m in owners.values():
         m.scaling_impl.sampling, m.scaling_impl.samples = True, []

@@ -153,7 +153,7 @@ def land_merged_widths(merged: nn.Module, target, batches: Sequence[tuple[Tensor
 
     from .budget import freeze_bits, parse_target
     from .cost import describe_costs
-    from .passes import fit_truncations
+    from .passes import fit_truncations, truncation_widths
 
     batches = list(batches)
     if not batches:
@@ -167,9 +167,7 @@ def land_merged_widths(merged: nn.Module, target, batches: Sequence[tuple[Tensor
     def measure_loss() -> float:
         return sum(float(F.cross_entropy(merged(x), y)) for x, y in batches) / len(batches)
 
-    fitted_at = {name: int(m.msb_clamp_bit_width_impl.rounded()) for name, m in merged.named_modules()
-                 if isinstance(getattr(m, "scaling_impl", None), LearnedTruncation)
-                 and isinstance(getattr(m, "msb_clamp_bit_width_impl", None), LearnedBitWidth)}
+    fitted_at = truncation_widths(merged)  # α is re-fitted only where the landing moves the width
     report = freeze_bits(cost, goal, fit_budget=True, measure_loss=measure_loss)
     fit_truncations(merged, [x for x, _ in batches], batches=len(batches), activations=False, fitted_at=fitted_at)
     merged.train(was)
